@@ -1,0 +1,264 @@
+//! Definitions (webhooks, segments, campaigns) stored as JSON under `defs/{kind}/{id}`.
+//!
+//! The etag of a definition is the store's `mod_revision` of its key: every change bumps it, so
+//! a compare on it in the writing transaction makes optimistic concurrency exact, with no extra
+//! field to keep in step.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::store::{Compare, CompareOp, Op, OpResult, Revision, Store, StoreError, Txn};
+
+/// Failures of definition reads and writes.
+#[derive(Debug, thiserror::Error)]
+pub enum DefsError {
+    /// No definition with this id.
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// Resource kind, singular (`webhook`).
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// The id is taken.
+    #[error("{kind} {id} already exists")]
+    AlreadyExists {
+        /// Resource kind.
+        kind: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// The definition changed since the revision the caller read.
+    #[error("{kind} {id} changed since it was read (etag mismatch)")]
+    Conflict {
+        /// Resource kind.
+        kind: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// The stored bytes do not decode.
+    #[error("{kind} {id} is stored in a form this version cannot read: {reason}")]
+    Corrupt {
+        /// Resource kind.
+        kind: &'static str,
+        /// The id.
+        id: String,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A definition with the revision it was read or written at (its etag).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    /// Identifier.
+    pub id: String,
+    /// The definition.
+    pub value: T,
+    /// Store revision of its last change.
+    pub revision: Revision,
+}
+
+/// Typed access to one kind of definition.
+pub struct Definitions<T> {
+    store: Arc<dyn crate::store::Store>,
+    kind: &'static str,
+    prefix: String,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Definitions<T> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            kind: self.kind,
+            prefix: self.prefix.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Definitions<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Definitions")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Definitions<T> {
+    /// Returns access to the definitions of `kind` (singular, `webhook`) stored under
+    /// `defs/{collection}/`.
+    pub fn new(store: Arc<dyn Store>, kind: &'static str, collection: &str) -> Self {
+        Self {
+            store,
+            kind,
+            prefix: format!("defs/{collection}/"),
+            _type: PhantomData,
+        }
+    }
+
+    fn key(&self, id: &str) -> Vec<u8> {
+        format!("{}{id}", self.prefix).into_bytes()
+    }
+
+    fn encode(&self, value: &T) -> Vec<u8> {
+        // Definitions are plain structs of strings, numbers and maps with string keys, which
+        // always serialize.
+        serde_json::to_vec(value).unwrap_or_default()
+    }
+
+    fn decode(
+        &self,
+        id: &str,
+        bytes: &[u8],
+        revision: Revision,
+    ) -> Result<Versioned<T>, DefsError> {
+        let value = serde_json::from_slice(bytes).map_err(|e| DefsError::Corrupt {
+            kind: self.kind,
+            id: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Versioned {
+            id: id.to_string(),
+            value,
+            revision,
+        })
+    }
+
+    /// Stores a new definition; fails when the id is taken.
+    pub async fn create(&self, id: &str, value: &T) -> Result<Versioned<T>, DefsError> {
+        let key = self.key(id);
+        let bytes = self.encode(value);
+        let result = self
+            .store
+            .txn(
+                Txn::new()
+                    .when([Compare::absent(key.clone())])
+                    .and_then([Op::put(key, bytes.clone())]),
+            )
+            .await?;
+        if !result.succeeded {
+            return Err(DefsError::AlreadyExists {
+                kind: self.kind,
+                id: id.to_string(),
+            });
+        }
+        self.decode(id, &bytes, result.revision)
+    }
+
+    /// Returns a definition.
+    pub async fn get(&self, id: &str) -> Result<Versioned<T>, DefsError> {
+        let kv = self
+            .store
+            .get(&self.key(id))
+            .await?
+            .ok_or_else(|| DefsError::NotFound {
+                kind: self.kind,
+                id: id.to_string(),
+            })?;
+        self.decode(id, &kv.value, kv.mod_revision)
+    }
+
+    /// Returns up to `limit` definitions with ids after `after`, in id order, and whether more
+    /// follow.
+    pub async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Versioned<T>>, bool), DefsError> {
+        let start = match after {
+            Some(after) => {
+                let mut key = self.key(after);
+                key.push(0);
+                key
+            }
+            None => self.prefix.clone().into_bytes(),
+        };
+        let end = crate::store::prefix_end(self.prefix.as_bytes());
+        let page = self.store.range(&start, &end, limit).await?;
+        let items = page
+            .kvs
+            .iter()
+            .map(|kv| {
+                let id = String::from_utf8_lossy(&kv.key[self.prefix.len()..]).into_owned();
+                self.decode(&id, &kv.value, kv.mod_revision)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((items, page.more))
+    }
+
+    /// Replaces a definition if it is still at `expected` revision.
+    pub async fn replace(
+        &self,
+        id: &str,
+        value: &T,
+        expected: Revision,
+    ) -> Result<Versioned<T>, DefsError> {
+        let key = self.key(id);
+        let bytes = self.encode(value);
+        let result = self
+            .store
+            .txn(
+                Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        expected,
+                    )])
+                    .and_then([Op::put(key.clone(), bytes.clone())])
+                    .or_else([Op::get(key)]),
+            )
+            .await?;
+        if !result.succeeded {
+            return Err(match result.results.first() {
+                Some(OpResult::Get(Some(_))) => DefsError::Conflict {
+                    kind: self.kind,
+                    id: id.to_string(),
+                },
+                _ => DefsError::NotFound {
+                    kind: self.kind,
+                    id: id.to_string(),
+                },
+            });
+        }
+        self.decode(id, &bytes, result.revision)
+    }
+
+    /// Deletes a definition, only if it is at `expected` revision when given.
+    pub async fn delete(&self, id: &str, expected: Option<Revision>) -> Result<(), DefsError> {
+        let key = self.key(id);
+        let guard = match expected {
+            Some(revision) => Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
+            None => Compare::present(key.clone()),
+        };
+        let result = self
+            .store
+            .txn(
+                Txn::new()
+                    .when([guard])
+                    .and_then([Op::delete(key.clone())])
+                    .or_else([Op::get(key)]),
+            )
+            .await?;
+        if result.succeeded {
+            return Ok(());
+        }
+        Err(match result.results.first() {
+            Some(OpResult::Get(Some(_))) => DefsError::Conflict {
+                kind: self.kind,
+                id: id.to_string(),
+            },
+            _ => DefsError::NotFound {
+                kind: self.kind,
+                id: id.to_string(),
+            },
+        })
+    }
+}

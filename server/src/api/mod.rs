@@ -1,0 +1,172 @@
+//! The gRPC services and the one place where errors become statuses.
+
+mod convert;
+mod webhooks;
+
+pub(crate) use webhooks::WebhookApi;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tidings_scheduler::defs::DefsError;
+use tidings_scheduler::store::StoreError;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Most items one List call returns.
+pub(crate) const MAX_PAGE_SIZE: u32 = 1000;
+/// Items a List call returns when the caller does not say.
+pub(crate) const DEFAULT_PAGE_SIZE: u32 = 50;
+
+/// Every failure a caller can see, by the status it maps to.
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    /// Bad input: one violation per field.
+    Invalid(Vec<(String, String)>),
+    NotFound(String),
+    AlreadyExists(String),
+    FailedPrecondition(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        match error {
+            ApiError::Invalid(violations) => {
+                let message = violations
+                    .iter()
+                    .map(|(field, reason)| format!("{field}: {reason}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let mut details = ErrorDetails::new();
+                for (field, reason) in violations {
+                    details.add_bad_request_violation(field, reason);
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ApiError::NotFound(message) => Status::not_found(message),
+            ApiError::AlreadyExists(message) => Status::already_exists(message),
+            ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
+            ApiError::Unavailable(message) => Status::unavailable(message),
+            ApiError::Internal(message) => Status::internal(message),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(_) => ApiError::Unavailable(format!("{error}; try again")),
+            StoreError::InvalidRequest(message) => {
+                ApiError::Invalid(vec![("request".into(), message)])
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<DefsError> for ApiError {
+    fn from(error: DefsError) -> Self {
+        match error {
+            DefsError::NotFound { .. } => ApiError::NotFound(error.to_string()),
+            DefsError::AlreadyExists { .. } => ApiError::AlreadyExists(error.to_string()),
+            DefsError::Conflict { .. } => ApiError::FailedPrecondition(error.to_string()),
+            DefsError::Corrupt { .. } => ApiError::Internal(error.to_string()),
+            DefsError::Store(store) => store.into(),
+        }
+    }
+}
+
+/// Collects field violations so a caller learns every problem of a request at once.
+#[derive(Debug, Default)]
+pub(crate) struct Violations(Vec<(String, String)>);
+
+impl Violations {
+    pub(crate) fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push((field.into(), reason.into()));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Returns the violations as an error, or `Ok` when there are none.
+    pub(crate) fn check(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::Invalid(self.0))
+        }
+    }
+}
+
+/// Returns the single violation as an error.
+pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ApiError {
+    ApiError::Invalid(vec![(field.into(), reason.into())])
+}
+
+/// Checks a resource id: 1 to 63 of `[a-z0-9_-]`, starting with a letter or digit.
+pub(crate) fn check_id(violations: &mut Violations, field: &str, id: &str) {
+    if id.is_empty() {
+        violations.add(field, "is required");
+    } else if id.len() > 63 {
+        violations.add(field, "must be at most 63 characters");
+    } else if !id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        violations.add(
+            field,
+            "must be lowercase letters, digits, '-' and '_', starting with a letter or digit",
+        );
+    }
+}
+
+/// Returns a new id with a kind prefix, for example `wh_01J...`.
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    )
+}
+
+/// Returns the page size to use, or the violation.
+pub(crate) fn page_size(size: u32) -> usize {
+    match size {
+        0 => DEFAULT_PAGE_SIZE as usize,
+        n => n.min(MAX_PAGE_SIZE) as usize,
+    }
+}
+
+/// Encodes the last id of a page as the token of the next one.
+pub(crate) fn page_token(last_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(last_id)
+}
+
+/// Decodes a page token back into the id to continue after.
+pub(crate) fn parse_page_token(token: &str) -> Result<Option<String>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .map(Some)
+        .ok_or_else(|| invalid("page_token", "is not a token returned by this API"))
+}
+
+/// Parses an etag (a store revision) given by a caller.
+pub(crate) fn parse_etag(field: &str, etag: &str) -> Result<Option<i64>, ApiError> {
+    if etag.is_empty() {
+        return Ok(None);
+    }
+    etag.trim_matches('"')
+        .parse::<i64>()
+        .ok()
+        .filter(|revision| *revision > 0)
+        .map(Some)
+        .ok_or_else(|| invalid(field, "is not an etag returned by this API"))
+}

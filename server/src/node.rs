@@ -1,0 +1,245 @@
+//! One Tidings node: opens the store, serves the gRPC API, and shuts down in order.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tidings_api::v1;
+use tidings_scheduler::defs::Definitions;
+use tidings_scheduler::secrets::Cipher;
+use tidings_scheduler::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+use tidings_scheduler::template::Templates;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::WebhookApi;
+use crate::config::Config;
+
+/// The name of the generated secrets key file in the data directory.
+const KEY_FILE: &str = "secrets.key";
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Node {
+    /// Opens the store and starts serving; returns once the listener is bound.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        // The key first: a missing key should not wait for an etcd connection to be reported.
+        let cipher = load_cipher(&config)?;
+        let store = open_store(&config).await?;
+        let templates = Arc::new(Templates::new());
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tidings_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tidings_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building the reflection service")?;
+
+        let webhooks = WebhookApi::new(
+            Definitions::new(store.clone(), "webhook", "webhooks"),
+            cipher,
+            templates,
+        );
+
+        let listener = TcpListener::bind(config.grpc.listen)
+            .await
+            .with_context(|| format!("grpc.listen: cannot listen on {}", config.grpc.listen))?;
+        let addr = listener.local_addr()?;
+
+        let services: [&str; 7] = [
+            "tidings.v1.WebhookService",
+            "tidings.v1.ContactService",
+            "tidings.v1.SegmentService",
+            "tidings.v1.CampaignService",
+            "tidings.v1.EventService",
+            "tidings.v1.DeliveryService",
+            "tidings.v1.ClusterService",
+        ];
+        for service in services.iter().copied().chain([""]) {
+            health_reporter
+                .set_service_status(service, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+
+        let shutdown = CancellationToken::new();
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(v1::webhook_service_server::WebhookServiceServer::new(
+                webhooks,
+            ))
+            .add_service(v1::contact_service_server::ContactServiceServer::new(
+                Unimplemented,
+            ))
+            .add_service(v1::segment_service_server::SegmentServiceServer::new(
+                Unimplemented,
+            ))
+            .add_service(v1::campaign_service_server::CampaignServiceServer::new(
+                Unimplemented,
+            ))
+            .add_service(v1::event_service_server::EventServiceServer::new(
+                Unimplemented,
+            ))
+            .add_service(v1::delivery_service_server::DeliveryServiceServer::new(
+                Unimplemented,
+            ))
+            .add_service(v1::cluster_service_server::ClusterServiceServer::new(
+                Unimplemented,
+            ));
+
+        let mode = if config.cluster_mode() {
+            "cluster"
+        } else {
+            "embedded"
+        };
+        info!(%addr, mode, node = %config.node.id, "grpc listening");
+
+        let token = shutdown.clone();
+        let grace = config.grpc.shutdown_grace;
+        let task = tokio::spawn(async move {
+            let stopping = token.clone();
+            let serve =
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    stopping.cancelled().await;
+                    // Tell load balancers first, then stop accepting calls.
+                    for service in services.iter().copied().chain([""]) {
+                        health_reporter
+                            .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                            .await;
+                    }
+                    info!("shutting down");
+                });
+            tokio::pin!(serve);
+            tokio::select! {
+                result = &mut serve => result.context("grpc server failed")?,
+                _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+                    warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
+                }
+            }
+            drop(store);
+            info!("stopped");
+            Ok(())
+        });
+        Ok(Self {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Returns the address the gRPC API listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Returns a token that stops the node when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops the node gracefully and waits until it has stopped.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the node stops (after its shutdown token is cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("node task panicked")?
+    }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if config.cluster_mode() {
+        let options = EtcdOptions {
+            endpoints: config.etcd.endpoints.clone(),
+            prefix: config.etcd.prefix.clone(),
+            request_timeout: config.etcd.request_timeout,
+            connect_timeout: config.etcd.connect_timeout,
+        };
+        let store = EtcdStore::connect(options).await.with_context(|| {
+            format!(
+                "etcd.endpoints: cannot reach etcd at {}",
+                config.etcd.endpoints.join(",")
+            )
+        })?;
+        Ok(Arc::new(store))
+    } else {
+        let dir = &config.node.data_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("node.data_dir: cannot create {}", dir.display()))?;
+        let store = EmbeddedStore::open(&dir.join("tidings.redb")).with_context(|| {
+            format!("node.data_dir: cannot open the store in {}", dir.display())
+        })?;
+        Ok(Arc::new(store))
+    }
+}
+
+fn load_cipher(config: &Config) -> anyhow::Result<Cipher> {
+    let secrets = &config.secrets;
+    if !secrets.key.is_empty() {
+        return Cipher::from_base64(&secrets.key).context("secrets.key");
+    }
+    if !secrets.key_file.is_empty() {
+        let key = std::fs::read_to_string(&secrets.key_file)
+            .with_context(|| format!("secrets.key_file: cannot read {}", secrets.key_file))?;
+        return Cipher::from_base64(&key)
+            .with_context(|| format!("secrets.key_file: {}", secrets.key_file));
+    }
+    if config.cluster_mode() {
+        bail!(
+            "secrets.key: required in cluster mode (every node needs the same key); \
+             set TIDINGS_SECRETS__KEY to the output of `openssl rand -base64 32`"
+        );
+    }
+    let path = config.node.data_dir.join(KEY_FILE);
+    if path.exists() {
+        let key = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return Cipher::from_base64(&key).with_context(|| format!("{}", path.display()));
+    }
+    let key = Cipher::generate_key();
+    write_private(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    info!(path = %path.display(), "generated a secrets key");
+    Cipher::from_base64(&key).context("generated key")
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()
+}
+
+/// Stands in for the services a later version implements: every call answers UNIMPLEMENTED.
+#[derive(Clone, Copy, Debug)]
+struct Unimplemented;
+
+impl v1::contact_service_server::ContactService for Unimplemented {}
+impl v1::segment_service_server::SegmentService for Unimplemented {}
+impl v1::campaign_service_server::CampaignService for Unimplemented {}
+impl v1::event_service_server::EventService for Unimplemented {}
+impl v1::delivery_service_server::DeliveryService for Unimplemented {}
+impl v1::cluster_service_server::ClusterService for Unimplemented {}

@@ -1,0 +1,60 @@
+//! The test harness: real etcd processes, real nodes, and waiting on conditions.
+//!
+//! - [`Etcd`]: an etcd process on free ports with a temporary data directory;
+//! - [`NodeProcess`]: the `tidings` binary as a child process, with its logs captured;
+//! - [`wait_until`]: polls a condition with a deadline and says what it waited for;
+//! - [`conformance`]: the [`Store`](tidings_scheduler::store::Store) contract, checked against
+//!   any backend.
+
+pub mod conformance;
+mod etcd;
+mod node;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use etcd::Etcd;
+pub use node::{NodeOptions, NodeProcess, node_binary};
+
+/// Returns a port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Returns a key prefix no other test uses.
+pub fn unique_prefix() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("/test-{}-{n}-{:x}/", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A fixed secrets key for tests, so every node of a test cluster shares it.
+pub const TEST_SECRETS_KEY: &str = "dGlkaW5ncy10ZXN0LWtleS0zMi1ieXRlcy1sb25nISE=";

@@ -1,0 +1,206 @@
+//! A Tidings node as a child process, with its logs captured to a file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+use tidings_client::tonic::transport::Channel;
+use tidings_client::{ClusterServiceClient, WebhookServiceClient};
+
+use crate::{TEST_SECRETS_KEY, wait_until};
+
+/// How to start a node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// etcd endpoint; embedded mode when `None`.
+    pub etcd: Option<String>,
+    /// etcd key prefix.
+    pub prefix: Option<String>,
+    /// Data directory; a fresh temporary one when `None`.
+    pub data_dir: Option<PathBuf>,
+    /// Log filter; `info` when `None`.
+    pub log_level: Option<String>,
+    /// Extra arguments after `serve`.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running node process, killed when dropped.
+pub struct NodeProcess {
+    child: Option<Child>,
+    addr: SocketAddr,
+    log: PathBuf,
+    data_dir: PathBuf,
+    _temp: Option<TempDir>,
+}
+
+impl std::fmt::Debug for NodeProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeProcess")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Returns the path of the node binary built for these tests.
+pub fn node_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TIDINGS_BIN") {
+        return PathBuf::from(path);
+    }
+    // Test executables live in target/<profile>/deps; the binary in target/<profile>.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join(format!("tidings-node{}", std::env::consts::EXE_SUFFIX))
+}
+
+impl NodeProcess {
+    /// Starts a node and waits until its gRPC API listens.
+    pub async fn start(options: NodeOptions) -> anyhow::Result<Self> {
+        let (temp, data_dir) = match &options.data_dir {
+            Some(dir) => (None, dir.clone()),
+            None => {
+                let temp = tempfile::Builder::new().prefix("tidings-node-").tempdir()?;
+                let dir = temp.path().to_path_buf();
+                (Some(temp), dir)
+            }
+        };
+        std::fs::create_dir_all(&data_dir)?;
+        let log = data_dir.join(format!("node-{}.log", crate::free_port()?));
+        let mut command = Command::new(node_binary());
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--log-level",
+                options.log_level.as_deref().unwrap_or("info"),
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env_remove("RUST_LOG")
+            .env("TIDINGS_SECRETS__KEY", TEST_SECRETS_KEY)
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .args(&options.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        if let Some(etcd) = &options.etcd {
+            command.args(["--etcd", etcd]);
+        }
+        if let Some(prefix) = &options.prefix {
+            command.args(["--etcd-prefix", prefix]);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", node_binary().display()))?;
+        let mut node = Self {
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+            data_dir,
+            _temp: temp,
+        };
+        node.addr = wait_until("the node to listen", Duration::from_secs(30), || {
+            let found = node.listening_addr();
+            async move { found }
+        })
+        .await
+        .with_context(|| format!("node logs:\n{}", node.logs()))?;
+        Ok(node)
+    }
+
+    fn listening_addr(&mut self) -> Option<SocketAddr> {
+        if let Some(child) = &mut self.child
+            && let Ok(Some(_)) = child.try_wait()
+        {
+            return None;
+        }
+        self.logs().lines().find_map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+            if entry.get("message")?.as_str()? != "grpc listening" {
+                return None;
+            }
+            entry.get("addr")?.as_str()?.parse().ok()
+        })
+    }
+
+    /// Returns the gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Returns the gRPC URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Returns the data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Returns everything the node logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Returns a connected WebhookService client.
+    pub async fn webhooks(&self) -> anyhow::Result<WebhookServiceClient<Channel>> {
+        Ok(WebhookServiceClient::connect(self.url()).await?)
+    }
+
+    /// Returns a connected ClusterService client.
+    pub async fn cluster(&self) -> anyhow::Result<ClusterServiceClient<Channel>> {
+        Ok(ClusterServiceClient::connect(self.url()).await?)
+    }
+
+    /// Kills the node with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the node with SIGTERM and waits for it to exit; fails if it exits unsuccessfully.
+    pub async fn terminate(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        signal(&child, libc::SIGTERM);
+        let status = wait_until("the node to exit", Duration::from_secs(20), || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        match status {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => bail!("node exited with {status}; logs:\n{}", self.logs()),
+            Err(error) => {
+                let _ = child.kill();
+                Err(error)
+            }
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
