@@ -86,9 +86,7 @@ impl<T> Clone for Definitions<T> {
 
 impl<T> std::fmt::Debug for Definitions<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Definitions")
-            .field("kind", &self.kind)
-            .finish()
+        f.debug_struct("Definitions").field("kind", &self.kind).finish()
     }
 }
 
@@ -96,12 +94,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
     /// Returns access to the definitions of `kind` (singular, `webhook`) stored under
     /// `defs/{collection}/`.
     pub fn new(store: Arc<dyn Store>, kind: &'static str, collection: &str) -> Self {
-        Self {
-            store,
-            kind,
-            prefix: format!("defs/{collection}/"),
-            _type: PhantomData,
-        }
+        Self { store, kind, prefix: format!("defs/{collection}/"), _type: PhantomData }
     }
 
     fn key(&self, id: &str) -> Vec<u8> {
@@ -125,11 +118,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             id: id.to_string(),
             reason: e.to_string(),
         })?;
-        Ok(Versioned {
-            id: id.to_string(),
-            value,
-            revision,
-        })
+        Ok(Versioned { id: id.to_string(), value, revision })
     }
 
     /// Stores a new definition; fails when the id is taken.
@@ -145,10 +134,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             )
             .await?;
         if !result.succeeded {
-            return Err(DefsError::AlreadyExists {
-                kind: self.kind,
-                id: id.to_string(),
-            });
+            return Err(DefsError::AlreadyExists { kind: self.kind, id: id.to_string() });
         }
         self.decode(id, &bytes, result.revision)
     }
@@ -159,10 +145,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             .store
             .get(&self.key(id))
             .await?
-            .ok_or_else(|| DefsError::NotFound {
-                kind: self.kind,
-                id: id.to_string(),
-            })?;
+            .ok_or_else(|| DefsError::NotFound { kind: self.kind, id: id.to_string() })?;
         self.decode(id, &kv.value, kv.mod_revision)
     }
 
@@ -207,25 +190,17 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             .store
             .txn(
                 Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        expected,
-                    )])
+                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, expected)])
                     .and_then([Op::put(key.clone(), bytes.clone())])
                     .or_else([Op::get(key)]),
             )
             .await?;
         if !result.succeeded {
             return Err(match result.results.first() {
-                Some(OpResult::Get(Some(_))) => DefsError::Conflict {
-                    kind: self.kind,
-                    id: id.to_string(),
-                },
-                _ => DefsError::NotFound {
-                    kind: self.kind,
-                    id: id.to_string(),
-                },
+                Some(OpResult::Get(Some(_))) => {
+                    DefsError::Conflict { kind: self.kind, id: id.to_string() }
+                }
+                _ => DefsError::NotFound { kind: self.kind, id: id.to_string() },
             });
         }
         self.decode(id, &bytes, result.revision)
@@ -251,14 +226,10 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             return Ok(());
         }
         Err(match result.results.first() {
-            Some(OpResult::Get(Some(_))) => DefsError::Conflict {
-                kind: self.kind,
-                id: id.to_string(),
-            },
-            _ => DefsError::NotFound {
-                kind: self.kind,
-                id: id.to_string(),
-            },
+            Some(OpResult::Get(Some(_))) => {
+                DefsError::Conflict { kind: self.kind, id: id.to_string() }
+            }
+            _ => DefsError::NotFound { kind: self.kind, id: id.to_string() },
         })
     }
 }

@@ -1,15 +1,24 @@
 //! Tidings core: everything below the gRPC surface.
 //!
 //! - [`store`]: the key-value contract with etcd's semantics, on etcd and on a local redb file;
+//! - [`cluster`]: membership, partition assignment, ownership with epoch fencing, and the
+//!   per-partition workers that consume inboxes and fire timers;
+//! - [`keys`]: the key layout;
+//! - [`inbox`], [`timers`]: what partitions hold; [`engine`]: what events and timers mean;
 //! - [`defs`]: typed definitions (webhooks, segments, campaigns) over the store, with etags;
 //! - [`webhook`]: the webhook definition and its signing secrets;
 //! - [`secrets`]: encryption of secrets at rest;
 //! - [`template`]: Liquid templates.
 
+pub mod cluster;
 pub mod defs;
+pub mod engine;
+pub mod inbox;
+pub mod keys;
 pub mod secrets;
 pub mod store;
 pub mod template;
+pub mod timers;
 pub mod webhook;
 
 /// Returns the current time in Unix milliseconds.

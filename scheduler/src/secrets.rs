@@ -79,9 +79,7 @@ impl std::fmt::Debug for Cipher {
 impl Cipher {
     /// Returns a cipher for a key given as base64 of 32 bytes.
     pub fn from_base64(key: &str) -> Result<Self, SecretError> {
-        let bytes = STANDARD
-            .decode(key.trim())
-            .map_err(|_| SecretError::BadKey)?;
+        let bytes = STANDARD.decode(key.trim()).map_err(|_| SecretError::BadKey)?;
         Self::from_bytes(&bytes)
     }
 
@@ -117,13 +115,8 @@ impl Cipher {
 
     /// Decrypts a secret.
     pub fn open(&self, sealed: &Sealed) -> Result<Secret, SecretError> {
-        let encoded = sealed
-            .0
-            .strip_prefix(VERSION)
-            .ok_or(SecretError::Undecryptable)?;
-        let bytes = STANDARD
-            .decode(encoded)
-            .map_err(|_| SecretError::Undecryptable)?;
+        let encoded = sealed.0.strip_prefix(VERSION).ok_or(SecretError::Undecryptable)?;
+        let bytes = STANDARD.decode(encoded).map_err(|_| SecretError::Undecryptable)?;
         if bytes.len() < NONCE_LEN {
             return Err(SecretError::Undecryptable);
         }
@@ -132,9 +125,7 @@ impl Cipher {
             .aead
             .decrypt(XNonce::from_slice(nonce), ciphertext)
             .map_err(|_| SecretError::Undecryptable)?;
-        String::from_utf8(clear)
-            .map(Secret)
-            .map_err(|_| SecretError::Undecryptable)
+        String::from_utf8(clear).map(Secret).map_err(|_| SecretError::Undecryptable)
     }
 }
 

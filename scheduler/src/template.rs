@@ -15,18 +15,13 @@ impl Templates {
     /// Returns an engine with Liquid's standard tags and filters.
     pub fn new() -> Self {
         // Building only fails for partials that do not parse, and there are none.
-        let parser = liquid::ParserBuilder::with_stdlib()
-            .build()
-            .unwrap_or_default();
+        let parser = liquid::ParserBuilder::with_stdlib().build().unwrap_or_default();
         Self { parser }
     }
 
     /// Checks that `source` is a valid template; the error says where and why it is not.
     pub fn check(&self, source: &str) -> Result<(), String> {
-        self.parser
-            .parse(source)
-            .map(|_| ())
-            .map_err(|error| first_line(&error.to_string()))
+        self.parser.parse(source).map(|_| ()).map_err(|error| first_line(&error.to_string()))
     }
 }
 
@@ -38,11 +33,7 @@ impl Default for Templates {
 
 /// Liquid errors span several lines with context; the first one states the problem.
 fn first_line(message: &str) -> String {
-    let lines: Vec<&str> = message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     lines.join("; ")
 }
 
@@ -58,14 +49,8 @@ mod tests {
     #[test]
     fn checks_syntax() {
         let templates = Templates::new();
-        assert!(
-            templates
-                .check("Hello {{ contact.attributes.name | default: 'you' }}")
-                .is_ok()
-        );
-        let error = templates
-            .check("Hello {{ contact.name")
-            .expect_err("unclosed");
+        assert!(templates.check("Hello {{ contact.attributes.name | default: 'you' }}").is_ok());
+        let error = templates.check("Hello {{ contact.name").expect_err("unclosed");
         assert!(!error.is_empty());
         assert!(templates.check("{% if x %}no end").is_err());
     }

@@ -11,9 +11,8 @@ use sha2::{Digest, Sha256};
 use crate::secrets::{Cipher, Sealed, Secret};
 
 /// The default retry delays in milliseconds: 0 s, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
-pub const DEFAULT_RETRY_DELAYS_MS: [u64; 8] = [
-    0, 5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 36_000_000,
-];
+pub const DEFAULT_RETRY_DELAYS_MS: [u64; 8] =
+    [0, 5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 36_000_000];
 
 /// The default jitter: ±20 %.
 pub const DEFAULT_JITTER: f64 = 0.2;
@@ -82,10 +81,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            delays_ms: DEFAULT_RETRY_DELAYS_MS.to_vec(),
-            jitter: DEFAULT_JITTER,
-        }
+        Self { delays_ms: DEFAULT_RETRY_DELAYS_MS.to_vec(), jitter: DEFAULT_JITTER }
     }
 }
 
@@ -108,21 +104,10 @@ impl SigningSecret {
     /// Seals a clear `whsec_` secret.
     pub fn seal(cipher: &Cipher, secret: &Secret, now_ms: i64) -> Self {
         let digest = Sha256::digest(secret.expose().as_bytes());
-        let id = format!(
-            "sk_{}",
-            digest[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let id =
+            format!("sk_{}", digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>());
         let hint: String = secret.expose().chars().take(10).collect();
-        Self {
-            id,
-            hint,
-            sealed: cipher.seal(secret),
-            created_at_ms: now_ms,
-            expires_at_ms: None,
-        }
+        Self { id, hint, sealed: cipher.seal(secret), created_at_ms: now_ms, expires_at_ms: None }
     }
 }
 
@@ -135,12 +120,8 @@ pub fn generate_signing_secret() -> Secret {
 
 /// Checks the form of a signing secret: `whsec_` + base64 of 24 to 64 bytes.
 pub fn check_signing_secret(secret: &str) -> Result<(), &'static str> {
-    let encoded = secret
-        .strip_prefix("whsec_")
-        .ok_or("must start with whsec_")?;
-    let bytes = STANDARD
-        .decode(encoded)
-        .map_err(|_| "must be whsec_ followed by base64")?;
+    let encoded = secret.strip_prefix("whsec_").ok_or("must start with whsec_")?;
+    let bytes = STANDARD.decode(encoded).map_err(|_| "must be whsec_ followed by base64")?;
     if !(24..=64).contains(&bytes.len()) {
         return Err("must encode 24 to 64 bytes");
     }

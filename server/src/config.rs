@@ -20,6 +20,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// The gRPC API.
     pub grpc: GrpcConfig,
+    /// Partitions and membership.
+    pub cluster: ClusterConfig,
     /// etcd, for cluster mode.
     pub etcd: EtcdConfig,
     /// Encryption of secrets at rest.
@@ -47,6 +49,22 @@ pub struct GrpcConfig {
     /// Longest wait for calls in flight at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+/// The `[cluster]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Partition count of a new cluster.
+    pub partitions: u32,
+    /// Node lease time to live.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Bound of a handoff.
+    #[serde(with = "humantime_serde")]
+    pub handoff_timeout: Duration,
+    /// Advertised address.
+    pub advertise: String,
 }
 
 /// The `[etcd]` section.
@@ -78,14 +96,7 @@ pub struct SecretsConfig {
 impl std::fmt::Debug for SecretsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecretsConfig")
-            .field(
-                "key",
-                &if self.key.is_empty() {
-                    ""
-                } else {
-                    "[redacted]"
-                },
-            )
+            .field("key", &if self.key.is_empty() { "" } else { "[redacted]" })
             .field("key_file", &self.key_file)
             .finish()
     }
@@ -144,23 +155,14 @@ impl Config {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(file) = file {
             if !file.is_file() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    file.display()
-                )));
+                return Err(ConfigError(format!("config file {} does not exist", file.display())));
             }
             figment = figment.merge(Toml::file(file));
         }
         figment = figment.merge(Env::prefixed("TIDINGS_").split("__"));
         figment = figment.merge(Serialized::defaults(flag_layer(overrides)));
         let config: Config = figment.extract().map_err(|error| {
-            ConfigError(
-                error
-                    .into_iter()
-                    .map(|e| describe(&e))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
+            ConfigError(error.into_iter().map(|e| describe(&e)).collect::<Vec<_>>().join("; "))
         })?;
         config.check()?;
         Ok(config)
@@ -173,6 +175,17 @@ impl Config {
                     "etcd.endpoints: {endpoint:?} must be a URL starting with http:// or https://"
                 )));
             }
+        }
+        if !(1..=4096).contains(&self.cluster.partitions) {
+            return Err(ConfigError(format!(
+                "cluster.partitions: {} must be between 1 and 4096",
+                self.cluster.partitions
+            )));
+        }
+        if self.cluster.lease_ttl < Duration::from_secs(1)
+            || self.cluster.lease_ttl > Duration::from_secs(300)
+        {
+            return Err(ConfigError("cluster.lease_ttl: must be between 1s and 5m".into()));
         }
         if !self.etcd.endpoints.is_empty() && self.etcd.prefix.is_empty() {
             return Err(ConfigError("etcd.prefix: must not be empty".into()));
@@ -213,18 +226,10 @@ impl Config {
 /// Names the key and the source of a figment error.
 fn describe(error: &figment::Error) -> String {
     let key = error.path.join(".");
-    let source = error
-        .metadata
-        .as_ref()
-        .map(|m| m.name.to_string())
-        .unwrap_or_default();
+    let source = error.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
     let mut message = match error.kind {
         figment::error::Kind::UnknownField(ref field, _) => {
-            let full = if key.is_empty() {
-                field.clone()
-            } else {
-                format!("{key}.{field}")
-            };
+            let full = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
             return format!("unknown key {full}{}", from(&source));
         }
         ref kind => kind.to_string(),
@@ -236,11 +241,7 @@ fn describe(error: &figment::Error) -> String {
 }
 
 fn from(source: &str) -> String {
-    if source.is_empty() {
-        String::new()
-    } else {
-        format!(" (from {source})")
-    }
+    if source.is_empty() { String::new() } else { format!(" (from {source})") }
 }
 
 /// Builds the nested layer of flag values, leaving out the ones not given.
@@ -248,9 +249,7 @@ fn flag_layer(overrides: &Overrides) -> serde_json::Value {
     use serde_json::{Map, Value};
     let mut root = Map::new();
     let mut set = |section: &str, key: &str, value: Value| {
-        let entry = root
-            .entry(section.to_string())
-            .or_insert_with(|| Value::Object(Map::new()));
+        let entry = root.entry(section.to_string()).or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(map) = entry {
             map.insert(key.to_string(), value);
         }
@@ -304,13 +303,8 @@ mod tests {
 
     #[test]
     fn a_bad_flag_names_its_key() {
-        let overrides = Overrides {
-            listen: Some("not an address".into()),
-            ..Default::default()
-        };
-        let error = Config::load(None, &overrides)
-            .expect_err("bad address")
-            .to_string();
+        let overrides = Overrides { listen: Some("not an address".into()), ..Default::default() };
+        let error = Config::load(None, &overrides).expect_err("bad address").to_string();
         assert!(error.contains("grpc.listen"), "{error}");
     }
 
@@ -320,14 +314,10 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("bad.toml");
         std::fs::write(&file, "[grpc]\nshutdown_grace = \"soon\"\n").expect("write");
-        let error = Config::load(Some(&file), &Overrides::default())
-            .expect_err("bad")
-            .to_string();
+        let error = Config::load(Some(&file), &Overrides::default()).expect_err("bad").to_string();
         assert!(error.contains("grpc.shutdown_grace"), "{error}");
         std::fs::write(&file, "[grpc]\nlisten_addr = \"127.0.0.1:1\"\n").expect("write");
-        let error = Config::load(Some(&file), &Overrides::default())
-            .expect_err("bad")
-            .to_string();
+        let error = Config::load(Some(&file), &Overrides::default()).expect_err("bad").to_string();
         assert!(error.contains("grpc.listen_addr"), "{error}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tidings_api::v1;
+use tidings_scheduler::cluster::{Cluster, ClusterOptions};
 use tidings_scheduler::defs::Definitions;
+use tidings_scheduler::engine::NoopEngine;
 use tidings_scheduler::secrets::Cipher;
 use tidings_scheduler::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use tidings_scheduler::template::Templates;
@@ -15,7 +17,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::WebhookApi;
+use crate::api::{ClusterApi, EventApi, WebhookApi};
 use crate::config::Config;
 
 /// The name of the generated secrets key file in the data directory.
@@ -49,16 +51,34 @@ impl Node {
             .build_v1alpha()
             .context("building the reflection service")?;
 
+        let listener = TcpListener::bind(config.grpc.listen)
+            .await
+            .with_context(|| format!("grpc.listen: cannot listen on {}", config.grpc.listen))?;
+        let addr = listener.local_addr()?;
+
+        // The cluster stops after the API: calls in flight may still need their partitions.
+        let cluster_shutdown = CancellationToken::new();
+        let advertise = &config.cluster.advertise;
+        let cluster_options = ClusterOptions {
+            node_id: config.node.id.clone(),
+            address: if advertise.is_empty() { addr.to_string() } else { advertise.clone() },
+            partitions: config.cluster.partitions,
+            lease_ttl: config.cluster.lease_ttl,
+            handoff_timeout: config.cluster.handoff_timeout,
+        };
+        let engine = Arc::new(NoopEngine);
+        let (cluster, cluster_task) =
+            Cluster::start(store.clone(), engine, cluster_options, cluster_shutdown.clone())
+                .await
+                .context("joining the cluster")?;
+
         let webhooks = WebhookApi::new(
             Definitions::new(store.clone(), "webhook", "webhooks"),
             cipher,
             templates,
         );
-
-        let listener = TcpListener::bind(config.grpc.listen)
-            .await
-            .with_context(|| format!("grpc.listen: cannot listen on {}", config.grpc.listen))?;
-        let addr = listener.local_addr()?;
+        let events = EventApi::new(store.clone(), cluster.partitions());
+        let cluster_api = ClusterApi::new(cluster.clone());
 
         let services: [&str; 7] = [
             "tidings.v1.WebhookService",
@@ -70,9 +90,7 @@ impl Node {
             "tidings.v1.ClusterService",
         ];
         for service in services.iter().copied().chain([""]) {
-            health_reporter
-                .set_service_status(service, tonic_health::ServingStatus::Serving)
-                .await;
+            health_reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
         }
 
         let shutdown = CancellationToken::new();
@@ -80,37 +98,20 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(v1::webhook_service_server::WebhookServiceServer::new(
-                webhooks,
-            ))
-            .add_service(v1::contact_service_server::ContactServiceServer::new(
-                Unimplemented,
-            ))
-            .add_service(v1::segment_service_server::SegmentServiceServer::new(
-                Unimplemented,
-            ))
-            .add_service(v1::campaign_service_server::CampaignServiceServer::new(
-                Unimplemented,
-            ))
-            .add_service(v1::event_service_server::EventServiceServer::new(
-                Unimplemented,
-            ))
-            .add_service(v1::delivery_service_server::DeliveryServiceServer::new(
-                Unimplemented,
-            ))
-            .add_service(v1::cluster_service_server::ClusterServiceServer::new(
-                Unimplemented,
-            ));
+            .add_service(v1::webhook_service_server::WebhookServiceServer::new(webhooks))
+            .add_service(v1::contact_service_server::ContactServiceServer::new(Unimplemented))
+            .add_service(v1::segment_service_server::SegmentServiceServer::new(Unimplemented))
+            .add_service(v1::campaign_service_server::CampaignServiceServer::new(Unimplemented))
+            .add_service(v1::event_service_server::EventServiceServer::new(events))
+            .add_service(v1::delivery_service_server::DeliveryServiceServer::new(Unimplemented))
+            .add_service(v1::cluster_service_server::ClusterServiceServer::new(cluster_api));
 
-        let mode = if config.cluster_mode() {
-            "cluster"
-        } else {
-            "embedded"
-        };
+        let mode = if config.cluster_mode() { "cluster" } else { "embedded" };
         info!(%addr, mode, node = %config.node.id, "grpc listening");
 
         let token = shutdown.clone();
         let grace = config.grpc.shutdown_grace;
+        let handoff = config.cluster.handoff_timeout;
         let task = tokio::spawn(async move {
             let stopping = token.clone();
             let serve =
@@ -131,15 +132,16 @@ impl Node {
                     warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
                 }
             }
+            cluster_shutdown.cancel();
+            let bound = handoff + std::time::Duration::from_secs(2);
+            if tokio::time::timeout(bound, cluster_task).await.is_err() {
+                warn!(?bound, "leaving the cluster took too long");
+            }
             drop(store);
             info!("stopped");
             Ok(())
         });
-        Ok(Self {
-            addr,
-            shutdown,
-            task,
-        })
+        Ok(Self { addr, shutdown, task })
     }
 
     /// Returns the address the gRPC API listens on.
@@ -173,10 +175,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             connect_timeout: config.etcd.connect_timeout,
         };
         let store = EtcdStore::connect(options).await.with_context(|| {
-            format!(
-                "etcd.endpoints: cannot reach etcd at {}",
-                config.etcd.endpoints.join(",")
-            )
+            format!("etcd.endpoints: cannot reach etcd at {}", config.etcd.endpoints.join(","))
         })?;
         Ok(Arc::new(store))
     } else {
@@ -214,6 +213,9 @@ fn load_cipher(config: &Config) -> anyhow::Result<Cipher> {
         return Cipher::from_base64(&key).with_context(|| format!("{}", path.display()));
     }
     let key = Cipher::generate_key();
+    std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
+        format!("node.data_dir: cannot create {}", config.node.data_dir.display())
+    })?;
     write_private(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
     info!(path = %path.display(), "generated a secrets key");
     Cipher::from_base64(&key).context("generated key")
@@ -240,6 +242,4 @@ struct Unimplemented;
 impl v1::contact_service_server::ContactService for Unimplemented {}
 impl v1::segment_service_server::SegmentService for Unimplemented {}
 impl v1::campaign_service_server::CampaignService for Unimplemented {}
-impl v1::event_service_server::EventService for Unimplemented {}
 impl v1::delivery_service_server::DeliveryService for Unimplemented {}
-impl v1::cluster_service_server::ClusterService for Unimplemented {}

@@ -15,14 +15,9 @@ pub async fn next_events(stream: &mut WatchStream, count: usize) -> Vec<(EventKi
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while events.len() < count {
         let batch: Option<Result<WatchBatch, StoreError>> =
-            tokio::time::timeout_at(deadline, stream.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "waited for {count} watch events, saw {}: {events:?}",
-                        events.len()
-                    )
-                });
+            tokio::time::timeout_at(deadline, stream.next()).await.unwrap_or_else(|_| {
+                panic!("waited for {count} watch events, saw {}: {events:?}", events.len())
+            });
         let batch = batch.expect("watch stream ended").expect("watch failed");
         for event in batch.events {
             events.push((
@@ -41,24 +36,14 @@ pub async fn put_get_delete(store: Arc<dyn Store>) {
     let r1 = store.put(b"a", b"one").await.expect("put");
     let kv = store.get(b"a").await.expect("get").expect("present");
     assert_eq!(
-        (
-            kv.value.as_slice(),
-            kv.create_revision,
-            kv.mod_revision,
-            kv.version
-        ),
+        (kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version),
         (&b"one"[..], r1, r1, 1)
     );
     let r2 = store.put(b"a", b"two").await.expect("put");
     assert!(r2 > r1, "revisions grow: {r1} then {r2}");
     let kv = store.get(b"a").await.expect("get").expect("present");
     assert_eq!(
-        (
-            kv.value.as_slice(),
-            kv.create_revision,
-            kv.mod_revision,
-            kv.version
-        ),
+        (kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version),
         (&b"two"[..], r1, r2, 2)
     );
     assert!(store.revision().await.expect("revision") >= r2);
@@ -67,20 +52,13 @@ pub async fn put_get_delete(store: Arc<dyn Store>) {
     assert_eq!(store.get(b"a").await.expect("get"), None);
     let r3 = store.put(b"a", b"three").await.expect("put");
     let kv = store.get(b"a").await.expect("get").expect("present");
-    assert_eq!(
-        (kv.create_revision, kv.version),
-        (r3, 1),
-        "a re-created key starts over"
-    );
+    assert_eq!((kv.create_revision, kv.version), (r3, 1), "a re-created key starts over");
 }
 
 /// Ranges return keys in order, page by page, and only within the range.
 pub async fn range_pages(store: Arc<dyn Store>) {
     for i in 0..25 {
-        store
-            .put(format!("items/{i:03}").as_bytes(), b"x")
-            .await
-            .expect("put");
+        store.put(format!("items/{i:03}").as_bytes(), b"x").await.expect("put");
     }
     store.put(b"itemsX", b"outside").await.expect("put");
     store.put(b"item", b"outside").await.expect("put");
@@ -90,11 +68,7 @@ pub async fn range_pages(store: Arc<dyn Store>) {
     loop {
         let page = store.range(&start, &end, 10).await.expect("range");
         assert!(page.kvs.len() <= 10);
-        seen.extend(
-            page.kvs
-                .iter()
-                .map(|kv| String::from_utf8_lossy(&kv.key).into_owned()),
-        );
+        seen.extend(page.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()));
         if !page.more {
             break;
         }
@@ -163,11 +137,7 @@ pub async fn txn_compares(store: Arc<dyn Store>) {
     let stale = store
         .txn(
             Txn::new()
-                .when([Compare::mod_revision(
-                    "k",
-                    CompareOp::Equal,
-                    kv.mod_revision - 1,
-                )])
+                .when([Compare::mod_revision("k", CompareOp::Equal, kv.mod_revision - 1)])
                 .and_then([Op::put("k", "lost"), Op::delete("other")]),
         )
         .await
@@ -194,17 +164,10 @@ pub async fn txn_compares(store: Arc<dyn Store>) {
     assert_eq!(fresh.results.len(), 3);
     assert_eq!(fresh.results[1], OpResult::Delete(1));
     let after = store.get(b"k").await.expect("get").expect("present");
-    assert_eq!(
-        after.mod_revision, fresh.revision,
-        "one revision for the whole transaction"
-    );
+    assert_eq!(after.mod_revision, fresh.revision, "one revision for the whole transaction");
     assert_eq!(store.get(b"other").await.expect("get"), None);
     let lt = store
-        .txn(Txn::new().when([Compare::mod_revision(
-            "k",
-            CompareOp::Less,
-            fresh.revision + 1,
-        )]))
+        .txn(Txn::new().when([Compare::mod_revision("k", CompareOp::Less, fresh.revision + 1)]))
         .await
         .expect("txn");
     assert!(lt.succeeded);
@@ -215,19 +178,9 @@ pub async fn delete_prefix(store: Arc<dyn Store>) {
     for key in ["p/1", "p/2", "p/3/x", "q/1", "p"] {
         store.put(key.as_bytes(), b"x").await.expect("put");
     }
-    let result = store
-        .txn(Txn::new().and_then([Op::delete_prefix("p/")]))
-        .await
-        .expect("txn");
+    let result = store.txn(Txn::new().and_then([Op::delete_prefix("p/")])).await.expect("txn");
     assert_eq!(result.results, vec![OpResult::Delete(3)]);
-    assert!(
-        store
-            .range_prefix(b"p/", 0)
-            .await
-            .expect("range")
-            .kvs
-            .is_empty()
-    );
+    assert!(store.range_prefix(b"p/", 0).await.expect("range").kvs.is_empty());
     assert!(store.get(b"q/1").await.expect("get").is_some());
     assert!(store.get(b"p").await.expect("get").is_some());
 }
@@ -235,16 +188,10 @@ pub async fn delete_prefix(store: Arc<dyn Store>) {
 /// Limits match etcd's defaults on both backends.
 pub async fn txn_limits(store: Arc<dyn Store>) {
     let ops: Vec<Op> = (0..129).map(|i| Op::put(format!("k{i}"), "v")).collect();
-    let error = store
-        .txn(Txn::new().and_then(ops))
-        .await
-        .expect_err("129 operations");
+    let error = store.txn(Txn::new().and_then(ops)).await.expect_err("129 operations");
     assert!(matches!(error, StoreError::InvalidRequest(_)), "{error:?}");
     let ops: Vec<Op> = (0..128).map(|i| Op::put(format!("k{i}"), "v")).collect();
-    store
-        .txn(Txn::new().and_then(ops))
-        .await
-        .expect("128 operations");
+    store.txn(Txn::new().and_then(ops)).await.expect("128 operations");
 }
 
 /// A watch from a past revision replays history, then follows live changes, in order.
@@ -256,22 +203,13 @@ pub async fn watch_from_revision(store: Arc<dyn Store>) {
     store.delete(b"w/1").await.expect("delete");
     let mut stream = store.watch(b"w/", start).await.expect("watch");
     let history = next_events(&mut stream, 3).await;
-    let kinds: Vec<(EventKind, &str)> = history
-        .iter()
-        .map(|(k, key, _)| (*k, key.as_str()))
-        .collect();
+    let kinds: Vec<(EventKind, &str)> =
+        history.iter().map(|(k, key, _)| (*k, key.as_str())).collect();
     assert_eq!(
         kinds,
-        vec![
-            (EventKind::Put, "w/1"),
-            (EventKind::Put, "w/2"),
-            (EventKind::Delete, "w/1")
-        ]
+        vec![(EventKind::Put, "w/1"), (EventKind::Put, "w/2"), (EventKind::Delete, "w/1")]
     );
-    assert!(
-        history.windows(2).all(|w| w[0].2 < w[1].2),
-        "revision order: {history:?}"
-    );
+    assert!(history.windows(2).all(|w| w[0].2 < w[1].2), "revision order: {history:?}");
 
     let live = store
         .txn(Txn::new().and_then([
@@ -282,10 +220,7 @@ pub async fn watch_from_revision(store: Arc<dyn Store>) {
         .await
         .expect("txn");
     let events = next_events(&mut stream, 2).await;
-    assert_eq!(
-        events.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
-        vec!["w/3", "w/4"]
-    );
+    assert_eq!(events.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), vec!["w/3", "w/4"]);
     assert!(events.iter().all(|e| e.2 == live.revision));
 }
 
@@ -300,44 +235,24 @@ pub async fn watch_from_now(store: Arc<dyn Store>) {
 
 /// Leased keys live with their lease; an unknown lease is refused.
 pub async fn leases(store: Arc<dyn Store>) {
-    let lease = store
-        .lease_grant(Duration::from_secs(30))
-        .await
-        .expect("grant");
+    let lease = store.lease_grant(Duration::from_secs(30)).await.expect("grant");
     let mut stream = store.watch(b"l/", 0).await.expect("watch");
     store
         .txn(Txn::new().and_then([Op::put_with_lease("l/a", "x", lease), Op::put("l/b", "y")]))
         .await
         .expect("txn");
-    assert_eq!(
-        store
-            .get(b"l/a")
-            .await
-            .expect("get")
-            .expect("present")
-            .lease,
-        lease
-    );
+    assert_eq!(store.get(b"l/a").await.expect("get").expect("present").lease, lease);
     let left = store.lease_keep_alive(lease).await.expect("keep alive");
-    assert!(
-        left > Duration::from_secs(20) && left <= Duration::from_secs(30),
-        "{left:?}"
-    );
+    assert!(left > Duration::from_secs(20) && left <= Duration::from_secs(30), "{left:?}");
     assert!(store.lease_time_left(lease).await.expect("ttl").is_some());
     store.lease_revoke(lease).await.expect("revoke");
     assert_eq!(store.get(b"l/a").await.expect("get"), None);
-    assert!(
-        store.get(b"l/b").await.expect("get").is_some(),
-        "keys without the lease stay"
-    );
+    assert!(store.get(b"l/b").await.expect("get").is_some(), "keys without the lease stay");
     let events = next_events(&mut stream, 3).await;
     assert_eq!(events[2].0, EventKind::Delete);
     assert_eq!(events[2].1, "l/a");
     assert!(store.lease_time_left(lease).await.expect("ttl").is_none());
-    let error = store
-        .lease_keep_alive(lease)
-        .await
-        .expect_err("revoked lease");
+    let error = store.lease_keep_alive(lease).await.expect_err("revoked lease");
     assert!(matches!(error, StoreError::LeaseNotFound(_)), "{error:?}");
     let error = store
         .txn(Txn::new().and_then([Op::put_with_lease("l/c", "x", lease)]))
@@ -351,9 +266,9 @@ pub async fn concurrent_writes(store: Arc<dyn Store>) {
     let mut tasks = Vec::new();
     for i in 0..64 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            store.put(format!("c/{i:02}").as_bytes(), b"x").await
-        }));
+        tasks.push(tokio::spawn(
+            async move { store.put(format!("c/{i:02}").as_bytes(), b"x").await },
+        ));
     }
     let mut revisions = Vec::new();
     for task in tasks {
@@ -362,10 +277,7 @@ pub async fn concurrent_writes(store: Arc<dyn Store>) {
     revisions.sort_unstable();
     revisions.dedup();
     assert_eq!(revisions.len(), 64, "every write has its own revision");
-    assert_eq!(
-        store.range_prefix(b"c/", 0).await.expect("range").kvs.len(),
-        64
-    );
+    assert_eq!(store.range_prefix(b"c/", 0).await.expect("range").kvs.len(), 64);
 }
 
 /// Declares one `#[tokio::test]` per conformance check, each on a fresh store from `$make`.

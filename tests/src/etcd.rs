@@ -20,9 +20,7 @@ pub struct Etcd {
 
 impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Etcd")
-            .field("endpoint", &self.endpoint())
-            .finish()
+        f.debug_struct("Etcd").field("endpoint", &self.endpoint()).finish()
     }
 }
 

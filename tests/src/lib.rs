@@ -18,9 +18,7 @@ pub use node::{NodeOptions, NodeProcess, node_binary};
 
 /// Returns a port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Returns a key prefix no other test uses.

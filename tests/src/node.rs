@@ -40,9 +40,7 @@ pub struct NodeProcess {
 
 impl std::fmt::Debug for NodeProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeProcess")
-            .field("addr", &self.addr)
-            .finish()
+        f.debug_struct("NodeProcess").field("addr", &self.addr).finish()
     }
 }
 
@@ -53,11 +51,8 @@ pub fn node_binary() -> PathBuf {
     }
     // Test executables live in target/<profile>/deps; the binary in target/<profile>.
     let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let profile_dir =
+        exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
     profile_dir.join(format!("tidings-node{}", std::env::consts::EXE_SUFFIX))
 }
 
@@ -78,10 +73,7 @@ impl NodeProcess {
         command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args([
-                "--log-level",
-                options.log_level.as_deref().unwrap_or("info"),
-            ])
+            .args(["--log-level", options.log_level.as_deref().unwrap_or("info")])
             .arg("--data-dir")
             .arg(&data_dir)
             .env_remove("RUST_LOG")
@@ -97,9 +89,8 @@ impl NodeProcess {
         if let Some(prefix) = &options.prefix {
             command.args(["--etcd-prefix", prefix]);
         }
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", node_binary().display()))?;
+        let child =
+            command.spawn().with_context(|| format!("cannot start {}", node_binary().display()))?;
         let mut node = Self {
             child: Some(child),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -159,6 +150,25 @@ impl NodeProcess {
     /// Returns a connected ClusterService client.
     pub async fn cluster(&self) -> anyhow::Result<ClusterServiceClient<Channel>> {
         Ok(ClusterServiceClient::connect(self.url()).await?)
+    }
+
+    /// Returns a connected EventService client.
+    pub async fn events(&self) -> anyhow::Result<tidings_client::EventServiceClient<Channel>> {
+        Ok(tidings_client::EventServiceClient::connect(self.url()).await?)
+    }
+
+    /// Freezes the process with SIGSTOP.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws the process with SIGCONT.
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+        }
     }
 
     /// Kills the node with SIGKILL.

@@ -14,20 +14,12 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_list_every_service() {
-    let node = NodeProcess::start(NodeOptions::default())
-        .await
-        .expect("node");
-    let channel = Channel::from_shared(node.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let node = NodeProcess::start(NodeOptions::default()).await.expect("node");
+    let channel = Channel::from_shared(node.url()).expect("url").connect().await.expect("connect");
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "tidings.v1.WebhookService", "tidings.v1.EventService"] {
         let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
+            .check(HealthCheckRequest { service: service.into() })
             .await
             .expect("health")
             .into_inner()
@@ -60,18 +52,13 @@ async fn health_and_reflection_list_every_service() {
         "tidings.v1.ClusterService",
         "grpc.health.v1.Health",
     ] {
-        assert!(
-            names.iter().any(|n| n == service),
-            "{service} missing from {names:?}"
-        );
+        assert!(names.iter().any(|n| n == service), "{service} missing from {names:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_node_cleanly() {
-    let mut node = NodeProcess::start(NodeOptions::default())
-        .await
-        .expect("node");
+    let mut node = NodeProcess::start(NodeOptions::default()).await.expect("node");
     node.terminate().await.expect("exit 0 on SIGTERM");
     assert!(node.logs().contains("stopped"));
 }
@@ -102,11 +89,8 @@ fn bad_configuration_stops_the_process_naming_the_key() {
     assert!(!ok);
     assert!(out.contains("grpc.listen"), "{out}");
 
-    std::fs::write(
-        &file,
-        "[grpc]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"yaml\"\n",
-    )
-    .expect("write");
+    std::fs::write(&file, "[grpc]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"yaml\"\n")
+        .expect("write");
     let (ok, out) = serve(&["--config", file.to_str().expect("utf-8")], &[]);
     assert!(!ok);
     assert!(out.contains("log.format"), "{out}");
@@ -115,10 +99,7 @@ fn bad_configuration_stops_the_process_naming_the_key() {
     assert!(!ok);
     assert!(out.contains("grpc.listen"), "{out}");
 
-    let (ok, out) = serve(
-        &["--dump-config"],
-        &[("TIDINGS_ETCD__REQUEST_TIMEOUT", "forever")],
-    );
+    let (ok, out) = serve(&["--dump-config"], &[("TIDINGS_ETCD__REQUEST_TIMEOUT", "forever")]);
     assert!(!ok);
     assert!(out.contains("etcd.request_timeout"), "{out}");
 
@@ -133,13 +114,7 @@ fn dump_config_shows_every_layer_and_hides_the_key() {
     let file = dir.path().join("tidings.toml");
     std::fs::write(&file, "[etcd]\nprefix = \"/from-file/\"\n").expect("write");
     let (ok, out) = serve(
-        &[
-            "--config",
-            file.to_str().expect("utf-8"),
-            "--listen",
-            "127.0.0.1:6000",
-            "--dump-config",
-        ],
+        &["--config", file.to_str().expect("utf-8"), "--listen", "127.0.0.1:6000", "--dump-config"],
         &[
             ("TIDINGS_LOG__LEVEL", "debug"),
             ("TIDINGS_SECRETS__KEY", tidings_tests::TEST_SECRETS_KEY),
@@ -154,10 +129,7 @@ fn dump_config_shows_every_layer_and_hides_the_key() {
 
 #[test]
 fn cluster_mode_requires_a_secrets_key() {
-    let (ok, out) = serve(
-        &["--etcd", "http://127.0.0.1:1", "--listen", "127.0.0.1:0"],
-        &[],
-    );
+    let (ok, out) = serve(&["--etcd", "http://127.0.0.1:1", "--listen", "127.0.0.1:0"], &[]);
     assert!(!ok);
     assert!(out.contains("secrets.key"), "{out}");
 }

@@ -21,10 +21,7 @@ async fn writes_survive_reopening_and_leased_keys_do_not() {
     let path = dir.path().join("store.redb");
     let revision = {
         let store = EmbeddedStore::open(&path).expect("open");
-        let lease = store
-            .lease_grant(Duration::from_secs(10))
-            .await
-            .expect("grant");
+        let lease = store.lease_grant(Duration::from_secs(10)).await.expect("grant");
         store.put(b"kept", b"yes").await.expect("put");
         store
             .txn(Txn::new().and_then([Op::put_with_lease("leased", "x", lease)]))
@@ -33,15 +30,8 @@ async fn writes_survive_reopening_and_leased_keys_do_not() {
             .revision
     };
     let store = EmbeddedStore::open(&path).expect("reopen");
-    assert_eq!(
-        store.get(b"kept").await.expect("get").map(|kv| kv.value),
-        Some(b"yes".to_vec())
-    );
-    assert_eq!(
-        store.get(b"leased").await.expect("get"),
-        None,
-        "the lease ended with the process"
-    );
+    assert_eq!(store.get(b"kept").await.expect("get").map(|kv| kv.value), Some(b"yes".to_vec()));
+    assert_eq!(store.get(b"leased").await.expect("get"), None, "the lease ended with the process");
     assert!(
         store.revision().await.expect("revision") > revision,
         "deleting leased keys is a change"
@@ -63,10 +53,7 @@ async fn a_watch_from_before_opening_reports_compaction() {
         Err(other) => panic!("expected compaction, got {other:?}"),
         Ok(_) => panic!("expected compaction, got a stream"),
     }
-    let mut stream = store
-        .watch(b"w/", now + 1)
-        .await
-        .expect("watch from the opening revision");
+    let mut stream = store.watch(b"w/", now + 1).await.expect("watch from the opening revision");
     store.put(b"w/b", b"2").await.expect("put");
     assert_eq!(next_events(&mut stream, 1).await[0].1, "w/b");
 }

@@ -20,32 +20,15 @@ tidings_tests::conformance_tests!(fresh());
 #[tokio::test]
 async fn keys_vanish_when_their_lease_expires() {
     let (store, _etcd) = fresh().await;
-    let lease = store
-        .lease_grant(Duration::from_secs(2))
-        .await
-        .expect("grant");
-    store
-        .txn(Txn::new().and_then([Op::put_with_lease("short", "x", lease)]))
-        .await
-        .expect("txn");
+    let lease = store.lease_grant(Duration::from_secs(2)).await.expect("grant");
+    store.txn(Txn::new().and_then([Op::put_with_lease("short", "x", lease)])).await.expect("txn");
     wait_until("the leased key to expire", Duration::from_secs(15), || {
         let store = store.clone();
-        async move {
-            store
-                .get(b"short")
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-                .then_some(())
-        }
+        async move { store.get(b"short").await.ok().flatten().is_none().then_some(()) }
     })
     .await
     .expect("expiry");
-    assert!(matches!(
-        store.lease_keep_alive(lease).await,
-        Err(StoreError::LeaseNotFound(_))
-    ));
+    assert!(matches!(store.lease_keep_alive(lease).await, Err(StoreError::LeaseNotFound(_))));
 }
 
 #[tokio::test]
@@ -92,10 +75,7 @@ async fn calls_fail_as_unavailable_while_etcd_is_down() {
     let started = std::time::Instant::now();
     let error = store.get(b"k").await.expect_err("etcd is down");
     assert!(error.is_retryable(), "{error:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "bounded by the request timeout"
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by the request timeout");
     let error = store.put(b"k", b"w").await.expect_err("etcd is down");
     assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
     etcd.restart().await.expect("restart");
@@ -105,9 +85,7 @@ async fn calls_fail_as_unavailable_while_etcd_is_down() {
     })
     .await
     .expect("recovery");
-    let batch = tokio::time::timeout(Duration::from_secs(15), stream.next())
-        .await
-        .expect("event");
+    let batch = tokio::time::timeout(Duration::from_secs(15), stream.next()).await.expect("event");
     let batch = batch.expect("stream open").expect("no error");
     assert_eq!(batch.events[0].kv.value, b"again");
 }

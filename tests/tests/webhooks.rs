@@ -24,11 +24,7 @@ fn orders_webhook() -> Webhook {
                 value: format!("Bearer {TOKEN}"),
                 secret: false,
             },
-            Header {
-                name: "X-Source".into(),
-                value: "tidings".into(),
-                secret: false,
-            },
+            Header { name: "X-Source".into(), value: "tidings".into(), secret: false },
         ],
         body: r#"{"order": "{{ event.data.order_id }}"}"#.into(),
         signing_secret: SIGNING.into(),
@@ -37,10 +33,7 @@ fn orders_webhook() -> Webhook {
 }
 
 fn create(id: &str, webhook: Webhook) -> CreateWebhookRequest {
-    CreateWebhookRequest {
-        webhook_id: id.into(),
-        webhook: Some(webhook),
-    }
+    CreateWebhookRequest { webhook_id: id.into(), webhook: Some(webhook) }
 }
 
 fn violations(status: &Status) -> Vec<String> {
@@ -52,38 +45,22 @@ fn violations(status: &Status) -> Vec<String> {
 
 async fn exercise_crud(node: &NodeProcess) -> Webhook {
     let mut api = node.webhooks().await.expect("client");
-    let created = api
-        .create_webhook(create("orders", orders_webhook()))
-        .await
-        .expect("create")
-        .into_inner();
+    let created =
+        api.create_webhook(create("orders", orders_webhook())).await.expect("create").into_inner();
     assert_eq!(created.id, "orders");
     assert_eq!(created.enabled, Some(true));
-    assert_eq!(
-        created.headers[0].value, "",
-        "credential headers come back redacted"
-    );
+    assert_eq!(created.headers[0].value, "", "credential headers come back redacted");
     assert!(created.headers[0].secret);
-    assert_eq!(
-        created.signing_secret, "",
-        "a caller-given secret is not echoed"
-    );
+    assert_eq!(created.signing_secret, "", "a caller-given secret is not echoed");
     assert_eq!(created.signing_secrets.len(), 1);
     assert_eq!(created.signing_secrets[0].hint, "whsec_MfKQ");
 
-    let duplicate = api
-        .create_webhook(create("orders", orders_webhook()))
-        .await
-        .expect_err("taken");
+    let duplicate =
+        api.create_webhook(create("orders", orders_webhook())).await.expect_err("taken");
     assert_eq!(duplicate.code(), Code::AlreadyExists);
 
-    let fetched = api
-        .get_webhook(GetWebhookRequest {
-            id: "orders".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let fetched =
+        api.get_webhook(GetWebhookRequest { id: "orders".into() }).await.expect("get").into_inner();
     assert_eq!(fetched, created);
 
     let updated = api
@@ -94,9 +71,7 @@ async fn exercise_crud(node: &NodeProcess) -> Webhook {
                 rate_limit: 50.0,
                 ..Default::default()
             }),
-            update_mask: Some(FieldMask {
-                paths: vec!["url".into(), "rate_limit".into()],
-            }),
+            update_mask: Some(FieldMask { paths: vec!["url".into(), "rate_limit".into()] }),
             etag: created.etag.clone(),
         })
         .await
@@ -104,10 +79,7 @@ async fn exercise_crud(node: &NodeProcess) -> Webhook {
         .into_inner();
     assert_eq!(updated.url, "https://example.com/v2/hooks");
     assert_eq!(updated.rate_limit, 50.0);
-    assert_eq!(
-        updated.body, created.body,
-        "fields outside the mask keep their values"
-    );
+    assert_eq!(updated.body, created.body, "fields outside the mask keep their values");
     assert_eq!(updated.headers, created.headers, "secret headers are kept");
     assert_ne!(updated.etag, created.etag);
 
@@ -118,36 +90,24 @@ async fn exercise_crud(node: &NodeProcess) -> Webhook {
                 description: "lost".into(),
                 ..Default::default()
             }),
-            update_mask: Some(FieldMask {
-                paths: vec!["description".into()],
-            }),
+            update_mask: Some(FieldMask { paths: vec!["description".into()] }),
             etag: created.etag.clone(),
         })
         .await
         .expect_err("stale etag");
     assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
 
-    let missing = api
-        .get_webhook(GetWebhookRequest { id: "nope".into() })
-        .await
-        .expect_err("unknown id");
+    let missing =
+        api.get_webhook(GetWebhookRequest { id: "nope".into() }).await.expect_err("unknown id");
     assert_eq!(missing.code(), Code::NotFound);
     assert!(missing.message().contains("nope"));
 
-    api.create_webhook(create("temporary", orders_webhook()))
+    api.create_webhook(create("temporary", orders_webhook())).await.expect("create");
+    api.delete_webhook(DeleteWebhookRequest { id: "temporary".into(), etag: String::new() })
         .await
-        .expect("create");
-    api.delete_webhook(DeleteWebhookRequest {
-        id: "temporary".into(),
-        etag: String::new(),
-    })
-    .await
-    .expect("delete");
+        .expect("delete");
     let gone = api
-        .delete_webhook(DeleteWebhookRequest {
-            id: "temporary".into(),
-            etag: String::new(),
-        })
+        .delete_webhook(DeleteWebhookRequest { id: "temporary".into(), etag: String::new() })
         .await;
     assert_eq!(gone.expect_err("deleted").code(), Code::NotFound);
     updated
@@ -156,23 +116,15 @@ async fn exercise_crud(node: &NodeProcess) -> Webhook {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_work_and_survive_a_restart_in_embedded_mode() {
     let data = tempfile::tempdir().expect("temp dir");
-    let options = NodeOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..Default::default()
-    };
+    let options = NodeOptions { data_dir: Some(data.path().to_path_buf()), ..Default::default() };
     let mut node = NodeProcess::start(options.clone()).await.expect("node");
     let before = exercise_crud(&node).await;
     node.terminate().await.expect("graceful stop");
 
     let node = NodeProcess::start(options).await.expect("restarted node");
     let mut api = node.webhooks().await.expect("client");
-    let after = api
-        .get_webhook(GetWebhookRequest {
-            id: "orders".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let after =
+        api.get_webhook(GetWebhookRequest { id: "orders".into() }).await.expect("get").into_inner();
     assert_eq!(after, before);
 }
 
@@ -191,36 +143,24 @@ async fn webhooks_are_shared_by_nodes_on_one_etcd_and_survive_restarts() {
 
     let mut other = second.webhooks().await.expect("client");
     let seen = other
-        .get_webhook(GetWebhookRequest {
-            id: "orders".into(),
-        })
+        .get_webhook(GetWebhookRequest { id: "orders".into() })
         .await
         .expect("get")
         .into_inner();
-    assert_eq!(
-        seen, created,
-        "a webhook written through one node reads back through another"
-    );
+    assert_eq!(seen, created, "a webhook written through one node reads back through another");
 
     first.terminate().await.expect("graceful stop");
     drop(second);
     let node = NodeProcess::start(options).await.expect("restart");
     let mut api = node.webhooks().await.expect("client");
-    let after = api
-        .get_webhook(GetWebhookRequest {
-            id: "orders".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let after =
+        api.get_webhook(GetWebhookRequest { id: "orders".into() }).await.expect("get").into_inner();
     assert_eq!(after, created);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_invalid_field_is_named() {
-    let node = NodeProcess::start(NodeOptions::default())
-        .await
-        .expect("node");
+    let node = NodeProcess::start(NodeOptions::default()).await.expect("node");
     let mut api = node.webhooks().await.expect("client");
     type Case = (&'static str, fn(&mut Webhook));
     let cases: Vec<Case> = vec![
@@ -230,48 +170,21 @@ async fn every_invalid_field_is_named() {
         ("webhook.method", |w| w.method = 42),
         ("webhook.body", |w| w.method = HttpMethod::Get as i32),
         ("webhook.body", |w| w.body = "{% if x %}".into()),
-        ("webhook.headers[0].name", |w| {
-            w.headers[0].name = "Bad Name".into()
-        }),
-        ("webhook.headers[1].name", |w| {
-            w.headers[1].name = "webhook-signature".into()
-        }),
-        ("webhook.headers[1].value", |w| {
-            w.headers[1].value = "a\r\nb".into()
-        }),
-        ("webhook.timeout", |w| {
-            w.timeout = Some(PbDuration {
-                seconds: 600,
-                nanos: 0,
-            })
-        }),
+        ("webhook.headers[0].name", |w| w.headers[0].name = "Bad Name".into()),
+        ("webhook.headers[1].name", |w| w.headers[1].name = "webhook-signature".into()),
+        ("webhook.headers[1].value", |w| w.headers[1].value = "a\r\nb".into()),
+        ("webhook.timeout", |w| w.timeout = Some(PbDuration { seconds: 600, nanos: 0 })),
         ("webhook.retry_policy.delays[1]", |w| {
-            let delays = vec![
-                PbDuration {
-                    seconds: 1,
-                    nanos: 0,
-                },
-                PbDuration {
-                    seconds: -1,
-                    nanos: 0,
-                },
-            ];
-            w.retry_policy = Some(RetryPolicy {
-                delays,
-                jitter: None,
-            })
+            let delays =
+                vec![PbDuration { seconds: 1, nanos: 0 }, PbDuration { seconds: -1, nanos: 0 }];
+            w.retry_policy = Some(RetryPolicy { delays, jitter: None })
         }),
         ("webhook.retry_policy.jitter", |w| {
-            w.retry_policy = Some(RetryPolicy {
-                delays: vec![],
-                jitter: Some(2.0),
-            })
+            w.retry_policy = Some(RetryPolicy { delays: vec![], jitter: Some(2.0) })
         }),
         ("webhook.rate_limit", |w| w.rate_limit = -1.0),
         ("webhook.max_in_flight", |w| w.max_in_flight = 1_000_000),
-        ("webhook.signing_secret", |w| {
-            w.signing_secret = "whsec_short".into()
-        }),
+        ("webhook.signing_secret", |w| w.signing_secret = "whsec_short".into()),
         ("webhook.body", |w| w.body = "x".repeat(300 * 1024)),
     ];
     for (field, mutate) in cases {
@@ -285,56 +198,29 @@ async fn every_invalid_field_is_named() {
             "{field}: {:?}",
             violations(&status)
         );
-        assert!(
-            status.message().contains(field),
-            "{field}: {}",
-            status.message()
-        );
+        assert!(status.message().contains(field), "{field}: {}", status.message());
     }
-    let status = api
-        .create_webhook(create("Bad Id", orders_webhook()))
-        .await
-        .expect_err("bad id");
+    let status = api.create_webhook(create("Bad Id", orders_webhook())).await.expect_err("bad id");
     assert_eq!(violations(&status), vec!["webhook_id".to_string()]);
-    let listed = api
-        .list_webhooks(ListWebhooksRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
+    let listed =
+        api.list_webhooks(ListWebhooksRequest::default()).await.expect("list").into_inner();
     assert!(listed.webhooks.is_empty(), "nothing invalid was written");
 
-    let missing = api
-        .create_webhook(CreateWebhookRequest {
-            webhook_id: String::new(),
-            webhook: None,
-        })
-        .await;
-    assert_eq!(
-        violations(&missing.expect_err("no webhook")),
-        vec!["webhook".to_string()]
-    );
-    api.create_webhook(create("orders", orders_webhook()))
-        .await
-        .expect("create");
+    let missing =
+        api.create_webhook(CreateWebhookRequest { webhook_id: String::new(), webhook: None }).await;
+    assert_eq!(violations(&missing.expect_err("no webhook")), vec!["webhook".to_string()]);
+    api.create_webhook(create("orders", orders_webhook())).await.expect("create");
     let mask = api
         .update_webhook(UpdateWebhookRequest {
-            webhook: Some(Webhook {
-                id: "orders".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["etag".into()],
-            }),
+            webhook: Some(Webhook { id: "orders".into(), ..Default::default() }),
+            update_mask: Some(FieldMask { paths: vec!["etag".into()] }),
             etag: String::new(),
         })
         .await
         .expect_err("output-only field in the mask");
     assert_eq!(violations(&mask), vec!["update_mask".to_string()]);
     let token = api
-        .list_webhooks(ListWebhooksRequest {
-            page_size: 1,
-            page_token: "%%%".into(),
-        })
+        .list_webhooks(ListWebhooksRequest { page_size: 1, page_token: "%%%".into() })
         .await
         .expect_err("bad token");
     assert_eq!(violations(&token), vec!["page_token".to_string()]);
@@ -342,23 +228,16 @@ async fn every_invalid_field_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_page_through_every_webhook_once() {
-    let node = NodeProcess::start(NodeOptions::default())
-        .await
-        .expect("node");
+    let node = NodeProcess::start(NodeOptions::default()).await.expect("node");
     let mut api = node.webhooks().await.expect("client");
     for i in 0..7 {
-        api.create_webhook(create(&format!("hook-{i}"), orders_webhook()))
-            .await
-            .expect("create");
+        api.create_webhook(create(&format!("hook-{i}"), orders_webhook())).await.expect("create");
     }
     let mut ids = Vec::new();
     let mut token = String::new();
     loop {
         let page = api
-            .list_webhooks(ListWebhooksRequest {
-                page_size: 3,
-                page_token: token.clone(),
-            })
+            .list_webhooks(ListWebhooksRequest { page_size: 3, page_token: token.clone() })
             .await
             .expect("list")
             .into_inner();
@@ -383,31 +262,19 @@ async fn etcd_down_answers_unavailable_and_writes_nothing_half_way() {
     };
     let node = NodeProcess::start(options).await.expect("node");
     let mut api = node.webhooks().await.expect("client");
-    api.create_webhook(create("before", orders_webhook()))
-        .await
-        .expect("create");
+    api.create_webhook(create("before", orders_webhook())).await.expect("create");
     etcd.kill();
-    let status = api
-        .create_webhook(create("during", orders_webhook()))
-        .await
-        .expect_err("etcd down");
+    let status =
+        api.create_webhook(create("during", orders_webhook())).await.expect_err("etcd down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let status = api
-        .get_webhook(GetWebhookRequest {
-            id: "before".into(),
-        })
-        .await
-        .expect_err("etcd down");
+    let status =
+        api.get_webhook(GetWebhookRequest { id: "before".into() }).await.expect_err("etcd down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     etcd.restart().await.expect("restart");
-    let listed = wait_until(
-        "the node to reach etcd again",
-        Duration::from_secs(20),
-        || {
-            let mut api = api.clone();
-            async move { api.list_webhooks(ListWebhooksRequest::default()).await.ok() }
-        },
-    )
+    let listed = wait_until("the node to reach etcd again", Duration::from_secs(20), || {
+        let mut api = api.clone();
+        async move { api.list_webhooks(ListWebhooksRequest::default()).await.ok() }
+    })
     .await
     .expect("recovery")
     .into_inner();
@@ -445,23 +312,15 @@ async fn secrets_are_encrypted_at_rest_and_never_returned_or_logged() {
         let mut responses = Vec::new();
         responses.push(format!(
             "{:?}",
-            api.create_webhook(create("secret", webhook))
-                .await
-                .expect("create")
+            api.create_webhook(create("secret", webhook)).await.expect("create")
         ));
         responses.push(format!(
             "{:?}",
-            api.get_webhook(GetWebhookRequest {
-                id: "secret".into()
-            })
-            .await
-            .expect("get")
+            api.get_webhook(GetWebhookRequest { id: "secret".into() }).await.expect("get")
         ));
         responses.push(format!(
             "{:?}",
-            api.list_webhooks(ListWebhooksRequest::default())
-                .await
-                .expect("list")
+            api.list_webhooks(ListWebhooksRequest::default()).await.expect("list")
         ));
         let rotated = api
             .rotate_signing_secret(RotateSigningSecretRequest {
@@ -472,10 +331,7 @@ async fn secrets_are_encrypted_at_rest_and_never_returned_or_logged() {
             .expect("rotate")
             .into_inner();
         let generated = rotated.signing_secret.clone();
-        assert!(
-            generated.starts_with("whsec_"),
-            "a generated secret is returned once"
-        );
+        assert!(generated.starts_with("whsec_"), "a generated secret is returned once");
         assert_eq!(
             rotated.webhook.as_ref().map(|w| w.signing_secrets.len()),
             Some(2),
@@ -493,23 +349,15 @@ async fn secrets_are_encrypted_at_rest_and_never_returned_or_logged() {
                     }],
                     ..Default::default()
                 }),
-                update_mask: Some(FieldMask {
-                    paths: vec!["headers".into()],
-                }),
+                update_mask: Some(FieldMask { paths: vec!["headers".into()] }),
                 etag: String::new(),
             })
             .await
             .expect_err("bad template");
         responses.push(format!("{bad:?}"));
         for response in &responses {
-            assert!(
-                !response.contains(TOKEN),
-                "a response carries the token: {response}"
-            );
-            assert!(
-                !response.contains(SIGNING),
-                "a response carries the signing secret"
-            );
+            assert!(!response.contains(TOKEN), "a response carries the token: {response}");
+            assert!(!response.contains(SIGNING), "a response carries the signing secret");
         }
         node.terminate().await.expect("stop");
 
@@ -528,15 +376,9 @@ async fn secrets_are_encrypted_at_rest_and_never_returned_or_logged() {
             std::fs::read(node.data_dir().join("tidings.redb")).expect("store file")
         };
         for secret in [TOKEN, SIGNING, &generated] {
-            assert!(
-                !contains(&stored, secret.as_bytes()),
-                "the store holds a secret in clear"
-            );
+            assert!(!contains(&stored, secret.as_bytes()), "the store holds a secret in clear");
         }
-        assert!(
-            contains(&stored, b"order notifications"),
-            "the store was read"
-        );
+        assert!(contains(&stored, b"order notifications"), "the store was read");
     }
 }
 

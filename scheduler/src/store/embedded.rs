@@ -100,19 +100,10 @@ impl WatchState {
             return;
         }
         self.watchers.retain(|watcher| {
-            let matching: Vec<WatchEvent> = events
-                .iter()
-                .filter(|e| e.kv.key.starts_with(&watcher.prefix))
-                .cloned()
-                .collect();
+            let matching: Vec<WatchEvent> =
+                events.iter().filter(|e| e.kv.key.starts_with(&watcher.prefix)).cloned().collect();
             matching.is_empty()
-                || watcher
-                    .sender
-                    .send(Ok(WatchBatch {
-                        revision,
-                        events: matching,
-                    }))
-                    .is_ok()
+                || watcher.sender.send(Ok(WatchBatch { revision, events: matching })).is_ok()
         });
         self.history_events += events.len();
         self.history.push_back((revision, events));
@@ -147,9 +138,7 @@ struct Shared {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain data behind, still consistent enough to
     // read; poisoning is not a reason to take the node down.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Inner {
@@ -230,10 +219,7 @@ impl EmbeddedStore {
         let revision = {
             let mut meta = tx.open_table(META).map_err(storage_error)?;
             let mut kv = tx.open_table(KV).map_err(storage_error)?;
-            let mut revision = meta
-                .get(REVISION)
-                .map_err(storage_error)?
-                .map_or(0, |v| v.value());
+            let mut revision = meta.get(REVISION).map_err(storage_error)?.map_or(0, |v| v.value());
             let mut leased = Vec::new();
             for entry in kv.iter().map_err(storage_error)? {
                 let (key, record) = entry.map_err(storage_error)?;
@@ -301,10 +287,7 @@ fn apply_group(shared: &Shared, group: &mut Vec<Request>) {
         {
             let mut kv = tx.open_table(KV).map_err(storage_error)?;
             let mut meta = tx.open_table(META).map_err(storage_error)?;
-            let mut revision = meta
-                .get(REVISION)
-                .map_err(storage_error)?
-                .map_or(0, |v| v.value());
+            let mut revision = meta.get(REVISION).map_err(storage_error)?.map_or(0, |v| v.value());
             let live_leases: HashSet<LeaseId> = lock(&shared.leases).ttl.keys().copied().collect();
             let mut lease_keys: HashMap<LeaseId, Vec<Vec<u8>>> = HashMap::new();
             for request in group.iter() {
@@ -430,10 +413,7 @@ fn delete_event(key: Vec<u8>, revision: Revision) -> WatchEvent {
 type KvTable<'a> = redb::Table<'a, &'static [u8], &'static [u8]>;
 
 fn read(kv: &KvTable<'_>, key: &[u8]) -> StoreResult<Option<KeyValue>> {
-    kv.get(key)
-        .map_err(storage_error)?
-        .map(|record| decode(key, record.value()))
-        .transpose()
+    kv.get(key).map_err(storage_error)?.map(|record| decode(key, record.value())).transpose()
 }
 
 fn apply_txn(
@@ -459,12 +439,8 @@ fn apply_txn(
         }
     }
     let next = revision + 1;
-    let mut applied = Applied {
-        revision: next,
-        events: Vec::new(),
-        lease_changes: Vec::new(),
-        revoked: None,
-    };
+    let mut applied =
+        Applied { revision: next, events: Vec::new(), lease_changes: Vec::new(), revoked: None };
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         match op {
@@ -479,8 +455,7 @@ fn apply_txn(
                     version: old.as_ref().map_or(1, |o| o.version + 1),
                     lease: *lease,
                 };
-                kv.insert(key.as_slice(), encode(&new).as_slice())
-                    .map_err(storage_error)?;
+                kv.insert(key.as_slice(), encode(&new).as_slice()).map_err(storage_error)?;
                 if let Some(old) = &old
                     && old.lease != 0
                     && old.lease != *lease
@@ -490,10 +465,7 @@ fn apply_txn(
                 if *lease != 0 {
                     applied.lease_changes.push((*lease, key.clone(), true));
                 }
-                applied.events.push(WatchEvent {
-                    kind: EventKind::Put,
-                    kv: new,
-                });
+                applied.events.push(WatchEvent { kind: EventKind::Put, kv: new });
                 results.push(OpResult::Put);
             }
             Op::Delete { key } => {
@@ -523,14 +495,7 @@ fn apply_txn(
     if applied.events.is_empty() {
         applied.revision = revision;
     }
-    Ok((
-        TxnResult {
-            succeeded,
-            revision: applied.revision,
-            results,
-        },
-        applied,
-    ))
+    Ok((TxnResult { succeeded, revision: applied.revision, results }, applied))
 }
 
 fn delete_key(
@@ -563,11 +528,7 @@ fn read_range(db: &Database, start: &[u8], end: &[u8], limit: usize) -> StoreRes
     let range = if unbounded(end) {
         kv.range::<&[u8]>(start..)
     } else if start >= end {
-        return Ok(RangePage {
-            kvs: Vec::new(),
-            more: false,
-            revision,
-        });
+        return Ok(RangePage { kvs: Vec::new(), more: false, revision });
     } else {
         kv.range::<&[u8]>(start..end)
     }
@@ -582,11 +543,7 @@ fn read_range(db: &Database, start: &[u8], end: &[u8], limit: usize) -> StoreRes
         }
         kvs.push(decode(key.value(), record.value())?);
     }
-    Ok(RangePage {
-        kvs,
-        more,
-        revision,
-    })
+    Ok(RangePage { kvs, more, revision })
 }
 
 #[async_trait::async_trait]
@@ -594,10 +551,7 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &[u8]) -> StoreResult<Option<KeyValue>> {
         let tx = self.inner.shared.db.begin_read().map_err(storage_error)?;
         let kv = tx.open_table(KV).map_err(storage_error)?;
-        kv.get(key)
-            .map_err(storage_error)?
-            .map(|record| decode(key, record.value()))
-            .transpose()
+        kv.get(key).map_err(storage_error)?.map(|record| decode(key, record.value())).transpose()
     }
 
     async fn range(&self, start: &[u8], end: &[u8], limit: usize) -> StoreResult<RangePage> {
@@ -609,45 +563,48 @@ impl Store for EmbeddedStore {
             .map_err(storage_error)?
     }
 
+    async fn count(&self, start: &[u8], end: &[u8]) -> StoreResult<u64> {
+        let shared = self.inner.shared.clone();
+        let (start, end) = (start.to_vec(), end.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let tx = shared.db.begin_read().map_err(storage_error)?;
+            let kv = tx.open_table(KV).map_err(storage_error)?;
+            let range = if unbounded(&end) {
+                kv.range::<&[u8]>(start.as_slice()..)
+            } else if start >= end {
+                return Ok(0);
+            } else {
+                kv.range::<&[u8]>(start.as_slice()..end.as_slice())
+            }
+            .map_err(storage_error)?;
+            Ok(range.count() as u64)
+        })
+        .await
+        .map_err(storage_error)?
+    }
+
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResult> {
         txn.check_limits()?;
         let (reply, response) = oneshot::channel();
         self.send(Request::Txn(txn, reply))?;
-        response
-            .await
-            .map_err(|_| StoreError::Unavailable("embedded store is closed".into()))?
+        response.await.map_err(|_| StoreError::Unavailable("embedded store is closed".into()))?
     }
 
     async fn watch(&self, prefix: &[u8], start_revision: Revision) -> StoreResult<WatchStream> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut state = lock(&self.inner.shared.watch);
-        let start = if start_revision <= 0 {
-            state.revision + 1
-        } else {
-            start_revision
-        };
+        let start = if start_revision <= 0 { state.revision + 1 } else { start_revision };
         if start < state.oldest {
-            return Err(StoreError::Compacted {
-                compact_revision: state.oldest,
-            });
+            return Err(StoreError::Compacted { compact_revision: state.oldest });
         }
         for (revision, events) in state.history.iter().filter(|(r, _)| *r >= start) {
-            let matching: Vec<WatchEvent> = events
-                .iter()
-                .filter(|e| e.kv.key.starts_with(prefix))
-                .cloned()
-                .collect();
+            let matching: Vec<WatchEvent> =
+                events.iter().filter(|e| e.kv.key.starts_with(prefix)).cloned().collect();
             if !matching.is_empty() {
-                let _ = sender.send(Ok(WatchBatch {
-                    revision: *revision,
-                    events: matching,
-                }));
+                let _ = sender.send(Ok(WatchBatch { revision: *revision, events: matching }));
             }
         }
-        state.watchers.push(Watcher {
-            prefix: prefix.to_vec(),
-            sender,
-        });
+        state.watchers.push(Watcher { prefix: prefix.to_vec(), sender });
         Ok(Box::pin(UnboundedReceiverStream::new(receiver)))
     }
 
@@ -675,9 +632,7 @@ impl Store for EmbeddedStore {
         }
         let (reply, response) = oneshot::channel();
         self.send(Request::Revoke(lease, reply))?;
-        response
-            .await
-            .map_err(|_| StoreError::Unavailable("embedded store is closed".into()))?
+        response.await.map_err(|_| StoreError::Unavailable("embedded store is closed".into()))?
     }
 
     async fn revision(&self) -> StoreResult<Revision> {

@@ -60,9 +60,7 @@ pub struct EtcdStore {
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore")
-            .field("prefix", &String::from_utf8_lossy(&self.prefix))
-            .finish()
+        f.debug_struct("EtcdStore").field("prefix", &String::from_utf8_lossy(&self.prefix)).finish()
     }
 }
 
@@ -158,20 +156,12 @@ impl EtcdStore {
     }
 
     fn full_end(&self, end: &[u8]) -> Vec<u8> {
-        if end == [0] {
-            prefix_end(&self.prefix)
-        } else {
-            self.full(end)
-        }
+        if end == [0] { prefix_end(&self.prefix) } else { self.full(end) }
     }
 
     fn key_value(&self, kv: &etcd_client::KeyValue) -> KeyValue {
         KeyValue {
-            key: kv
-                .key()
-                .get(self.prefix.len()..)
-                .unwrap_or_default()
-                .to_vec(),
+            key: kv.key().get(self.prefix.len()..).unwrap_or_default().to_vec(),
             value: kv.value().to_vec(),
             create_revision: kv.create_revision(),
             mod_revision: kv.mod_revision(),
@@ -227,14 +217,19 @@ impl Store for EtcdStore {
         if limit > 0 {
             options = options.with_limit(limit as i64);
         }
-        let response = self
-            .call(client.get(self.full(start), Some(options)))
-            .await?;
+        let response = self.call(client.get(self.full(start), Some(options))).await?;
         Ok(RangePage {
             kvs: response.kvs().iter().map(|kv| self.key_value(kv)).collect(),
             more: response.more(),
             revision: response.header().map_or(0, |h| h.revision()),
         })
+    }
+
+    async fn count(&self, start: &[u8], end: &[u8]) -> StoreResult<u64> {
+        let mut client = self.client.clone();
+        let options = GetOptions::new().with_range(self.full_end(end)).with_count_only();
+        let response = self.call(client.get(self.full(start), Some(options))).await?;
+        Ok(response.count().max(0) as u64)
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResult> {
@@ -251,17 +246,9 @@ impl Store for EtcdStore {
         let request = etcd_client::Txn::new()
             .when(txn.when.iter().map(|c| self.compare(c)).collect::<Vec<_>>())
             .and_then(txn.then.iter().map(|op| self.op(op)).collect::<Vec<_>>())
-            .or_else(
-                txn.otherwise
-                    .iter()
-                    .map(|op| self.op(op))
-                    .collect::<Vec<_>>(),
-            );
+            .or_else(txn.otherwise.iter().map(|op| self.op(op)).collect::<Vec<_>>());
         let mut client = self.client.clone();
-        let response = self
-            .call(client.txn(request))
-            .await
-            .map_err(|e| with_lease(e, lease))?;
+        let response = self.call(client.txn(request)).await.map_err(|e| with_lease(e, lease))?;
         let results = response
             .op_responses()
             .into_iter()
@@ -286,18 +273,13 @@ impl Store for EtcdStore {
         let store = self.clone();
         let full_prefix = self.full(prefix);
         // Pin "from now" to a revision so a reconnect before the first event cannot skip any.
-        let start_revision = if start_revision > 0 {
-            start_revision
-        } else {
-            self.revision().await? + 1
-        };
+        let start_revision =
+            if start_revision > 0 { start_revision } else { self.revision().await? + 1 };
         // Opening the first stream here makes a compacted start revision fail the call itself.
         let first = store.open_watch(&full_prefix, start_revision).await?;
         // The task lives as long as the returned stream: it stops when the receiver is dropped.
         tokio::spawn(async move {
-            store
-                .pump_watch(full_prefix, start_revision, first, sender)
-                .await;
+            store.pump_watch(full_prefix, start_revision, first, sender).await;
         });
         Ok(Box::pin(ReceiverStream::new(receiver)))
     }
@@ -368,18 +350,14 @@ impl Store for EtcdStore {
     async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
         self.keepers.lock().await.remove(&lease);
         let mut client = self.client.clone();
-        self.call(client.lease_revoke(lease))
-            .await
-            .map_err(|e| with_lease(e, lease))?;
+        self.call(client.lease_revoke(lease)).await.map_err(|e| with_lease(e, lease))?;
         Ok(())
     }
 
     async fn revision(&self) -> StoreResult<Revision> {
         let mut client = self.client.clone();
         // A range over one key that no one writes returns the store revision in its header.
-        let response = self
-            .call(client.get(self.full(b"\0revision"), None))
-            .await?;
+        let response = self.call(client.get(self.full(b"\0revision"), None)).await?;
         Ok(response.header().map_or(0, |h| h.revision()))
     }
 }
@@ -395,9 +373,7 @@ impl EtcdStore {
             options = options.with_start_revision(start_revision);
         }
         let mut client = self.client.clone();
-        let mut stream = self
-            .call(client.watch(prefix.to_vec(), Some(options)))
-            .await?;
+        let mut stream = self.call(client.watch(prefix.to_vec(), Some(options))).await?;
         // The first response confirms creation; etcd reports a compacted start revision in a
         // message after it. A read at the start revision tells at once whether one is coming.
         let created = self.call(stream.message()).await?;
@@ -406,9 +382,7 @@ impl EtcdStore {
             && start_revision > 0
             && start_revision <= response.header().map_or(0, |h| h.revision())
         {
-            let probe = GetOptions::new()
-                .with_revision(start_revision)
-                .with_count_only();
+            let probe = GetOptions::new().with_revision(start_revision).with_count_only();
             let mut client = self.client.clone();
             if let Err(StoreError::InvalidRequest(message)) =
                 self.call(client.get(prefix.to_vec(), Some(probe))).await
@@ -423,17 +397,15 @@ impl EtcdStore {
             }
         }
         match created {
-            Some(response) if response.compact_revision() > 0 => Err(StoreError::Compacted {
-                compact_revision: response.compact_revision(),
-            }),
+            Some(response) if response.compact_revision() > 0 => {
+                Err(StoreError::Compacted { compact_revision: response.compact_revision() })
+            }
             Some(response) if response.canceled() => Err(StoreError::Unavailable(format!(
                 "etcd cancelled the watch: {}",
                 response.cancel_reason()
             ))),
             Some(_) => Ok(stream),
-            None => Err(StoreError::Unavailable(
-                "etcd closed the watch stream".into(),
-            )),
+            None => Err(StoreError::Unavailable("etcd closed the watch stream".into())),
         }
     }
 
@@ -489,9 +461,7 @@ impl EtcdStore {
                 };
                 if response.compact_revision() > 0 {
                     let compact_revision = response.compact_revision();
-                    let _ = sender
-                        .send(Err(StoreError::Compacted { compact_revision }))
-                        .await;
+                    let _ = sender.send(Err(StoreError::Compacted { compact_revision })).await;
                     return;
                 }
                 if response.canceled() {
@@ -513,14 +483,7 @@ impl EtcdStore {
                     continue;
                 };
                 next = last + 1;
-                if sender
-                    .send(Ok(WatchBatch {
-                        revision: last,
-                        events,
-                    }))
-                    .await
-                    .is_err()
-                {
+                if sender.send(Ok(WatchBatch { revision: last, events })).await.is_err() {
                     return;
                 }
             }

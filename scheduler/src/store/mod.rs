@@ -135,38 +135,22 @@ impl Compare {
 
     /// Returns a condition on the create revision of `key`.
     pub fn create_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: Revision) -> Self {
-        Self {
-            key: key.into(),
-            op,
-            target: CompareTarget::CreateRevision(revision),
-        }
+        Self { key: key.into(), op, target: CompareTarget::CreateRevision(revision) }
     }
 
     /// Returns a condition on the mod revision of `key`.
     pub fn mod_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: Revision) -> Self {
-        Self {
-            key: key.into(),
-            op,
-            target: CompareTarget::ModRevision(revision),
-        }
+        Self { key: key.into(), op, target: CompareTarget::ModRevision(revision) }
     }
 
     /// Returns a condition on the version of `key`.
     pub fn version(key: impl Into<Vec<u8>>, op: CompareOp, version: i64) -> Self {
-        Self {
-            key: key.into(),
-            op,
-            target: CompareTarget::Version(version),
-        }
+        Self { key: key.into(), op, target: CompareTarget::Version(version) }
     }
 
     /// Returns a condition on the value of `key`. A missing key fails every value comparison.
     pub fn value(key: impl Into<Vec<u8>>, op: CompareOp, value: impl Into<Vec<u8>>) -> Self {
-        Self {
-            key: key.into(),
-            op,
-            target: CompareTarget::Value(value.into()),
-        }
+        Self { key: key.into(), op, target: CompareTarget::Value(value.into()) }
     }
 
     /// Returns whether the condition holds for the stored key (`None` when absent).
@@ -220,11 +204,7 @@ pub enum Op {
 impl Op {
     /// Returns a put without a lease.
     pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
-        Op::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: 0,
-        }
+        Op::Put { key: key.into(), value: value.into(), lease: 0 }
     }
 
     /// Returns a put attached to `lease`.
@@ -233,11 +213,7 @@ impl Op {
         value: impl Into<Vec<u8>>,
         lease: LeaseId,
     ) -> Self {
-        Op::Put {
-            key: key.into(),
-            value: value.into(),
-            lease,
-        }
+        Op::Put { key: key.into(), value: value.into(), lease }
     }
 
     /// Returns a delete of one key.
@@ -247,9 +223,7 @@ impl Op {
 
     /// Returns a delete of every key under `prefix`.
     pub fn delete_prefix(prefix: impl Into<Vec<u8>>) -> Self {
-        Op::DeletePrefix {
-            prefix: prefix.into(),
-        }
+        Op::DeletePrefix { prefix: prefix.into() }
     }
 
     /// Returns a read of one key.
@@ -303,22 +277,13 @@ impl Txn {
 
     /// Checks the transaction against the store limits shared by both backends.
     pub(crate) fn check_limits(&self) -> StoreResult<()> {
-        let ops = self
-            .then
-            .len()
-            .max(self.otherwise.len())
-            .max(self.when.len());
+        let ops = self.then.len().max(self.otherwise.len()).max(self.when.len());
         if ops > MAX_TXN_OPS {
             return Err(StoreError::InvalidRequest(format!(
                 "transaction has {ops} operations; the limit is {MAX_TXN_OPS}"
             )));
         }
-        let size: usize = self
-            .then
-            .iter()
-            .chain(&self.otherwise)
-            .map(Op::size)
-            .sum::<usize>()
+        let size: usize = self.then.iter().chain(&self.otherwise).map(Op::size).sum::<usize>()
             + self.when.iter().map(|c| c.key.len()).sum::<usize>();
         if size > MAX_REQUEST_BYTES {
             return Err(StoreError::InvalidRequest(format!(
@@ -415,6 +380,9 @@ pub trait Store: Send + Sync + 'static {
     /// Returns up to `limit` keys in `[start, end)`, in order (`limit` 0 means no limit).
     async fn range(&self, start: &[u8], end: &[u8], limit: usize) -> StoreResult<RangePage>;
 
+    /// Returns how many keys lie in `[start, end)`.
+    async fn count(&self, start: &[u8], end: &[u8]) -> StoreResult<u64>;
+
     /// Applies a transaction atomically.
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResult>;
 
@@ -439,16 +407,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes one key unconditionally; returns the revision of the write.
     async fn put(&self, key: &[u8], value: &[u8]) -> StoreResult<Revision> {
-        Ok(self
-            .txn(Txn::new().and_then([Op::put(key, value)]))
-            .await?
-            .revision)
+        Ok(self.txn(Txn::new().and_then([Op::put(key, value)])).await?.revision)
     }
 
     /// Deletes one key unconditionally; returns whether it existed.
     async fn delete(&self, key: &[u8]) -> StoreResult<bool> {
         let result = self.txn(Txn::new().and_then([Op::delete(key)])).await?;
         Ok(matches!(result.results.first(), Some(OpResult::Delete(n)) if *n > 0))
+    }
+
+    /// Returns how many keys start with `prefix`.
+    async fn count_prefix(&self, prefix: &[u8]) -> StoreResult<u64> {
+        self.count(prefix, &prefix_end(prefix)).await
     }
 
     /// Returns up to `limit` keys starting with `prefix` (0 means no limit).

@@ -6,18 +6,12 @@ use super::Violations;
 
 /// Returns a timestamp for Unix milliseconds.
 pub(crate) fn timestamp(ms: i64) -> Timestamp {
-    Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
+    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 /// Returns a duration for milliseconds.
 pub(crate) fn duration(ms: u64) -> Duration {
-    Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
+    Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
 }
 
 /// Returns the milliseconds of a duration within `[min_ms, max_ms]`, or records why not.
@@ -34,10 +28,7 @@ pub(crate) fn duration_ms(
     }
     let ms = (value.seconds as u64).saturating_mul(1000) + (value.nanos as u64) / 1_000_000;
     if ms < min_ms || ms > max_ms {
-        violations.add(
-            field,
-            format!("must be between {} and {}", human(min_ms), human(max_ms)),
-        );
+        violations.add(field, format!("must be between {} and {}", human(min_ms), human(max_ms)));
         return None;
     }
     Some(ms)
@@ -47,6 +38,53 @@ fn human(ms: u64) -> String {
     humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
 }
 
+/// Returns a protobuf struct as a JSON object.
+pub(crate) fn struct_to_json(
+    value: &prost_types::Struct,
+) -> serde_json::Map<String, serde_json::Value> {
+    value.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect()
+}
+
+/// Returns a protobuf value as JSON.
+pub(crate) fn value_to_json(value: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            // Whole numbers stay integers, so templates print `42`, not `42.0`.
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                serde_json::Value::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(s)) => serde_json::Value::Object(struct_to_json(s)),
+    }
+}
+
+/// Returns the Unix milliseconds of a timestamp, or records why not.
+pub(crate) fn timestamp_ms(
+    violations: &mut Violations,
+    field: &str,
+    value: &Timestamp,
+) -> Option<i64> {
+    if value.nanos < 0
+        || value.nanos >= 1_000_000_000
+        || value.seconds < 0
+        || value.seconds > 253_402_300_799
+    {
+        violations.add(field, "must be a valid time between 1970 and 9999");
+        return None;
+    }
+    Some(value.seconds * 1000 + i64::from(value.nanos) / 1_000_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,14 +92,8 @@ mod tests {
     #[test]
     fn durations_round_trip_and_bounds_are_named() {
         let mut violations = Violations::default();
-        assert_eq!(
-            duration_ms(&mut violations, "t", &duration(1500), 0, 2000),
-            Some(1500)
-        );
-        assert_eq!(
-            duration_ms(&mut violations, "t", &duration(3000), 0, 2000),
-            None
-        );
+        assert_eq!(duration_ms(&mut violations, "t", &duration(1500), 0, 2000), Some(1500));
+        assert_eq!(duration_ms(&mut violations, "t", &duration(3000), 0, 2000), None);
         assert!(!violations.is_empty());
         assert_eq!(timestamp(-1).seconds, -1);
         assert_eq!(timestamp(1500).nanos, 500_000_000);

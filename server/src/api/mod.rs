@@ -1,8 +1,12 @@
 //! The gRPC services and the one place where errors become statuses.
 
+mod cluster;
 mod convert;
+mod events;
 mod webhooks;
 
+pub(crate) use cluster::ClusterApi;
+pub(crate) use events::EventApi;
 pub(crate) use webhooks::WebhookApi;
 
 use base64::Engine;
@@ -33,11 +37,7 @@ impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         match error {
             ApiError::Invalid(violations) => {
-                let message = violations
-                    .iter()
-                    .map(|(field, reason)| format!("{field}: {reason}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                let message = Violations(violations.clone()).describe();
                 let mut details = ErrorDetails::new();
                 for (field, reason) in violations {
                     details.add_bad_request_violation(field, reason);
@@ -91,13 +91,22 @@ impl Violations {
         self.0.is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Returns the violations as one line, `field: reason; ...`.
+    pub(crate) fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|(field, reason)| format!("{field}: {reason}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Returns the violations as an error, or `Ok` when there are none.
     pub(crate) fn check(self) -> Result<(), ApiError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::Invalid(self.0))
-        }
+        if self.0.is_empty() { Ok(()) } else { Err(ApiError::Invalid(self.0)) }
     }
 }
 
@@ -113,9 +122,7 @@ pub(crate) fn check_id(violations: &mut Violations, field: &str, id: &str) {
     } else if id.len() > 63 {
         violations.add(field, "must be at most 63 characters");
     } else if !id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        || !id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
     {
         violations.add(
             field,
@@ -126,10 +133,7 @@ pub(crate) fn check_id(violations: &mut Violations, field: &str, id: &str) {
 
 /// Returns a new id with a kind prefix, for example `wh_01J...`.
 pub(crate) fn new_id(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        ulid::Ulid::new().to_string().to_ascii_lowercase()
-    )
+    format!("{prefix}_{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }
 
 /// Returns the page size to use, or the violation.

@@ -52,13 +52,8 @@ const RESERVED_HEADERS: [&str; 9] = [
 ];
 
 /// Headers whose values are credentials whatever the caller says.
-const CREDENTIAL_HEADERS: [&str; 5] = [
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "x-api-key",
-    "api-key",
-];
+const CREDENTIAL_HEADERS: [&str; 5] =
+    ["authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"];
 
 /// Fields an update mask may name.
 const WRITABLE: [&str; 12] = [
@@ -89,11 +84,7 @@ impl WebhookApi {
         cipher: Cipher,
         templates: Arc<Templates>,
     ) -> Self {
-        Self {
-            webhooks,
-            cipher,
-            templates,
-        }
+        Self { webhooks, cipher, templates }
     }
 
     /// Maps a proto webhook to the domain, validating every field. `existing` provides the
@@ -120,20 +111,14 @@ impl WebhookApi {
             Ok(pb::HttpMethod::Delete) => Method::Delete,
             Ok(pb::HttpMethod::Get) => Method::Get,
             Err(_) => {
-                violations.add(
-                    "webhook.method",
-                    format!("{} is not an HTTP method", proto.method),
-                );
+                violations.add("webhook.method", format!("{} is not an HTTP method", proto.method));
                 Method::Post
             }
         };
         let headers = self.headers(&proto.headers, existing, violations);
 
         if proto.body.len() > MAX_BODY {
-            violations.add(
-                "webhook.body",
-                format!("must be at most {} KiB", MAX_BODY / 1024),
-            );
+            violations.add("webhook.body", format!("must be at most {} KiB", MAX_BODY / 1024));
         } else if let Err(reason) = self.templates.check(&proto.body) {
             violations.add("webhook.body", format!("invalid Liquid template: {reason}"));
         }
@@ -153,39 +138,28 @@ impl WebhookApi {
         };
         let timeout_ms = match &proto.timeout {
             None => DEFAULT_TIMEOUT_MS,
-            Some(t) => duration_ms(
-                violations,
-                "webhook.timeout",
-                t,
-                MIN_TIMEOUT_MS,
-                MAX_TIMEOUT_MS,
-            )
-            .unwrap_or(DEFAULT_TIMEOUT_MS),
+            Some(t) => {
+                duration_ms(violations, "webhook.timeout", t, MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
+                    .unwrap_or(DEFAULT_TIMEOUT_MS)
+            }
         };
         let retry = self.retry(proto.retry_policy.as_ref(), violations);
         if !proto.rate_limit.is_finite()
             || proto.rate_limit < 0.0
             || proto.rate_limit > MAX_RATE_LIMIT
         {
-            violations.add(
-                "webhook.rate_limit",
-                format!("must be between 0 and {MAX_RATE_LIMIT}"),
-            );
+            violations.add("webhook.rate_limit", format!("must be between 0 and {MAX_RATE_LIMIT}"));
         }
         if proto.max_in_flight > MAX_IN_FLIGHT {
-            violations.add(
-                "webhook.max_in_flight",
-                format!("must be at most {MAX_IN_FLIGHT}"),
-            );
+            violations.add("webhook.max_in_flight", format!("must be at most {MAX_IN_FLIGHT}"));
         }
         let labels = check_labels(&proto.labels, violations);
 
         let enabled = proto.enabled.unwrap_or(true);
         let (disabled_reason, disabled_at_ms) = match existing {
-            Some(old) if !enabled => (
-                old.disabled_reason.clone(),
-                old.disabled_at_ms.or(Some(now)),
-            ),
+            Some(old) if !enabled => {
+                (old.disabled_reason.clone(), old.disabled_at_ms.or(Some(now)))
+            }
             None if !enabled => (String::new(), Some(now)),
             _ => (String::new(), None),
         };
@@ -205,9 +179,7 @@ impl WebhookApi {
             } else {
                 proto.max_in_flight
             },
-            signing_secrets: existing
-                .map(|w| w.signing_secrets.clone())
-                .unwrap_or_default(),
+            signing_secrets: existing.map(|w| w.signing_secrets.clone()).unwrap_or_default(),
             enabled,
             disabled_reason,
             disabled_at_ms,
@@ -232,9 +204,7 @@ impl WebhookApi {
             return;
         }
         let lower = url.to_ascii_lowercase();
-        let Some(rest) = lower
-            .strip_prefix("https://")
-            .or_else(|| lower.strip_prefix("http://"))
+        let Some(rest) = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://"))
         else {
             violations.add(FIELD, "scheme must be http or https");
             return;
@@ -262,10 +232,7 @@ impl WebhookApi {
         violations: &mut Violations,
     ) -> Vec<Header> {
         if headers.len() > MAX_HEADERS {
-            violations.add(
-                "webhook.headers",
-                format!("must have at most {MAX_HEADERS} entries"),
-            );
+            violations.add("webhook.headers", format!("must have at most {MAX_HEADERS} entries"));
             return Vec::new();
         }
         let mut seen = HashSet::new();
@@ -290,11 +257,7 @@ impl WebhookApi {
                     format!(
                         "{} is set by Tidings{}",
                         header.name,
-                        if lower == "content-type" {
-                            "; use content_type"
-                        } else {
-                            ""
-                        }
+                        if lower == "content-type" { "; use content_type" } else { "" }
                     ),
                 );
                 continue;
@@ -310,23 +273,20 @@ impl WebhookApi {
             let value = if secret && header.value.is_empty() {
                 // An empty secret on update keeps the stored value.
                 let kept = existing.and_then(|w| {
-                    w.headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(&header.name))
-                        .and_then(|h| match &h.value {
+                    w.headers.iter().find(|h| h.name.eq_ignore_ascii_case(&header.name)).and_then(
+                        |h| match &h.value {
                             HeaderValue::Secret(sealed) => {
                                 Some(HeaderValue::Secret(sealed.clone()))
                             }
                             HeaderValue::Plain(_) => None,
-                        })
+                        },
+                    )
                 });
                 match kept {
                     Some(value) => value,
                     None => {
-                        violations.add(
-                            format!("{field}.value"),
-                            "is required for a new secret header",
-                        );
+                        violations
+                            .add(format!("{field}.value"), "is required for a new secret header");
                         continue;
                     }
                 }
@@ -361,10 +321,7 @@ impl WebhookApi {
                     HeaderValue::Plain(header.value.clone())
                 }
             };
-            out.push(Header {
-                name: header.name.clone(),
-                value,
-            });
+            out.push(Header { name: header.name.clone(), value });
         }
         out
     }
@@ -427,16 +384,12 @@ impl WebhookApi {
                 .headers
                 .iter()
                 .map(|h| match &h.value {
-                    HeaderValue::Plain(value) => pb::Header {
-                        name: h.name.clone(),
-                        value: value.clone(),
-                        secret: false,
-                    },
-                    HeaderValue::Secret(_) => pb::Header {
-                        name: h.name.clone(),
-                        value: String::new(),
-                        secret: true,
-                    },
+                    HeaderValue::Plain(value) => {
+                        pb::Header { name: h.name.clone(), value: value.clone(), secret: false }
+                    }
+                    HeaderValue::Secret(_) => {
+                        pb::Header { name: h.name.clone(), value: String::new(), secret: true }
+                    }
                 })
                 .collect(),
             body: w.body.clone(),
@@ -471,11 +424,8 @@ impl WebhookApi {
 
     async fn create(&self, request: pb::CreateWebhookRequest) -> Result<pb::Webhook, ApiError> {
         let mut violations = Violations::default();
-        let id = if request.webhook_id.is_empty() {
-            new_id("wh")
-        } else {
-            request.webhook_id.clone()
-        };
+        let id =
+            if request.webhook_id.is_empty() { new_id("wh") } else { request.webhook_id.clone() };
         check_id(&mut violations, "webhook_id", &id);
         let Some(proto) = request.webhook else {
             return Err(invalid("webhook", "is required"));
@@ -491,11 +441,8 @@ impl WebhookApi {
             Secret::new(proto.signing_secret.clone())
         };
         violations.check()?;
-        webhook.signing_secrets = vec![SigningSecret::seal(
-            &self.cipher,
-            &secret,
-            webhook.created_at_ms,
-        )];
+        webhook.signing_secrets =
+            vec![SigningSecret::seal(&self.cipher, &secret, webhook.created_at_ms)];
         let stored = self.webhooks.create(&id, &webhook).await?;
         info!(webhook = %id, "webhook created");
         let mut out = self.to_proto(&stored);
@@ -573,11 +520,7 @@ impl WebhookApi {
             let mut violations = Violations::default();
             let updated = self.to_domain(&merged, Some(&current.value), &mut violations);
             violations.check()?;
-            match self
-                .webhooks
-                .replace(&proto.id, &updated, current.revision)
-                .await
-            {
+            match self.webhooks.replace(&proto.id, &updated, current.revision).await {
                 Ok(stored) => {
                     info!(webhook = %proto.id, "webhook updated");
                     return Ok(self.to_proto(&stored));
@@ -586,10 +529,7 @@ impl WebhookApi {
                 Err(error) => return Err(error.into()),
             }
         }
-        Err(ApiError::Unavailable(format!(
-            "webhook {} is changing too often; try again",
-            proto.id
-        )))
+        Err(ApiError::Unavailable(format!("webhook {} is changing too often; try again", proto.id)))
     }
 
     async fn rotate(
@@ -619,24 +559,14 @@ impl WebhookApi {
             let now = tidings_scheduler::now_ms();
             let mut webhook = current.value.clone();
             let expires = now + grace_ms as i64;
-            webhook
-                .signing_secrets
-                .retain(|s| s.expires_at_ms.is_none_or(|at| at > now));
+            webhook.signing_secrets.retain(|s| s.expires_at_ms.is_none_or(|at| at > now));
             for old in &mut webhook.signing_secrets {
                 old.expires_at_ms = Some(old.expires_at_ms.map_or(expires, |at| at.min(expires)));
             }
-            webhook
-                .signing_secrets
-                .retain(|s| s.expires_at_ms.is_none_or(|at| at > now));
-            webhook
-                .signing_secrets
-                .insert(0, SigningSecret::seal(&self.cipher, &secret, now));
+            webhook.signing_secrets.retain(|s| s.expires_at_ms.is_none_or(|at| at > now));
+            webhook.signing_secrets.insert(0, SigningSecret::seal(&self.cipher, &secret, now));
             webhook.updated_at_ms = now;
-            match self
-                .webhooks
-                .replace(&request.id, &webhook, current.revision)
-                .await
-            {
+            match self.webhooks.replace(&request.id, &webhook, current.revision).await {
                 Ok(stored) => {
                     info!(webhook = %request.id, "signing secret rotated");
                     return Ok(pb::RotateSigningSecretResponse {
@@ -668,10 +598,7 @@ fn check_labels(
     violations: &mut Violations,
 ) -> BTreeMap<String, String> {
     if labels.len() > MAX_LABELS {
-        violations.add(
-            "webhook.labels",
-            format!("must have at most {MAX_LABELS} entries"),
-        );
+        violations.add("webhook.labels", format!("must have at most {MAX_LABELS} entries"));
     }
     for (key, value) in labels {
         if key.is_empty()
@@ -686,10 +613,8 @@ fn check_labels(
             );
         }
         if value.chars().count() > 256 {
-            violations.add(
-                format!("webhook.labels[{key}]"),
-                "values must be at most 256 characters",
-            );
+            violations
+                .add(format!("webhook.labels[{key}]"), "values must be at most 256 characters");
         }
     }
     labels.clone().into_iter().collect()
@@ -761,10 +686,7 @@ impl WebhookService for WebhookApi {
         check_id(&mut violations, "id", &request.id);
         violations.check()?;
         let etag = parse_etag("etag", &request.etag)?;
-        self.webhooks
-            .delete(&request.id, etag)
-            .await
-            .map_err(ApiError::from)?;
+        self.webhooks.delete(&request.id, etag).await.map_err(ApiError::from)?;
         info!(webhook = %request.id, "webhook deleted");
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }

@@ -1,0 +1,367 @@
+//! The work of one owned partition: consume its inbox and fire its timers.
+//!
+//! Invariant: every write this worker makes is one transaction that compares the create
+//! revision of `owners/{p}` with the worker's epoch. When that compare fails, another node owns
+//! the partition (or nobody does): the worker stops at once, without retrying.
+//!
+//! A transaction whose outcome is unknown (the store did not answer) is retried; the retry also
+//! checks that the batch's first key still exists, so a batch that did commit is recognised
+//! instead of applied twice.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::PartitionId;
+use crate::engine::{Effects, Engine};
+use crate::inbox::InboxEntry;
+use crate::keys;
+use crate::store::{
+    Compare, CompareOp, EventKind, Op, OpResult, Revision, Store, StoreError, Txn, WatchStream,
+};
+use crate::timers::{Timer, TimerIndex};
+
+/// Operations per transaction, below etcd's limit of 128 with room for the guard.
+const MAX_BATCH_OPS: usize = 120;
+/// Timers read per firing round.
+const TIMER_BATCH: usize = 64;
+
+/// Live figures of an owned partition, read by ListPartitions.
+#[derive(Debug, Default)]
+pub struct PartitionStats {
+    /// Timers waiting to fire.
+    pub pending_timers: AtomicU64,
+    /// Inbox entries not yet processed.
+    pub inbox_backlog: AtomicU64,
+    /// Whether the worker has loaded its timers and inbox (the figures above mean nothing before).
+    pub loaded: std::sync::atomic::AtomicBool,
+}
+
+/// Why a worker stopped.
+#[derive(Debug)]
+pub(crate) enum Exit {
+    /// Asked to stop (handoff, shutdown or lost lease).
+    Cancelled,
+    /// Its epoch no longer matches the owner key: another node owns the partition.
+    Fenced,
+}
+
+pub(crate) struct Worker {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) partition: PartitionId,
+    pub(crate) epoch: Revision,
+    pub(crate) stats: Arc<PartitionStats>,
+    /// `{node}/{epoch}`, written to `p/{p}/applied` by every batch so that etcd's history
+    /// shows who made each partition write.
+    pub(crate) signature: Vec<u8>,
+}
+
+enum Outcome {
+    Applied,
+    Fenced,
+}
+
+impl Worker {
+    fn guard(&self) -> Compare {
+        Compare::create_revision(keys::owner(self.partition), CompareOp::Equal, self.epoch)
+    }
+
+    /// Commits `ops` under the epoch guard, retrying while the store is unavailable.
+    async fn commit(
+        &self,
+        ops: Vec<Op>,
+        witness: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, Exit> {
+        let mut pause = Duration::from_millis(50);
+        let mut first = true;
+        loop {
+            let mut txn = Txn::new()
+                .when([self.guard()])
+                .and_then(
+                    ops.iter()
+                        .cloned()
+                        .chain([Op::put(keys::applied(self.partition), self.signature.clone())]),
+                )
+                .or_else([Op::get(keys::owner(self.partition))]);
+
+            if !first {
+                // The previous attempt may have committed: require the witness to still exist.
+                txn.when.push(Compare::present(witness.to_string()));
+            }
+            match self.store.txn(txn).await {
+                Ok(result) if result.succeeded => return Ok(Outcome::Applied),
+                Ok(result) => {
+                    let still_ours = matches!(result.results.first(),
+                        Some(OpResult::Get(Some(kv))) if kv.create_revision == self.epoch);
+                    return Ok(if still_ours && !first {
+                        Outcome::Applied
+                    } else {
+                        Outcome::Fenced
+                    });
+                }
+                Err(error) if error.is_retryable() => {
+                    debug!(partition = self.partition, %error, "partition write failed; retrying");
+                    first = false;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Exit::Cancelled),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => {
+                    // A request the store refuses will not pass by retrying; dropping the
+                    // partition lets a fresh owner (maybe a newer version) pick it up.
+                    warn!(partition = self.partition, %error, "partition write refused; dropping the partition");
+                    return Ok(Outcome::Fenced);
+                }
+            }
+        }
+    }
+
+    /// Retries a read while the store is unavailable.
+    async fn read<T, F, Fut>(&self, cancel: &CancellationToken, mut read: F) -> Result<T, Exit>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match read().await {
+                Ok(value) => return Ok(value),
+                Err(error) => {
+                    debug!(partition = self.partition, %error, "partition read failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Exit::Cancelled),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn run(self, cancel: CancellationToken) -> Exit {
+        match self.run_inner(&cancel).await {
+            Ok(never) => match never {},
+            Err(exit) => exit,
+        }
+    }
+
+    async fn run_inner(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<std::convert::Infallible, Exit> {
+        let mut index = self.load_timers(cancel).await?;
+        let (mut pending, mut loaded, mut stream) = self.load_inbox(cancel).await?;
+        info!(
+            partition = self.partition,
+            epoch = self.epoch,
+            timers = index.len(),
+            inbox = pending.len(),
+            "partition started"
+        );
+        loop {
+            self.stats.pending_timers.store(index.len(), Ordering::Relaxed);
+            self.stats.inbox_backlog.store(pending.len() as u64, Ordering::Relaxed);
+            self.stats.loaded.store(true, Ordering::Release);
+
+            if cancel.is_cancelled() {
+                return Err(Exit::Cancelled);
+            }
+            if !pending.is_empty() {
+                self.process_inbox(&mut pending, &mut index, cancel).await?;
+                continue;
+            }
+            let now = crate::now_ms();
+            if index.next_due().is_some_and(|due| due <= now) {
+                self.fire_timers(&mut index, now, cancel).await?;
+                continue;
+            }
+            let sleep = index.next_due().map_or(Duration::from_secs(3600), |due| {
+                Duration::from_millis((due - now).max(0) as u64)
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Exit::Cancelled),
+                _ = tokio::time::sleep(sleep) => {}
+                batch = stream.next() => match batch {
+                    Some(Ok(batch)) => {
+                        for event in batch.events {
+                            if event.kind != EventKind::Put || loaded.remove(&event.kv.key) {
+                                continue;
+                            }
+                            pending.push_back((event.kv.key, event.kv.value));
+                        }
+                        loaded.clear();
+                    }
+                    Some(Err(error)) => {
+                        debug!(partition = self.partition, %error, "inbox watch ended; reloading");
+                        (pending, loaded, stream) = self.load_inbox(cancel).await?;
+                    }
+                    None => {
+                        (pending, loaded, stream) = self.load_inbox(cancel).await?;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn load_timers(&self, cancel: &CancellationToken) -> Result<TimerIndex, Exit> {
+        let prefix = keys::timers(self.partition);
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let mut index = TimerIndex::default();
+        let mut start = prefix.clone().into_bytes();
+        loop {
+            let page = self.read(cancel, || self.store.range(&start, &end, 10_000)).await?;
+            for kv in &page.kvs {
+                if let Some(due) = keys::parse_timer_due(&kv.key) {
+                    index.add(due);
+                }
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok(index),
+            }
+        }
+    }
+
+    /// Reads the inbox and opens a watch on it. Entries put between the read and the watch's
+    /// start appear in both; `loaded` remembers them so the watch's copy is skipped.
+    #[allow(clippy::type_complexity)]
+    async fn load_inbox(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<(VecDeque<(Vec<u8>, Vec<u8>)>, HashSet<Vec<u8>>, WatchStream), Exit> {
+        let prefix = keys::inbox(self.partition);
+        loop {
+            let start = self.read(cancel, || self.store.revision()).await?;
+            let stream = match self.store.watch(prefix.as_bytes(), start + 1).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    debug!(partition = self.partition, %error, "cannot watch the inbox; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Exit::Cancelled),
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    }
+                }
+            };
+            let page = self.read(cancel, || self.store.range_prefix(prefix.as_bytes(), 0)).await?;
+            let mut kvs = page.kvs;
+            kvs.sort_by_key(|kv| kv.mod_revision);
+            let loaded =
+                kvs.iter().filter(|kv| kv.mod_revision > start).map(|kv| kv.key.clone()).collect();
+            let pending = kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+            return Ok((pending, loaded, stream));
+        }
+    }
+
+    async fn process_inbox(
+        &self,
+        pending: &mut VecDeque<(Vec<u8>, Vec<u8>)>,
+        index: &mut TimerIndex,
+        cancel: &CancellationToken,
+    ) -> Result<(), Exit> {
+        let mut ops = Vec::new();
+        let mut added = Vec::new();
+        let mut taken = 0;
+        let mut witness = None;
+        while let Some((key, value)) = pending.get(taken) {
+            let mut effects = Effects::default();
+            match serde_json::from_slice::<InboxEntry>(value) {
+                Ok(InboxEntry::Event(event)) => {
+                    self.engine.on_event(self.partition, &event, &mut effects).await
+                }
+                Ok(InboxEntry::Schedule(timer)) => effects.timers.push(timer),
+                Err(error) => {
+                    warn!(partition = self.partition, key = %String::from_utf8_lossy(key), %error, "dropping an unreadable inbox entry")
+                }
+            }
+            if taken > 0 && ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
+                break;
+            }
+            witness.get_or_insert_with(|| String::from_utf8_lossy(key).into_owned());
+            ops.push(Op::delete(key.clone()));
+            self.add_effects(effects, &mut ops, &mut added);
+            taken += 1;
+        }
+        let Some(witness) = witness else { return Ok(()) };
+        match self.commit(ops, &witness, cancel).await? {
+            Outcome::Applied => {
+                pending.drain(..taken);
+                for due in added {
+                    index.add(due);
+                }
+                Ok(())
+            }
+            Outcome::Fenced => Err(Exit::Fenced),
+        }
+    }
+
+    fn add_effects(&self, effects: Effects, ops: &mut Vec<Op>, added: &mut Vec<i64>) {
+        ops.extend(effects.ops);
+        for timer in effects.timers {
+            let key = keys::timer(self.partition, timer.due_ms, &timer.id);
+            // Timers are plain structs and always serialize.
+            ops.push(Op::put(key, serde_json::to_vec(&timer).unwrap_or_default()));
+            added.push(timer.due_ms);
+        }
+    }
+
+    async fn fire_timers(
+        &self,
+        index: &mut TimerIndex,
+        now: i64,
+        cancel: &CancellationToken,
+    ) -> Result<(), Exit> {
+        let start = keys::timers(self.partition);
+        let end = keys::timers_until(self.partition, now);
+        let page = self
+            .read(cancel, || self.store.range(start.as_bytes(), end.as_bytes(), TIMER_BATCH))
+            .await?;
+        if page.kvs.is_empty() {
+            // Another writer removed them (a previous owner's last batch): forget them.
+            index.clear_until(now);
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        let mut added = Vec::new();
+        let mut fired = Vec::new();
+        for kv in &page.kvs {
+            let mut effects = Effects::default();
+            match serde_json::from_slice::<Timer>(&kv.value) {
+                Ok(timer) => self.engine.on_timer(self.partition, &timer, &mut effects).await,
+                Err(error) => {
+                    warn!(partition = self.partition, key = %String::from_utf8_lossy(&kv.key), %error, "dropping an unreadable timer")
+                }
+            }
+            if !fired.is_empty() && ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
+                break;
+            }
+            ops.push(Op::delete(kv.key.clone()));
+            self.add_effects(effects, &mut ops, &mut added);
+            fired.push(keys::parse_timer_due(&kv.key).unwrap_or(now));
+        }
+        let witness = String::from_utf8_lossy(&page.kvs[0].key).into_owned();
+        match self.commit(ops, &witness, cancel).await? {
+            Outcome::Applied => {
+                for due in fired {
+                    index.remove(due);
+                }
+                for due in added {
+                    index.add(due);
+                }
+                Ok(())
+            }
+            Outcome::Fenced => Err(Exit::Fenced),
+        }
+    }
+}

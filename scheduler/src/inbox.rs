@@ -1,0 +1,50 @@
+//! What enters a partition from outside: accepted events and timers to schedule.
+//!
+//! Any node may append to any partition's inbox (an append changes no state the owner has
+//! read, so it needs no fencing). Only the owner consumes the inbox, in revision order, each
+//! batch in one transaction guarded by its epoch that deletes the entries and writes their
+//! consequences. A Publish that returned has therefore been written durably, and is consumed
+//! at least once.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::timers::Timer;
+
+/// An event as accepted by Publish.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Identifier given at acceptance.
+    pub id: String,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Contact it concerns.
+    pub contact_id: String,
+    /// Event data, a JSON object.
+    pub data: BTreeMap<String, serde_json::Value>,
+    /// When it happened, Unix milliseconds.
+    pub occurred_ms: i64,
+    /// When Tidings accepted it, Unix milliseconds.
+    pub accepted_ms: i64,
+}
+
+/// One inbox entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "entry", rename_all = "snake_case")]
+pub enum InboxEntry {
+    /// An accepted event.
+    Event(Event),
+    /// A timer to add to the partition.
+    Schedule(Timer),
+}
+
+/// The record kept for an idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// The id given to the first call.
+    pub event_id: String,
+    /// When the key was first seen, Unix milliseconds.
+    pub created_ms: i64,
+}

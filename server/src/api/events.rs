@@ -1,0 +1,220 @@
+//! EventService: Publish and PublishBatch write events durably into their partition's inbox.
+
+use std::sync::Arc;
+
+use tidings_api::v1 as pb;
+use tidings_api::v1::event_service_server::EventService;
+use tidings_scheduler::inbox::{Event, IdempotencyRecord, InboxEntry};
+use tidings_scheduler::keys;
+use tidings_scheduler::store::{Compare, CompareOp, Op, OpResult, Store, Txn};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::convert::{struct_to_json, timestamp_ms};
+use super::{ApiError, Violations, invalid, new_id};
+
+/// Most events in one PublishBatch.
+const MAX_BATCH: usize = 1000;
+/// Largest event data, encoded as JSON.
+const MAX_DATA: usize = 64 * 1024;
+/// How long an idempotency key is remembered.
+pub(crate) const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3600 * 1000;
+/// Store operations per transaction when writing a batch.
+const OPS_PER_TXN: usize = 120;
+
+/// Serves EventService.
+pub(crate) struct EventApi {
+    store: Arc<dyn Store>,
+    partitions: u32,
+}
+
+/// An event ready to write.
+struct Accepted {
+    event: Event,
+    idempotency_key: String,
+}
+
+impl EventApi {
+    pub(crate) fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
+        Self { store, partitions }
+    }
+
+    /// Validates one event; `field` prefixes the names in violations.
+    fn accept(
+        &self,
+        proto: Option<&pb::Event>,
+        field: &str,
+        violations: &mut Violations,
+    ) -> Option<Accepted> {
+        let Some(proto) = proto else {
+            violations.add(field, "is required");
+            return None;
+        };
+        let before = violations.len();
+        if proto.r#type.is_empty() {
+            violations.add(format!("{field}.type"), "is required");
+        } else if proto.r#type.len() > 128
+            || !proto.r#type.chars().all(|c| c.is_ascii_alphanumeric() || ".:_-".contains(c))
+        {
+            violations.add(
+                format!("{field}.type"),
+                "must be 1 to 128 letters, digits, '.', ':', '_' or '-'",
+            );
+        }
+        check_contact_id(violations, &format!("{field}.contact_id"), &proto.contact_id);
+        let data = proto.data.as_ref().map(struct_to_json).unwrap_or_default();
+        let size = serde_json::to_vec(&data).map_or(usize::MAX, |bytes| bytes.len());
+        if size > MAX_DATA {
+            violations.add(
+                format!("{field}.data"),
+                format!("is {size} bytes as JSON; the limit is {MAX_DATA}"),
+            );
+        }
+        if proto.idempotency_key.len() > 256 {
+            violations.add(format!("{field}.idempotency_key"), "must be at most 256 characters");
+        } else if proto.idempotency_key.chars().any(char::is_control) {
+            violations
+                .add(format!("{field}.idempotency_key"), "must not contain control characters");
+        }
+        let now = tidings_scheduler::now_ms();
+        let occurred_ms = match &proto.occurred_time {
+            Some(t) => {
+                timestamp_ms(violations, &format!("{field}.occurred_time"), t).unwrap_or(now)
+            }
+            None => now,
+        };
+        if violations.len() > before {
+            return None;
+        }
+        Some(Accepted {
+            event: Event {
+                id: new_id("evt"),
+                kind: proto.r#type.clone(),
+                contact_id: proto.contact_id.clone(),
+                data: data.into_iter().collect(),
+                occurred_ms,
+                accepted_ms: now,
+            },
+            idempotency_key: proto.idempotency_key.clone(),
+        })
+    }
+
+    fn entry_op(&self, event: &Event) -> Op {
+        let partition = keys::partition_of(&event.contact_id, self.partitions);
+        let entry = InboxEntry::Event(event.clone());
+        Op::put(
+            keys::inbox_entry(partition, &event.id),
+            serde_json::to_vec(&entry).unwrap_or_default(),
+        )
+    }
+
+    /// Writes one event, honouring its idempotency key; returns (event id, duplicate).
+    async fn write_one(&self, accepted: &Accepted) -> Result<(String, bool), ApiError> {
+        let entry = self.entry_op(&accepted.event);
+        if accepted.idempotency_key.is_empty() {
+            self.store.txn(Txn::new().and_then([entry])).await?;
+            return Ok((accepted.event.id.clone(), false));
+        }
+        let key = keys::idempotency(&accepted.idempotency_key);
+        let record = IdempotencyRecord {
+            event_id: accepted.event.id.clone(),
+            created_ms: accepted.event.accepted_ms,
+        };
+        let record = serde_json::to_vec(&record).unwrap_or_default();
+        let mut guard = Compare::absent(key.clone());
+        loop {
+            let result = self
+                .store
+                .txn(
+                    Txn::new()
+                        .when([guard.clone()])
+                        .and_then([Op::put(key.clone(), record.clone()), entry.clone()])
+                        .or_else([Op::get(key.clone())]),
+                )
+                .await?;
+            if result.succeeded {
+                return Ok((accepted.event.id.clone(), false));
+            }
+            let Some(OpResult::Get(Some(kv))) = result.results.first() else { continue };
+            let existing: Option<IdempotencyRecord> = serde_json::from_slice(&kv.value).ok();
+            match existing {
+                Some(first)
+                    if accepted.event.accepted_ms - first.created_ms < IDEMPOTENCY_RETENTION_MS =>
+                {
+                    return Ok((first.event_id, true));
+                }
+                // Past the retention (or unreadable): the key is free again; replace it only
+                // if nobody else did in between.
+                _ => guard = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
+            }
+        }
+    }
+
+    /// Writes events without idempotency keys in as few transactions as the limits allow.
+    async fn write_plain(&self, events: &[&Accepted]) -> Result<(), ApiError> {
+        for chunk in events.chunks(OPS_PER_TXN) {
+            let ops: Vec<Op> = chunk.iter().map(|a| self.entry_op(&a.event)).collect();
+            self.store.txn(Txn::new().and_then(ops)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a contact id: 1 to 256 printable characters without white space.
+pub(crate) fn check_contact_id(violations: &mut Violations, field: &str, id: &str) {
+    if id.is_empty() {
+        violations.add(field, "is required");
+    } else if id.len() > 256 || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        violations.add(field, "must be 1 to 256 printable characters without spaces");
+    }
+}
+
+#[tonic::async_trait]
+impl EventService for EventApi {
+    #[instrument(skip_all)]
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::default();
+        let accepted = self.accept(request.event.as_ref(), "event", &mut violations);
+        violations.check()?;
+        let Some(accepted) = accepted else { return Err(invalid("event", "is required").into()) };
+        let (event_id, duplicate) = self.write_one(&accepted).await?;
+        Ok(Response::new(pb::PublishResponse { event_id, duplicate }))
+    }
+
+    #[instrument(skip_all, fields(events = request.get_ref().events.len()))]
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let request = request.into_inner();
+        if request.events.is_empty() || request.events.len() > MAX_BATCH {
+            return Err(invalid("events", format!("must hold 1 to {MAX_BATCH} events")).into());
+        }
+        let mut results = vec![pb::PublishResult::default(); request.events.len()];
+        let mut accepted = Vec::with_capacity(request.events.len());
+        for (i, event) in request.events.iter().enumerate() {
+            let mut violations = Violations::default();
+            match self.accept(Some(event), &format!("events[{i}]"), &mut violations) {
+                Some(a) => accepted.push((i, a)),
+                None => results[i].error = violations.describe(),
+            }
+        }
+        let plain: Vec<&Accepted> =
+            accepted.iter().filter(|(_, a)| a.idempotency_key.is_empty()).map(|(_, a)| a).collect();
+        self.write_plain(&plain).await?;
+        for (i, a) in &accepted {
+            if a.idempotency_key.is_empty() {
+                results[*i].event_id = a.event.id.clone();
+            } else {
+                let (event_id, duplicate) = self.write_one(a).await?;
+                results[*i].event_id = event_id;
+                results[*i].duplicate = duplicate;
+            }
+        }
+        Ok(Response::new(pb::PublishBatchResponse { results }))
+    }
+}

@@ -1,0 +1,94 @@
+//! EventService: validation, idempotency, durability and consumption.
+
+use std::time::Duration;
+
+use tidings_client::prost_types::{Struct, Value, value::Kind};
+use tidings_client::tonic::Code;
+use tidings_client::v1::{Event, ListPartitionsRequest, PublishBatchRequest, PublishRequest};
+use tidings_tests::{NodeOptions, NodeProcess, wait_until};
+use tonic_types::StatusExt;
+
+fn event(contact: &str) -> Event {
+    Event { r#type: "order.shipped".into(), contact_id: contact.into(), ..Default::default() }
+}
+
+fn fields(status: &tidings_client::tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+async fn backlog(node: &NodeProcess) -> Option<u64> {
+    let mut cluster = node.cluster().await.ok()?;
+    let partitions = cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
+    Some(partitions.partitions.iter().map(|p| p.inbox_backlog).sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_are_refused_naming_the_field() {
+    let node = NodeProcess::start(NodeOptions::default()).await.expect("node");
+    let mut api = node.events().await.expect("client");
+    let big = Struct {
+        fields: [("blob".to_string(), Value { kind: Some(Kind::StringValue("x".repeat(70_000))) })]
+            .into(),
+    };
+    let cases = [
+        ("event.contact_id", event("")),
+        ("event.contact_id", event("has space")),
+        ("event.type", Event { r#type: String::new(), ..event("u1") }),
+        ("event.type", Event { r#type: "no spaces allowed".into(), ..event("u1") }),
+        ("event.data", Event { data: Some(big), ..event("u1") }),
+        ("event.idempotency_key", Event { idempotency_key: "k".repeat(300), ..event("u1") }),
+    ];
+    for (field, event) in cases {
+        let status = api.publish(PublishRequest { event: Some(event) }).await.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(fields(&status), vec![field.to_string()], "{}", status.message());
+    }
+    let status = api.publish(PublishRequest { event: None }).await.expect_err("no event");
+    assert_eq!(fields(&status), vec!["event".to_string()]);
+
+    let status =
+        api.publish_batch(PublishBatchRequest { events: vec![] }).await.expect_err("empty");
+    assert_eq!(fields(&status), vec!["events".to_string()]);
+    let results = api
+        .publish_batch(PublishBatchRequest { events: vec![event("a"), event(""), event("c")] })
+        .await
+        .expect("batch")
+        .into_inner()
+        .results;
+    assert!(!results[0].event_id.is_empty() && results[0].error.is_empty());
+    assert!(results[1].event_id.is_empty());
+    assert!(results[1].error.contains("events[1].contact_id"), "{}", results[1].error);
+    assert!(!results[2].event_id.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_survive_restarts_and_events_are_consumed() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let options = NodeOptions { data_dir: Some(data.path().to_path_buf()), ..Default::default() };
+    let mut node = NodeProcess::start(options.clone()).await.expect("node");
+    let mut api = node.events().await.expect("client");
+    let keyed = Event { idempotency_key: "order-42-shipped".into(), ..event("u42") };
+    let first = api.publish(PublishRequest { event: Some(keyed.clone()) }).await.expect("first");
+    let first = first.into_inner();
+    assert!(!first.duplicate);
+    let again = api.publish(PublishRequest { event: Some(keyed.clone()) }).await.expect("again");
+    assert_eq!(again.get_ref().event_id, first.event_id);
+    assert!(again.get_ref().duplicate);
+
+    // Accepted events are durable: a kill -9 right after Publish loses none of them.
+    let batch: Vec<Event> = (0..500).map(|i| event(&format!("user-{i}"))).collect();
+    api.publish_batch(PublishBatchRequest { events: batch }).await.expect("batch");
+    node.kill();
+    let node = NodeProcess::start(options).await.expect("restart");
+    let mut api = node.events().await.expect("client");
+    let again = api.publish(PublishRequest { event: Some(keyed) }).await.expect("after restart");
+    assert_eq!(again.get_ref().event_id, first.event_id, "the key outlives the process");
+    wait_until("every accepted event to be consumed", Duration::from_secs(20), || async {
+        (backlog(&node).await? == 0).then_some(())
+    })
+    .await
+    .expect("consumed");
+}
