@@ -7,7 +7,9 @@
 //! - [`inbox`], [`timers`]: what partitions hold; [`engine`]: what events and timers mean;
 //! - [`defs`]: typed definitions (webhooks, segments, campaigns) over the store, with etags;
 //! - [`webhook`]: the webhook definition and its signing secrets;
+//! - [`schedule`]: interval math (periods, cron in a time zone, misfires);
 //! - [`secrets`]: encryption of secrets at rest;
+
 //! - [`template`]: Liquid templates.
 
 pub mod cluster;
@@ -15,6 +17,7 @@ pub mod defs;
 pub mod engine;
 pub mod inbox;
 pub mod keys;
+pub mod schedule;
 pub mod secrets;
 pub mod store;
 pub mod template;
