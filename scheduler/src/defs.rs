@@ -97,6 +97,11 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         Self { store, kind, prefix: format!("defs/{collection}/"), _type: PhantomData }
     }
 
+    /// Returns the store the definitions live in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     fn key(&self, id: &str) -> Vec<u8> {
         format!("{}{id}", self.prefix).into_bytes()
     }
@@ -184,14 +189,27 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         value: &T,
         expected: Revision,
     ) -> Result<Versioned<T>, DefsError> {
+        self.replace_with(id, value, expected, Vec::new()).await
+    }
+
+    /// Replaces a definition if it is still at `expected` revision, applying `extra` writes in
+    /// the same transaction.
+    pub async fn replace_with(
+        &self,
+        id: &str,
+        value: &T,
+        expected: Revision,
+        extra: Vec<Op>,
+    ) -> Result<Versioned<T>, DefsError> {
         let key = self.key(id);
+
         let bytes = self.encode(value);
         let result = self
             .store
             .txn(
                 Txn::new()
                     .when([Compare::mod_revision(key.clone(), CompareOp::Equal, expected)])
-                    .and_then([Op::put(key.clone(), bytes.clone())])
+                    .and_then(std::iter::once(Op::put(key.clone(), bytes.clone())).chain(extra))
                     .or_else([Op::get(key)]),
             )
             .await?;

@@ -6,18 +6,24 @@
 //! - [`keys`]: the key layout;
 //! - [`inbox`], [`timers`]: what partitions hold; [`engine`]: what events and timers mean;
 //! - [`defs`]: typed definitions (webhooks, segments, campaigns) over the store, with etags;
-//! - [`webhook`]: the webhook definition and its signing secrets;
+//! - [`webhook`], [`campaign`]: definitions of webhooks, campaigns and runs;
+//! - [`rules`]: CEL expressions;
+
 //! - [`schedule`]: interval math (periods, cron in a time zone, misfires);
 //! - [`secrets`]: encryption of secrets at rest;
 
 //! - [`template`]: Liquid templates.
 
+pub mod campaign;
 pub mod cluster;
+
 pub mod defs;
 pub mod engine;
 pub mod inbox;
 pub mod keys;
+pub mod rules;
 pub mod schedule;
+
 pub mod secrets;
 pub mod store;
 pub mod template;

@@ -20,7 +20,11 @@ pub enum TimerKind {
         campaign: String,
         /// The scheduled fire time of this occurrence, Unix milliseconds.
         occurrence_ms: i64,
+        /// The campaign's activation this chain of occurrences belongs to.
+        #[serde(default)]
+        generation: u64,
     },
+
     /// A run of an on-demand campaign scheduled for later.
     Run {
         /// Campaign id.
@@ -116,7 +120,7 @@ mod tests {
         let timer = Timer {
             id: "t1".into(),
             due_ms: 5,
-            kind: TimerKind::Interval { campaign: "c".into(), occurrence_ms: 5 },
+            kind: TimerKind::Interval { campaign: "c".into(), occurrence_ms: 5, generation: 1 },
         };
         let json = serde_json::to_string(&timer).expect("encode");
         assert_eq!(serde_json::from_str::<Timer>(&json).expect("decode"), timer);

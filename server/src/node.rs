@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use tidings_api::v1;
 use tidings_scheduler::cluster::{Cluster, ClusterOptions};
 use tidings_scheduler::defs::Definitions;
-use tidings_scheduler::engine::NoopEngine;
+use tidings_scheduler::engine::CampaignEngine;
 use tidings_scheduler::secrets::Cipher;
 use tidings_scheduler::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use tidings_scheduler::template::Templates;
@@ -17,7 +17,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{ClusterApi, EventApi, WebhookApi};
+use crate::api::{CampaignApi, ClusterApi, EventApi, WebhookApi};
+
 use crate::config::Config;
 
 /// The name of the generated secrets key file in the data directory.
@@ -66,11 +67,15 @@ impl Node {
             lease_ttl: config.cluster.lease_ttl,
             handoff_timeout: config.cluster.handoff_timeout,
         };
-        let engine = Arc::new(NoopEngine);
-        let (cluster, cluster_task) =
-            Cluster::start(store.clone(), engine, cluster_options, cluster_shutdown.clone())
-                .await
-                .context("joining the cluster")?;
+        let campaign_defs = Definitions::new(store.clone(), "campaign", "campaigns");
+        let (cluster, cluster_task) = Cluster::start(
+            store.clone(),
+            |partitions| Arc::new(CampaignEngine::new(campaign_defs, partitions)),
+            cluster_options,
+            cluster_shutdown.clone(),
+        )
+        .await
+        .context("joining the cluster")?;
 
         let webhooks = WebhookApi::new(
             Definitions::new(store.clone(), "webhook", "webhooks"),
@@ -79,6 +84,7 @@ impl Node {
         );
         let events = EventApi::new(store.clone(), cluster.partitions());
         let cluster_api = ClusterApi::new(cluster.clone());
+        let campaigns = CampaignApi::new(store.clone(), cluster.partitions());
 
         let services: [&str; 7] = [
             "tidings.v1.WebhookService",
@@ -101,7 +107,7 @@ impl Node {
             .add_service(v1::webhook_service_server::WebhookServiceServer::new(webhooks))
             .add_service(v1::contact_service_server::ContactServiceServer::new(Unimplemented))
             .add_service(v1::segment_service_server::SegmentServiceServer::new(Unimplemented))
-            .add_service(v1::campaign_service_server::CampaignServiceServer::new(Unimplemented))
+            .add_service(v1::campaign_service_server::CampaignServiceServer::new(campaigns))
             .add_service(v1::event_service_server::EventServiceServer::new(events))
             .add_service(v1::delivery_service_server::DeliveryServiceServer::new(Unimplemented))
             .add_service(v1::cluster_service_server::ClusterServiceServer::new(cluster_api));
@@ -241,5 +247,5 @@ struct Unimplemented;
 
 impl v1::contact_service_server::ContactService for Unimplemented {}
 impl v1::segment_service_server::SegmentService for Unimplemented {}
-impl v1::campaign_service_server::CampaignService for Unimplemented {}
+
 impl v1::delivery_service_server::DeliveryService for Unimplemented {}

@@ -157,6 +157,13 @@ impl NodeProcess {
         Ok(tidings_client::EventServiceClient::connect(self.url()).await?)
     }
 
+    /// Returns a connected CampaignService client.
+    pub async fn campaigns(
+        &self,
+    ) -> anyhow::Result<tidings_client::CampaignServiceClient<Channel>> {
+        Ok(tidings_client::CampaignServiceClient::connect(self.url()).await?)
+    }
+
     /// Freezes the process with SIGSTOP.
     pub fn pause(&self) {
         if let Some(child) = &self.child {

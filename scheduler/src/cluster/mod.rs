@@ -142,11 +142,13 @@ impl Cluster {
     /// task ends when the node has left.
     pub async fn start(
         store: Arc<dyn Store>,
-        engine: Arc<dyn Engine>,
+        engine: impl FnOnce(u32) -> Arc<dyn Engine>,
         options: ClusterOptions,
         shutdown: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
         let partitions = ensure_cluster(store.as_ref(), options.partitions).await?;
+        let engine = engine(partitions);
+
         if partitions != options.partitions {
             info!(
                 configured = options.partitions,

@@ -85,6 +85,31 @@ pub(crate) fn timestamp_ms(
     Some(value.seconds * 1000 + i64::from(value.nanos) / 1_000_000)
 }
 
+/// Returns a JSON object as a protobuf struct.
+pub(crate) fn json_to_struct<'a>(
+    map: impl IntoIterator<Item = (&'a String, &'a serde_json::Value)>,
+) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
+    }
+}
+
+/// Returns JSON as a protobuf value.
+pub(crate) fn json_to_value(value: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(json_to_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

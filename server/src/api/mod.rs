@@ -1,10 +1,12 @@
 //! The gRPC services and the one place where errors become statuses.
 
+mod campaigns;
 mod cluster;
 mod convert;
 mod events;
 mod webhooks;
 
+pub(crate) use campaigns::CampaignApi;
 pub(crate) use cluster::ClusterApi;
 pub(crate) use events::EventApi;
 pub(crate) use webhooks::WebhookApi;
@@ -89,6 +91,11 @@ impl Violations {
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Returns whether no violation names `field` or a field inside it.
+    pub(crate) fn is_empty_for(&self, field: &str) -> bool {
+        !self.0.iter().any(|(f, _)| f.starts_with(field))
     }
 
     pub(crate) fn len(&self) -> usize {
