@@ -251,3 +251,115 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         })
     }
 }
+
+/// An in-memory copy of every definition of one kind, kept fresh by a watch. The hot paths
+/// (event matching, sending) read definitions from here, never from the store.
+pub struct Cache<T> {
+    items: Arc<std::sync::RwLock<std::collections::HashMap<String, Arc<T>>>>,
+}
+
+impl<T> Clone for Cache<T> {
+    fn clone(&self) -> Self {
+        Self { items: self.items.clone() }
+    }
+}
+
+impl<T> std::fmt::Debug for Cache<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").finish_non_exhaustive()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cache<T> {
+    /// Loads the definitions and follows their changes until `stop` is cancelled.
+    pub async fn start(
+        defs: Definitions<T>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Self, DefsError> {
+        let cache = Self { items: Default::default() };
+        let revision = cache.reload(&defs).await?;
+        let task = cache.clone();
+        tokio::spawn(async move { task.follow(defs, revision, stop).await });
+        Ok(cache)
+    }
+
+    /// Returns a definition.
+    pub fn get(&self, id: &str) -> Option<Arc<T>> {
+        self.items.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// Returns every definition.
+    pub fn all(&self) -> Vec<(String, Arc<T>)> {
+        self.items
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    async fn reload(&self, defs: &Definitions<T>) -> Result<Revision, DefsError> {
+        let page = defs.store.range_prefix(defs.prefix.as_bytes(), 0).await?;
+        let mut items = std::collections::HashMap::new();
+        for kv in page.kvs {
+            let id = String::from_utf8_lossy(&kv.key[defs.prefix.len()..]).into_owned();
+            if let Ok(value) = serde_json::from_slice::<T>(&kv.value) {
+                items.insert(id, Arc::new(value));
+            }
+        }
+        *self.items.write().unwrap_or_else(|p| p.into_inner()) = items;
+        Ok(page.revision)
+    }
+
+    async fn follow(
+        self,
+        defs: Definitions<T>,
+        mut revision: Revision,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use futures::StreamExt;
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                stream = defs.store.watch(defs.prefix.as_bytes(), revision + 1) => stream,
+            };
+            let mut stream = match stream {
+                Ok(stream) => stream,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    if let Ok(r) = self.reload(&defs).await {
+                        revision = r;
+                    }
+                    continue;
+                }
+            };
+            loop {
+                let batch = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    batch = stream.next() => batch,
+                };
+                let Some(Ok(batch)) = batch else { break };
+                revision = batch.revision;
+                let mut items = self.items.write().unwrap_or_else(|p| p.into_inner());
+                for event in batch.events {
+                    let id =
+                        String::from_utf8_lossy(&event.kv.key[defs.prefix.len()..]).into_owned();
+                    match event.kind {
+                        crate::store::EventKind::Put => {
+                            if let Ok(value) = serde_json::from_slice::<T>(&event.kv.value) {
+                                items.insert(id, Arc::new(value));
+                            }
+                        }
+                        crate::store::EventKind::Delete => {
+                            items.remove(&id);
+                        }
+                    }
+                }
+            }
+            // The watch broke in a way it could not resume from (compaction): start over.
+            if let Ok(r) = self.reload(&defs).await {
+                revision = r;
+            }
+        }
+    }
+}

@@ -1,32 +1,57 @@
-//! The seam between the partition machinery and what events and timers mean.
+//! The seam between the partition machinery and what events and timers mean, and the engine
+//! that gives them their meaning: campaigns and deliveries.
 //!
-//! A partition worker hands each event and each due timer to the [`Engine`], which says what
-//! to write in return; the worker commits those writes together with the removal of the inbox
-//! entry or timer, in one transaction guarded by its epoch. An engine never writes partition
-//! state itself, so fencing covers everything it decides.
+//! A partition worker hands each event, due timer and attempt outcome to the [`Engine`], which
+//! says what to write in return; the worker commits those writes together with the removal of
+//! the inbox entry or timer, in one transaction guarded by its epoch, and only then starts the
+//! HTTP attempts the engine asked for. An engine never writes partition state itself, so
+//! fencing covers everything it decides.
 
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::campaign::{Campaign, CampaignState, Run, RunState, Trigger, interval_run_id, run_key};
 use crate::cluster::PartitionId;
+use crate::contact::Contact;
+use crate::defs::Cache;
+use crate::delivery::dispatch::{Dispatcher, Job, Outcome};
+use crate::delivery::record::{self, Attempt, Delivery, ErrorClass, Status, StoredRequest};
+use crate::delivery::render::Context;
+use crate::delivery::retry::{self, Verdict};
 use crate::inbox::Event;
-use crate::store::Op;
-use crate::timers::Timer;
+use crate::keys;
+use crate::rules::Programs;
+use crate::secrets::Cipher;
+use crate::store::{Op, Store};
+use crate::template::Templates;
+use crate::timers::{Timer, TimerKind};
+use crate::webhook::Webhook;
 
-/// The writes an engine asks for.
+/// Extra time after an attempt's timeout before the attempt counts as lost.
+const VISIBILITY_MARGIN_MS: i64 = 10_000;
+
+/// The writes an engine asks for, and the attempts to start once they are committed.
 #[derive(Debug, Default)]
 pub struct Effects {
     /// Writes to commit with the batch.
     pub ops: Vec<Op>,
     /// Timers to add to the same partition (they get keys and join the in-memory index).
     pub timers: Vec<Timer>,
+    /// Timers of the same partition to delete, by (due, key).
+    pub cancel_timers: Vec<(i64, String)>,
+    /// HTTP attempts to start after the commit.
+    pub dispatch: Vec<Job>,
 }
 
 impl Effects {
     /// Returns how many store operations these effects take.
     pub fn op_count(&self) -> usize {
-        self.ops.len() + self.timers.len()
+        self.ops.len() + self.timers.len() + self.cancel_timers.len()
     }
 }
 
-/// Decides the consequences of events and timers.
+/// Decides the consequences of events, timers and attempt outcomes.
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// Handles one accepted event of `partition`.
@@ -34,6 +59,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Handles one due timer of `partition`.
     async fn on_timer(&self, partition: PartitionId, timer: &Timer, effects: &mut Effects);
+
+    /// Handles a request to send a delivery again.
+    async fn on_redeliver(&self, _partition: PartitionId, _delivery: &str, _effects: &mut Effects) {
+    }
+
+    /// Records the outcome of an attempt this partition dispatched.
+    async fn on_outcome(&self, _partition: PartitionId, _outcome: Outcome, _effects: &mut Effects) {
+    }
+
+    /// Starts an attempt whose dispatch was committed; its outcome goes to `reply`.
+    fn dispatch(&self, _job: Job, _reply: mpsc::UnboundedSender<Outcome>) {}
 }
 
 /// An engine that consumes events and timers without consequences.
@@ -47,9 +83,15 @@ impl Engine for NoopEngine {
     async fn on_timer(&self, _partition: PartitionId, _timer: &Timer, _effects: &mut Effects) {}
 }
 
-/// The engine of a node: interval campaigns fire runs, scheduled runs start.
+/// What the campaign engine needs.
 pub struct CampaignEngine {
-    campaigns: crate::defs::Definitions<crate::campaign::Campaign>,
+    store: Arc<dyn Store>,
+    campaigns: Cache<Campaign>,
+    webhooks: Cache<Webhook>,
+    templates: Arc<Templates>,
+    programs: Programs,
+    cipher: Cipher,
+    dispatcher: Dispatcher,
     partitions: u32,
 }
 
@@ -59,96 +101,400 @@ impl std::fmt::Debug for CampaignEngine {
     }
 }
 
-impl CampaignEngine {
-    /// Returns an engine over the campaign definitions.
-    pub fn new(
-        campaigns: crate::defs::Definitions<crate::campaign::Campaign>,
-        partitions: u32,
-    ) -> Self {
-        Self { campaigns, partitions }
-    }
-
-    /// Reads a campaign; a failed read is retried, since dropping a timer would lose a firing.
-    async fn campaign(&self, id: &str) -> Option<crate::campaign::Campaign> {
-        let mut pause = std::time::Duration::from_millis(50);
-        for _ in 0..20 {
-            match self.campaigns.get(id).await {
-                Ok(found) => return Some(found.value),
-                Err(crate::defs::DefsError::NotFound { .. }) => return None,
-                Err(error) => {
-                    tracing::debug!(campaign = id, %error, "cannot read the campaign; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
-                }
+/// Retries a store read a few times: dropping a timer or event over a blip would lose it.
+async fn read(store: &dyn Store, key: &str) -> Option<Vec<u8>> {
+    let mut pause = std::time::Duration::from_millis(50);
+    for _ in 0..20 {
+        match store.get(key.as_bytes()).await {
+            Ok(found) => return found.map(|kv| kv.value),
+            Err(error) => {
+                tracing::debug!(key, %error, "read failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
             }
         }
-        None
     }
+    None
+}
+
+impl CampaignEngine {
+    /// Returns an engine.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        campaigns: Cache<Campaign>,
+        webhooks: Cache<Webhook>,
+        templates: Arc<Templates>,
+        cipher: Cipher,
+        dispatcher: Dispatcher,
+        partitions: u32,
+    ) -> Self {
+        Self {
+            store,
+            campaigns,
+            webhooks,
+            templates,
+            programs: Programs::default(),
+            cipher,
+            dispatcher,
+            partitions,
+        }
+    }
+
+    async fn contact(&self, partition: PartitionId, id: &str) -> serde_json::Value {
+        let contact = read(self.store.as_ref(), &crate::contact::key(partition, id))
+            .await
+            .and_then(|bytes| serde_json::from_slice::<Contact>(&bytes).ok())
+            .unwrap_or_default();
+        contact.view(id)
+    }
+
+    fn render(&self, webhook: &Webhook, context: &Context) -> Result<StoredRequest, String> {
+        crate::delivery::render::request(&self.templates, &self.cipher, webhook, context)
+    }
+
+    /// Creates a delivery of `webhook` and, when it renders, dispatches its first attempt.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &self,
+        partition: PartitionId,
+        webhook_id: &str,
+        webhook: &Webhook,
+        campaign_id: &str,
+        run_id: &str,
+        contact_id: &str,
+        event_id: &str,
+        mut context: Context,
+        effects: &mut Effects,
+    ) {
+        let now = crate::now_ms();
+        let id = record::new_id(partition);
+        context.delivery = serde_json::json!({ "id": id });
+        let mut delivery = Delivery {
+            id: id.clone(),
+            partition,
+            webhook_id: webhook_id.to_string(),
+            campaign_id: campaign_id.to_string(),
+            run_id: run_id.to_string(),
+            contact_id: contact_id.to_string(),
+            event_id: event_id.to_string(),
+            status: Status::Pending,
+            reason: String::new(),
+            request: None,
+            attempts: Vec::new(),
+            retry_index: 0,
+            dispatch_seq: 0,
+            next_attempt_ms: None,
+            created_ms: now,
+            updated_ms: now,
+        };
+        match self.render(webhook, &context) {
+            Ok(request) => {
+                delivery.request = Some(request);
+                self.start_attempt(partition, delivery, webhook, effects);
+            }
+            Err(reason) => {
+                tracing::info!(delivery = %id, campaign = campaign_id, %reason, "render failed");
+                delivery.status = Status::Failed;
+                delivery.attempts.push(Attempt {
+                    start_ms: now,
+                    duration_ms: 0,
+                    status_code: 0,
+                    error_class: ErrorClass::Render,
+                    error: reason.clone(),
+                    response_headers: Default::default(),
+                    response_body: Vec::new(),
+                    node: String::new(),
+                });
+                delivery.reason = reason;
+                effects.ops.push(put_delivery(&delivery));
+            }
+        }
+    }
+
+    /// Marks a delivery as sending, sets its visibility timer and asks for the attempt.
+    fn start_attempt(
+        &self,
+        partition: PartitionId,
+        mut delivery: Delivery,
+        webhook: &Webhook,
+        effects: &mut Effects,
+    ) {
+        let now = crate::now_ms();
+        delivery.status = Status::Sending;
+        delivery.dispatch_seq += 1;
+        delivery.next_attempt_ms = None;
+        delivery.updated_ms = now;
+        let due = now + webhook.timeout_ms as i64 + VISIBILITY_MARGIN_MS;
+        let timer = Timer {
+            id: delivery.id.clone(),
+            due_ms: due,
+            kind: TimerKind::Attempt { delivery: delivery.id.clone() },
+        };
+        let visibility_key = keys::timer(partition, due, &timer.id);
+        effects.ops.push(put_delivery(&delivery));
+        effects.timers.push(timer);
+        effects.dispatch.push(Job { delivery, visibility_key });
+    }
+
+    /// Schedules the next attempt of a pending delivery at `due`.
+    fn schedule_attempt(
+        partition: PartitionId,
+        mut delivery: Delivery,
+        due: i64,
+        effects: &mut Effects,
+    ) {
+        let _ = partition;
+        delivery.status = Status::Pending;
+        delivery.next_attempt_ms = Some(due);
+        delivery.updated_ms = crate::now_ms();
+        effects.timers.push(Timer {
+            id: delivery.id.clone(),
+            due_ms: due,
+            kind: TimerKind::Attempt { delivery: delivery.id.clone() },
+        });
+        effects.ops.push(put_delivery(&delivery));
+    }
+
+    async fn interval(
+        &self,
+        partition: PartitionId,
+        id: &str,
+        occurrence_ms: i64,
+        generation: u64,
+        effects: &mut Effects,
+    ) {
+        let Some(campaign) = self.campaign(id).await else { return };
+        let Trigger::Interval(trigger) = &campaign.trigger else { return };
+        if campaign.state != CampaignState::Active || campaign.generation != generation {
+            tracing::debug!(campaign = %id, "interval chain of an earlier activation ends");
+            return;
+        }
+        let Ok(schedule) = trigger.schedule(campaign.activated_at_ms) else { return };
+        let now = crate::now_ms();
+        let firing = schedule.on_fire(occurrence_ms, now);
+        for occurrence in &firing.fire {
+            let mut run = Run::new(RunState::Running, *occurrence, self.partitions);
+            run.started_ms = Some(now);
+            let run_id = interval_run_id(*occurrence);
+            tracing::info!(campaign = %id, run = %run_id, partition, lateness_ms = now - occurrence, "interval fired");
+            effects
+                .ops
+                .push(Op::put(run_key(id, &run_id), serde_json::to_vec(&run).unwrap_or_default()));
+        }
+        if let Some(next) = firing.next {
+            effects.timers.push(Timer {
+                id: format!("{id}-{generation}"),
+                due_ms: next,
+                kind: TimerKind::Interval {
+                    campaign: id.to_string(),
+                    occurrence_ms: next,
+                    generation,
+                },
+            });
+        }
+    }
+
+    /// Reads a campaign from the store (fresh, for decisions that must not act on a stale
+    /// state such as a paused campaign).
+    async fn campaign(&self, id: &str) -> Option<Campaign> {
+        let bytes = read(self.store.as_ref(), &format!("defs/campaigns/{id}")).await?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    async fn read_delivery(&self, partition: PartitionId, id: &str) -> Option<Delivery> {
+        let bytes = read(self.store.as_ref(), &record::key(partition, id)).await?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+fn put_delivery(delivery: &Delivery) -> Op {
+    Op::put(
+        record::key(delivery.partition, &delivery.id),
+        serde_json::to_vec(delivery).unwrap_or_default(),
+    )
 }
 
 #[async_trait::async_trait]
 impl Engine for CampaignEngine {
-    async fn on_event(&self, _partition: PartitionId, _event: &Event, _effects: &mut Effects) {}
+    async fn on_event(&self, partition: PartitionId, event: &Event, effects: &mut Effects) {
+        let now = crate::now_ms();
+        let mut matching: Vec<(String, Arc<Campaign>)> = self
+            .campaigns
+            .all()
+            .into_iter()
+            .filter(|(_, c)| {
+                c.state == CampaignState::Active
+                    && matches!(&c.trigger, Trigger::Event { event_type, .. } if *event_type == event.kind)
+                    && c.start_ms.is_none_or(|start| now >= start)
+                    && c.end_ms.is_none_or(|end| now < end)
+            })
+            .collect();
+        if matching.is_empty() {
+            return;
+        }
+        matching.sort_by(|a, b| a.0.cmp(&b.0));
+        let contact = self.contact(partition, &event.contact_id).await;
+        let event_view = serde_json::json!({
+            "id": event.id,
+            "type": event.kind,
+            "data": event.data,
+            "occurred_at": chrono::DateTime::from_timestamp_millis(event.occurred_ms).map(|t| t.to_rfc3339()),
+        });
+        for (campaign_id, campaign) in matching {
+            if contact["unsubscribed"] == serde_json::Value::Bool(true) {
+                continue;
+            }
+            let vars = [("event", &event_view), ("contact", &contact)];
+            let passes = |source: &str| {
+                source.is_empty() || self.programs.evaluate(source, &vars).unwrap_or(false)
+            };
+            let Trigger::Event { filter, .. } = &campaign.trigger else { continue };
+            if !passes(filter) || !passes(&campaign.audience.filter) {
+                continue;
+            }
+            let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else {
+                tracing::warn!(campaign = %campaign_id, webhook = %campaign.webhook_id, "the campaign's webhook does not exist");
+                continue;
+            };
+            let context = Context {
+                contact: contact.clone(),
+                event: event_view.clone(),
+                campaign: serde_json::json!({ "id": campaign_id, "data": campaign.data }),
+                run: serde_json::Value::Null,
+                delivery: serde_json::Value::Null,
+            };
+            self.deliver(
+                partition,
+                &campaign.webhook_id,
+                &webhook,
+                &campaign_id,
+                "",
+                &event.contact_id,
+                &event.id,
+                context,
+                effects,
+            );
+        }
+    }
 
     async fn on_timer(&self, partition: PartitionId, timer: &Timer, effects: &mut Effects) {
-        use crate::campaign::{CampaignState, Run, RunState, Trigger, interval_run_id, run_key};
-        use crate::timers::TimerKind;
         match &timer.kind {
-            TimerKind::Interval { campaign: id, occurrence_ms, generation } => {
-                let Some(campaign) = self.campaign(id).await else { return };
-                let Trigger::Interval(trigger) = &campaign.trigger else { return };
-                if campaign.state != CampaignState::Active || campaign.generation != *generation {
-                    tracing::debug!(campaign = %id, "interval chain of an earlier activation ends");
-                    return;
-                }
-                let Ok(schedule) = trigger.schedule(campaign.activated_at_ms) else { return };
-                let now = crate::now_ms();
-                let firing = schedule.on_fire(*occurrence_ms, now);
-                for occurrence in &firing.fire {
-                    let mut run = Run::new(RunState::Running, *occurrence, self.partitions);
-                    run.started_ms = Some(now);
-                    let run_id = interval_run_id(*occurrence);
-                    tracing::info!(campaign = %id, run = %run_id, partition, lateness_ms = now - occurrence, "interval fired");
-                    effects.ops.push(crate::store::Op::put(
-                        run_key(id, &run_id),
-                        serde_json::to_vec(&run).unwrap_or_default(),
-                    ));
-                }
-                if let Some(next) = firing.next {
-                    effects.timers.push(Timer {
-                        id: format!("{id}-{generation}"),
-                        due_ms: next,
-                        kind: TimerKind::Interval {
-                            campaign: id.clone(),
-                            occurrence_ms: next,
-                            generation: *generation,
-                        },
-                    });
-                }
+            TimerKind::Interval { campaign, occurrence_ms, generation } => {
+                self.interval(partition, campaign, *occurrence_ms, *generation, effects).await;
             }
             TimerKind::Run { campaign, run } => {
                 let key = run_key(campaign, run);
-                let Ok(Some(kv)) = self.campaigns_store_get(&key).await else { return };
-                let Ok(mut record) = serde_json::from_slice::<Run>(&kv) else { return };
+                let Some(bytes) = read(self.store.as_ref(), &key).await else { return };
+                let Ok(mut record) = serde_json::from_slice::<Run>(&bytes) else { return };
                 if record.state == RunState::Scheduled {
                     record.state = RunState::Running;
                     record.started_ms = Some(crate::now_ms());
                     tracing::info!(campaign = %campaign, run = %run, partition, "scheduled run started");
-                    effects.ops.push(crate::store::Op::put(
-                        key,
-                        serde_json::to_vec(&record).unwrap_or_default(),
-                    ));
+                    effects.ops.push(Op::put(key, serde_json::to_vec(&record).unwrap_or_default()));
+                }
+            }
+            TimerKind::Attempt { delivery } => {
+                let Some(delivery) = self.read_delivery(partition, delivery).await else { return };
+                if !matches!(delivery.status, Status::Pending | Status::Sending) {
+                    return;
+                }
+                match self.webhooks.get(&delivery.webhook_id) {
+                    Some(webhook) => self.start_attempt(partition, delivery, &webhook, effects),
+                    None => {
+                        let mut delivery = delivery;
+                        delivery.status = Status::Failed;
+                        delivery.reason =
+                            format!("webhook {} no longer exists", delivery.webhook_id);
+                        delivery.updated_ms = crate::now_ms();
+                        effects.ops.push(put_delivery(&delivery));
+                    }
                 }
             }
         }
     }
-}
 
-impl CampaignEngine {
-    async fn campaigns_store_get(
-        &self,
-        key: &str,
-    ) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
-        Ok(self.campaigns.store().get(key.as_bytes()).await?.map(|kv| kv.value))
+    async fn on_redeliver(&self, partition: PartitionId, id: &str, effects: &mut Effects) {
+        let Some(mut delivery) = self.read_delivery(partition, id).await else { return };
+        if matches!(delivery.status, Status::Pending | Status::Sending) {
+            return;
+        }
+        let Some(webhook) = self.webhooks.get(&delivery.webhook_id) else { return };
+        if delivery.request.is_none() {
+            return;
+        }
+        delivery.retry_index = 0;
+        delivery.reason.clear();
+        tracing::info!(delivery = %id, "redelivering");
+        self.start_attempt(partition, delivery, &webhook, effects);
+    }
+
+    async fn on_outcome(&self, partition: PartitionId, outcome: Outcome, effects: &mut Effects) {
+        let Outcome { job, attempt, verdict, deferred_until_ms } = outcome;
+        let mut delivery = job.delivery;
+        let due = keys::parse_timer_due(job.visibility_key.as_bytes()).unwrap_or_default();
+        effects.cancel_timers.push((due, job.visibility_key));
+        let now = crate::now_ms();
+        if let Some(until) = deferred_until_ms {
+            Self::schedule_attempt(partition, delivery, until, effects);
+            return;
+        }
+        let Some(attempt) = attempt else { return };
+        let number = delivery.attempts.len() + 1;
+        delivery.attempts.push(attempt.clone());
+        if delivery.attempts.len() > record::MAX_ATTEMPTS_KEPT {
+            delivery.attempts.remove(0);
+        }
+        delivery.updated_ms = now;
+        match verdict {
+            Verdict::Success => {
+                delivery.status = Status::Delivered;
+                delivery.reason.clear();
+                tracing::debug!(delivery = %delivery.id, attempt = number, status = attempt.status_code, "delivered");
+            }
+            Verdict::Retry(asked) => {
+                let policy = self
+                    .webhooks
+                    .get(&delivery.webhook_id)
+                    .map(|w| w.retry.clone())
+                    .unwrap_or_default();
+                let unit: f64 = rand::random();
+                match retry::delay(&policy, delivery.retry_index as usize, asked, unit) {
+                    Some(wait) => {
+                        delivery.retry_index += 1;
+                        tracing::info!(delivery = %delivery.id, attempt = number, status = attempt.status_code, error = %attempt.error, retry_in_ms = wait.as_millis() as u64, "attempt failed; retrying");
+                        Self::schedule_attempt(
+                            partition,
+                            delivery,
+                            now + wait.as_millis() as i64,
+                            effects,
+                        );
+                        return;
+                    }
+                    None => {
+                        delivery.status = Status::Failed;
+                        delivery.reason =
+                            format!("gave up after {number} attempts: {}", attempt.error);
+                    }
+                }
+            }
+            Verdict::Fail => {
+                delivery.status = Status::Failed;
+                delivery.reason = attempt.error.clone();
+            }
+            Verdict::Gone => {
+                delivery.status = Status::Failed;
+                delivery.reason = "endpoint answered 410 Gone; the webhook was disabled".into();
+            }
+        }
+        if delivery.status == Status::Failed {
+            tracing::info!(delivery = %delivery.id, attempt = number, reason = %delivery.reason, "delivery failed");
+        }
+        delivery.next_attempt_ms = None;
+        effects.ops.push(put_delivery(&delivery));
+    }
+
+    fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
+        self.dispatcher.submit(job, reply);
     }
 }

@@ -38,6 +38,11 @@ pub enum InboxEntry {
     Event(Event),
     /// A timer to add to the partition.
     Schedule(Timer),
+    /// Send a finished delivery again.
+    Redeliver {
+        /// Delivery id.
+        delivery: String,
+    },
 }
 
 /// The record kept for an idempotency key.

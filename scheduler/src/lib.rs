@@ -16,8 +16,10 @@
 
 pub mod campaign;
 pub mod cluster;
+pub mod contact;
 
 pub mod defs;
+pub mod delivery;
 pub mod engine;
 pub mod inbox;
 pub mod keys;

@@ -19,6 +19,11 @@ impl Templates {
         Self { parser }
     }
 
+    /// Parses a template.
+    pub(crate) fn parse(&self, source: &str) -> Result<liquid::Template, String> {
+        self.parser.parse(source).map_err(|error| first_line(&error.to_string()))
+    }
+
     /// Checks that `source` is a valid template; the error says where and why it is not.
     pub fn check(&self, source: &str) -> Result<(), String> {
         self.parser.parse(source).map(|_| ()).map_err(|error| first_line(&error.to_string()))

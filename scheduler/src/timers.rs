@@ -25,6 +25,12 @@ pub enum TimerKind {
         generation: u64,
     },
 
+    /// The next attempt of a delivery: a retry, a deferral, or the visibility timeout of an
+    /// attempt in flight (fires only if its outcome was never recorded).
+    Attempt {
+        /// Delivery id.
+        delivery: String,
+    },
     /// A run of an on-demand campaign scheduled for later.
     Run {
         /// Campaign id.

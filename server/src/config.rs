@@ -22,6 +22,8 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// Partitions and membership.
     pub cluster: ClusterConfig,
+    /// Sending webhooks.
+    pub delivery: DeliveryConfig,
     /// etcd, for cluster mode.
     pub etcd: EtcdConfig,
     /// Encryption of secrets at rest.
@@ -65,6 +67,22 @@ pub struct ClusterConfig {
     pub handoff_timeout: Duration,
     /// Advertised address.
     pub advertise: String,
+}
+
+/// The `[delivery]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Internal networks webhooks may reach.
+    pub allow_networks: Vec<String>,
+    /// Failures that open a circuit.
+    pub circuit_threshold: u32,
+    /// Wait before a probe.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
+    /// Failing time before a webhook is disabled.
+    #[serde(with = "humantime_serde")]
+    pub disable_after: Duration,
 }
 
 /// The `[etcd]` section.
@@ -186,6 +204,14 @@ impl Config {
             || self.cluster.lease_ttl > Duration::from_secs(300)
         {
             return Err(ConfigError("cluster.lease_ttl: must be between 1s and 5m".into()));
+        }
+        for network in &self.delivery.allow_networks {
+            if let Err(reason) = network.parse::<tidings_scheduler::delivery::ssrf::Network>() {
+                return Err(ConfigError(format!("delivery.allow_networks: {reason}")));
+            }
+        }
+        if self.delivery.circuit_threshold == 0 {
+            return Err(ConfigError("delivery.circuit_threshold: must be at least 1".into()));
         }
         if !self.etcd.endpoints.is_empty() && self.etcd.prefix.is_empty() {
             return Err(ConfigError("etcd.prefix: must not be empty".into()));

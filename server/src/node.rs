@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use tidings_api::v1;
 use tidings_scheduler::cluster::{Cluster, ClusterOptions};
-use tidings_scheduler::defs::Definitions;
+use tidings_scheduler::defs::{Cache, Definitions};
+use tidings_scheduler::delivery::dispatch::{DispatchOptions, Dispatcher};
 use tidings_scheduler::engine::CampaignEngine;
 use tidings_scheduler::secrets::Cipher;
 use tidings_scheduler::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
@@ -17,7 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{CampaignApi, ClusterApi, EventApi, WebhookApi};
+use crate::api::{CampaignApi, ClusterApi, DeliveryApi, EventApi, WebhookApi};
 
 use crate::config::Config;
 
@@ -66,25 +67,60 @@ impl Node {
             partitions: config.cluster.partitions,
             lease_ttl: config.cluster.lease_ttl,
             handoff_timeout: config.cluster.handoff_timeout,
+            live_nodes: Arc::new(std::sync::atomic::AtomicUsize::new(1)),
         };
-        let campaign_defs = Definitions::new(store.clone(), "campaign", "campaigns");
+        let caches_stop = CancellationToken::new();
+        let webhook_defs = Definitions::new(store.clone(), "webhook", "webhooks");
+        let webhook_cache = Cache::start(webhook_defs.clone(), caches_stop.clone()).await?;
+        let campaign_cache = Cache::start(
+            Definitions::new(store.clone(), "campaign", "campaigns"),
+            caches_stop.clone(),
+        )
+        .await?;
+        let live_nodes = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let dispatch_options = DispatchOptions {
+            allow: config.delivery.allow_networks.iter().filter_map(|n| n.parse().ok()).collect(),
+            circuit_threshold: config.delivery.circuit_threshold,
+            circuit_cooldown: config.delivery.circuit_cooldown,
+            disable_after: config.delivery.disable_after,
+        };
+        let dispatcher = Dispatcher::new(
+            webhook_cache.clone(),
+            webhook_defs.clone(),
+            cipher.clone(),
+            config.node.id.clone(),
+            live_nodes.clone(),
+            dispatch_options,
+        )
+        .map_err(|e| anyhow::anyhow!("building the HTTP client: {e}"))?;
+        let cluster_options = ClusterOptions { live_nodes, ..cluster_options };
+        let engine_parts = (
+            store.clone(),
+            campaign_cache,
+            webhook_cache,
+            templates.clone(),
+            cipher.clone(),
+            dispatcher.clone(),
+        );
         let (cluster, cluster_task) = Cluster::start(
             store.clone(),
-            |partitions| Arc::new(CampaignEngine::new(campaign_defs, partitions)),
+            move |partitions| {
+                let (store, campaigns, webhooks, templates, cipher, dispatcher) = engine_parts;
+                Arc::new(CampaignEngine::new(
+                    store, campaigns, webhooks, templates, cipher, dispatcher, partitions,
+                ))
+            },
             cluster_options,
             cluster_shutdown.clone(),
         )
         .await
         .context("joining the cluster")?;
 
-        let webhooks = WebhookApi::new(
-            Definitions::new(store.clone(), "webhook", "webhooks"),
-            cipher,
-            templates,
-        );
+        let webhooks = WebhookApi::new(webhook_defs.clone(), cipher, templates, dispatcher.clone());
         let events = EventApi::new(store.clone(), cluster.partitions());
         let cluster_api = ClusterApi::new(cluster.clone());
         let campaigns = CampaignApi::new(store.clone(), cluster.partitions());
+        let deliveries = DeliveryApi::new(store.clone(), cluster.partitions());
 
         let services: [&str; 7] = [
             "tidings.v1.WebhookService",
@@ -109,7 +145,7 @@ impl Node {
             .add_service(v1::segment_service_server::SegmentServiceServer::new(Unimplemented))
             .add_service(v1::campaign_service_server::CampaignServiceServer::new(campaigns))
             .add_service(v1::event_service_server::EventServiceServer::new(events))
-            .add_service(v1::delivery_service_server::DeliveryServiceServer::new(Unimplemented))
+            .add_service(v1::delivery_service_server::DeliveryServiceServer::new(deliveries))
             .add_service(v1::cluster_service_server::ClusterServiceServer::new(cluster_api));
 
         let mode = if config.cluster_mode() { "cluster" } else { "embedded" };
@@ -139,6 +175,7 @@ impl Node {
                 }
             }
             cluster_shutdown.cancel();
+            caches_stop.cancel();
             let bound = handoff + std::time::Duration::from_secs(2);
             if tokio::time::timeout(bound, cluster_task).await.is_err() {
                 warn!(?bound, "leaving the cluster took too long");
@@ -247,5 +284,3 @@ struct Unimplemented;
 
 impl v1::contact_service_server::ContactService for Unimplemented {}
 impl v1::segment_service_server::SegmentService for Unimplemented {}
-
-impl v1::delivery_service_server::DeliveryService for Unimplemented {}

@@ -9,12 +9,14 @@
 pub mod conformance;
 mod etcd;
 mod node;
+mod receiver;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use etcd::Etcd;
 pub use node::{NodeOptions, NodeProcess, node_binary};
+pub use receiver::{Received, Receiver, Reply};
 
 /// Returns a port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {

@@ -122,6 +122,11 @@ impl NodeProcess {
         })
     }
 
+    /// Returns the process id while the node runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Returns the gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -50,6 +50,8 @@ pub struct ClusterOptions {
     pub lease_ttl: Duration,
     /// Longest a handoff waits for a partition's work in progress.
     pub handoff_timeout: Duration,
+    /// Kept equal to the number of live nodes, for whoever shares a cluster-wide budget.
+    pub live_nodes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The record under `cluster`.
@@ -375,6 +377,10 @@ impl Manager {
 
     fn refresh_view(&self, nodes: &Watched, owners: &Watched) {
         let mut view = lock(&self.shared.view);
+        self.shared
+            .options
+            .live_nodes
+            .store(nodes.map.len().max(1), std::sync::atomic::Ordering::Relaxed);
         view.nodes = nodes
             .map
             .iter()

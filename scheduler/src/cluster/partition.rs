@@ -14,10 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::PartitionId;
+use crate::delivery::dispatch::{Job, Outcome};
 use crate::engine::{Effects, Engine};
 use crate::inbox::InboxEntry;
 use crate::keys;
@@ -62,7 +64,7 @@ pub(crate) struct Worker {
     pub(crate) signature: Vec<u8>,
 }
 
-enum Outcome {
+enum Outcome_ {
     Applied,
     Fenced,
 }
@@ -78,7 +80,7 @@ impl Worker {
         ops: Vec<Op>,
         witness: &str,
         cancel: &CancellationToken,
-    ) -> Result<Outcome, Exit> {
+    ) -> Result<Outcome_, Exit> {
         let mut pause = Duration::from_millis(50);
         let mut first = true;
         loop {
@@ -96,14 +98,14 @@ impl Worker {
                 txn.when.push(Compare::present(witness.to_string()));
             }
             match self.store.txn(txn).await {
-                Ok(result) if result.succeeded => return Ok(Outcome::Applied),
+                Ok(result) if result.succeeded => return Ok(Outcome_::Applied),
                 Ok(result) => {
                     let still_ours = matches!(result.results.first(),
                         Some(OpResult::Get(Some(kv))) if kv.create_revision == self.epoch);
                     return Ok(if still_ours && !first {
-                        Outcome::Applied
+                        Outcome_::Applied
                     } else {
-                        Outcome::Fenced
+                        Outcome_::Fenced
                     });
                 }
                 Err(error) if error.is_retryable() => {
@@ -119,7 +121,7 @@ impl Worker {
                     // A request the store refuses will not pass by retrying; dropping the
                     // partition lets a fresh owner (maybe a newer version) pick it up.
                     warn!(partition = self.partition, %error, "partition write refused; dropping the partition");
-                    return Ok(Outcome::Fenced);
+                    return Ok(Outcome_::Fenced);
                 }
             }
         }
@@ -167,6 +169,9 @@ impl Worker {
             inbox = pending.len(),
             "partition started"
         );
+        // Outcomes of this worker's attempts come back here; when the worker stops, late
+        // outcomes are dropped and the attempts' visibility timers take over.
+        let (reply, mut outcomes) = mpsc::unbounded_channel();
         loop {
             self.stats.pending_timers.store(index.len(), Ordering::Relaxed);
             self.stats.inbox_backlog.store(pending.len() as u64, Ordering::Relaxed);
@@ -175,13 +180,17 @@ impl Worker {
             if cancel.is_cancelled() {
                 return Err(Exit::Cancelled);
             }
+            if let Ok(outcome) = outcomes.try_recv() {
+                self.process_outcomes(outcome, &mut outcomes, &mut index, cancel, &reply).await?;
+                continue;
+            }
             if !pending.is_empty() {
-                self.process_inbox(&mut pending, &mut index, cancel).await?;
+                self.process_inbox(&mut pending, &mut index, cancel, &reply).await?;
                 continue;
             }
             let now = crate::now_ms();
             if index.next_due().is_some_and(|due| due <= now) {
-                self.fire_timers(&mut index, now, cancel).await?;
+                self.fire_timers(&mut index, now, cancel, &reply).await?;
                 continue;
             }
             let sleep = index.next_due().map_or(Duration::from_secs(3600), |due| {
@@ -190,6 +199,9 @@ impl Worker {
             tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 _ = tokio::time::sleep(sleep) => {}
+                Some(outcome) = outcomes.recv() => {
+                    self.process_outcomes(outcome, &mut outcomes, &mut index, cancel, &reply).await?;
+                }
                 batch = stream.next() => match batch {
                     Some(Ok(batch)) => {
                         for event in batch.events {
@@ -269,11 +281,10 @@ impl Worker {
         pending: &mut VecDeque<(Vec<u8>, Vec<u8>)>,
         index: &mut TimerIndex,
         cancel: &CancellationToken,
+        reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
-        let mut ops = Vec::new();
-        let mut added = Vec::new();
+        let mut batch = Batch::default();
         let mut taken = 0;
-        let mut witness = None;
         while let Some((key, value)) = pending.get(taken) {
             let mut effects = Effects::default();
             match serde_json::from_slice::<InboxEntry>(value) {
@@ -281,38 +292,84 @@ impl Worker {
                     self.engine.on_event(self.partition, &event, &mut effects).await
                 }
                 Ok(InboxEntry::Schedule(timer)) => effects.timers.push(timer),
-                Err(error) => {
-                    warn!(partition = self.partition, key = %String::from_utf8_lossy(key), %error, "dropping an unreadable inbox entry")
+                Ok(InboxEntry::Redeliver { delivery }) => {
+                    self.engine.on_redeliver(self.partition, &delivery, &mut effects).await
                 }
+                Err(error) => warn!(
+                    partition = self.partition,
+                    key = %String::from_utf8_lossy(key),
+                    %error,
+                    "dropping an unreadable inbox entry"
+                ),
             }
-            if taken > 0 && ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
+            if taken > 0 && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
                 break;
             }
-            witness.get_or_insert_with(|| String::from_utf8_lossy(key).into_owned());
-            ops.push(Op::delete(key.clone()));
-            self.add_effects(effects, &mut ops, &mut added);
+            batch.witness.get_or_insert_with(|| String::from_utf8_lossy(key).into_owned());
+            batch.ops.push(Op::delete(key.clone()));
+            batch.add(self.partition, effects);
             taken += 1;
         }
-        let Some(witness) = witness else { return Ok(()) };
-        match self.commit(ops, &witness, cancel).await? {
-            Outcome::Applied => {
-                pending.drain(..taken);
-                for due in added {
+        self.commit_batch(batch, index, cancel, reply).await?;
+        pending.drain(..taken);
+        Ok(())
+    }
+
+    /// Records attempt outcomes, as many as are waiting, in one transaction.
+    async fn process_outcomes(
+        &self,
+        first: Outcome,
+        outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
+        index: &mut TimerIndex,
+        cancel: &CancellationToken,
+        reply: &mpsc::UnboundedSender<Outcome>,
+    ) -> Result<(), Exit> {
+        let mut next = Some(first);
+        while next.is_some() {
+            let mut batch = Batch::default();
+            while let Some(outcome) = next.take() {
+                let key = crate::delivery::record::key(self.partition, &outcome.job.delivery.id);
+                let mut effects = Effects::default();
+                self.engine.on_outcome(self.partition, outcome, &mut effects).await;
+                batch.witness.get_or_insert(key);
+                batch.add(self.partition, effects);
+                if batch.ops.len() + 8 > MAX_BATCH_OPS {
+                    break;
+                }
+                next = outcomes.try_recv().ok();
+            }
+            self.commit_batch(batch, index, cancel, reply).await?;
+            if next.is_none() {
+                next = outcomes.try_recv().ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits a batch under the epoch guard, then updates the timer index and starts the
+    /// attempts it dispatched.
+    async fn commit_batch(
+        &self,
+        batch: Batch,
+        index: &mut TimerIndex,
+        cancel: &CancellationToken,
+        reply: &mpsc::UnboundedSender<Outcome>,
+    ) -> Result<(), Exit> {
+        let Some(witness) = batch.witness else { return Ok(()) };
+        match self.commit(batch.ops, &witness, cancel).await? {
+            Outcome_::Applied => {
+                for due in batch.removed {
+                    index.remove(due);
+                }
+                for due in batch.added {
                     index.add(due);
+                }
+                for job in batch.dispatch {
+                    self.engine.dispatch(job, reply.clone());
                 }
                 Ok(())
             }
-            Outcome::Fenced => Err(Exit::Fenced),
-        }
-    }
-
-    fn add_effects(&self, effects: Effects, ops: &mut Vec<Op>, added: &mut Vec<i64>) {
-        ops.extend(effects.ops);
-        for timer in effects.timers {
-            let key = keys::timer(self.partition, timer.due_ms, &timer.id);
-            // Timers are plain structs and always serialize.
-            ops.push(Op::put(key, serde_json::to_vec(&timer).unwrap_or_default()));
-            added.push(timer.due_ms);
+            Outcome_::Fenced => Err(Exit::Fenced),
         }
     }
 
@@ -321,6 +378,7 @@ impl Worker {
         index: &mut TimerIndex,
         now: i64,
         cancel: &CancellationToken,
+        reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
         let start = keys::timers(self.partition);
         let end = keys::timers_until(self.partition, now);
@@ -332,36 +390,55 @@ impl Worker {
             index.clear_until(now);
             return Ok(());
         }
-        let mut ops = Vec::new();
-        let mut added = Vec::new();
-        let mut fired = Vec::new();
+        let mut batch = Batch::default();
         for kv in &page.kvs {
             let mut effects = Effects::default();
             match serde_json::from_slice::<Timer>(&kv.value) {
                 Ok(timer) => self.engine.on_timer(self.partition, &timer, &mut effects).await,
-                Err(error) => {
-                    warn!(partition = self.partition, key = %String::from_utf8_lossy(&kv.key), %error, "dropping an unreadable timer")
-                }
+                Err(error) => warn!(
+                    partition = self.partition,
+                    key = %String::from_utf8_lossy(&kv.key),
+                    %error,
+                    "dropping an unreadable timer"
+                ),
             }
-            if !fired.is_empty() && ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
+            if !batch.ops.is_empty() && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
                 break;
             }
-            ops.push(Op::delete(kv.key.clone()));
-            self.add_effects(effects, &mut ops, &mut added);
-            fired.push(keys::parse_timer_due(&kv.key).unwrap_or(now));
+            batch.witness.get_or_insert_with(|| String::from_utf8_lossy(&kv.key).into_owned());
+            batch.ops.push(Op::delete(kv.key.clone()));
+            batch.removed.push(keys::parse_timer_due(&kv.key).unwrap_or(now));
+            batch.add(self.partition, effects);
         }
-        let witness = String::from_utf8_lossy(&page.kvs[0].key).into_owned();
-        match self.commit(ops, &witness, cancel).await? {
-            Outcome::Applied => {
-                for due in fired {
-                    index.remove(due);
-                }
-                for due in added {
-                    index.add(due);
-                }
-                Ok(())
-            }
-            Outcome::Fenced => Err(Exit::Fenced),
+        self.commit_batch(batch, index, cancel, reply).await
+    }
+}
+
+/// The writes of one transaction and what to do once it commits.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<Op>,
+    /// Due times of timers the batch adds and removes, for the index.
+    added: Vec<i64>,
+    removed: Vec<i64>,
+    dispatch: Vec<Job>,
+    /// A key the batch deletes or writes, to recognise a batch that did commit.
+    witness: Option<String>,
+}
+
+impl Batch {
+    fn add(&mut self, partition: PartitionId, effects: Effects) {
+        self.ops.extend(effects.ops);
+        for timer in effects.timers {
+            let key = keys::timer(partition, timer.due_ms, &timer.id);
+            // Timers are plain structs and always serialize.
+            self.ops.push(Op::put(key, serde_json::to_vec(&timer).unwrap_or_default()));
+            self.added.push(timer.due_ms);
         }
+        for (due, key) in effects.cancel_timers {
+            self.ops.push(Op::delete(key));
+            self.removed.push(due);
+        }
+        self.dispatch.extend(effects.dispatch);
     }
 }

@@ -35,6 +35,9 @@ const HEADER: usize = 32;
 /// Most events kept in memory for watches that start in the past.
 const HISTORY_EVENTS: usize = 1 << 16;
 
+/// Bytes of redb page cache.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Most requests the writer applies in one redb transaction.
 const MAX_GROUP: usize = 512;
 
@@ -175,12 +178,16 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`. Keys attached to leases of a previous
     /// process are deleted, since those leases ended with it.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                StoreError::Unavailable(format!("{} is in use by another process", path.display()))
-            }
-            other => StoreError::Internal(format!("opening {}: {other}", path.display())),
-        })?;
+        // redb caches up to 1 GiB by default; a node's working set is far smaller, and memory
+        // is better left to the partitions' in-memory state.
+        let db =
+            redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                    "{} is in use by another process",
+                    path.display()
+                )),
+                other => StoreError::Internal(format!("opening {}: {other}", path.display())),
+            })?;
         let revision = Self::recover(&db)?;
         let shared = Arc::new(Shared {
             db,

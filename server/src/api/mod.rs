@@ -3,11 +3,13 @@
 mod campaigns;
 mod cluster;
 mod convert;
+mod deliveries;
 mod events;
 mod webhooks;
 
 pub(crate) use campaigns::CampaignApi;
 pub(crate) use cluster::ClusterApi;
+pub(crate) use deliveries::DeliveryApi;
 pub(crate) use events::EventApi;
 pub(crate) use webhooks::WebhookApi;
 

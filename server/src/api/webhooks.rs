@@ -15,11 +15,14 @@ use tidings_scheduler::webhook::{
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
-use super::convert::{duration, duration_ms, timestamp};
+use super::convert::{duration, duration_ms, struct_to_json, timestamp};
 use super::{
     ApiError, Violations, check_id, invalid, new_id, page_size, page_token, parse_etag,
     parse_page_token,
 };
+use tidings_scheduler::delivery::dispatch::Dispatcher;
+use tidings_scheduler::delivery::record::{Delivery, Status as DeliveryStatus};
+use tidings_scheduler::delivery::render::{self, Context};
 
 const MAX_URL: usize = 2048;
 const MAX_HEADERS: usize = 64;
@@ -76,6 +79,7 @@ pub(crate) struct WebhookApi {
     webhooks: Definitions<Webhook>,
     cipher: Cipher,
     templates: Arc<Templates>,
+    dispatcher: Dispatcher,
 }
 
 impl WebhookApi {
@@ -83,8 +87,70 @@ impl WebhookApi {
         webhooks: Definitions<Webhook>,
         cipher: Cipher,
         templates: Arc<Templates>,
+        dispatcher: Dispatcher,
     ) -> Self {
-        Self { webhooks, cipher, templates }
+        Self { webhooks, cipher, templates, dispatcher }
+    }
+
+    async fn send_test(
+        &self,
+        request: pb::SendTestRequest,
+    ) -> Result<pb::SendTestResponse, ApiError> {
+        let mut violations = Violations::default();
+        check_id(&mut violations, "id", &request.id);
+        violations.check()?;
+        let webhook = self.webhooks.get(&request.id).await?;
+        let contact = match &request.contact {
+            Some(c) => serde_json::Value::Object(struct_to_json(c)),
+            None => serde_json::json!({
+                "id": "sample-contact",
+                "attributes": {"email": "ada@example.com", "first_name": "Ada"},
+                "timezone": "UTC",
+                "unsubscribed": false,
+            }),
+        };
+        let data = match &request.event_data {
+            Some(d) => serde_json::Value::Object(struct_to_json(d)),
+            None => serde_json::json!({"sample": true}),
+        };
+        let id = format!("msg_test_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+        let context = Context {
+            contact: contact.clone(),
+            event: serde_json::json!({"id": "evt_sample", "type": "tidings.test", "data": data}),
+            campaign: serde_json::json!({"id": "", "data": {}}),
+            run: serde_json::Value::Null,
+            delivery: serde_json::json!({"id": id}),
+        };
+        let now = tidings_scheduler::now_ms();
+        let rendered = render::request(&self.templates, &self.cipher, &webhook.value, &context);
+        let mut delivery = Delivery {
+            id,
+            partition: 0,
+            webhook_id: request.id.clone(),
+            campaign_id: String::new(),
+            run_id: String::new(),
+            contact_id: contact["id"].as_str().unwrap_or_default().to_string(),
+            event_id: String::new(),
+            status: DeliveryStatus::Pending,
+            reason: String::new(),
+            request: None,
+            attempts: Vec::new(),
+            retry_index: 0,
+            dispatch_seq: 0,
+            next_attempt_ms: None,
+            created_ms: now,
+            updated_ms: now,
+        };
+        match rendered {
+            Ok(request) => delivery.request = Some(request),
+            Err(reason) => delivery.reason = reason,
+        }
+        let (attempt, _) = self.dispatcher.send(&delivery, &webhook.value).await;
+        info!(webhook = %request.id, status = attempt.status_code, "test sent");
+        Ok(pb::SendTestResponse {
+            request: delivery.request.as_ref().map(super::deliveries::request_to_proto),
+            attempt: Some(super::deliveries::attempt_to_proto(&attempt)),
+        })
     }
 
     /// Maps a proto webhook to the domain, validating every field. `existing` provides the
@@ -689,6 +755,14 @@ impl WebhookService for WebhookApi {
         self.webhooks.delete(&request.id, etag).await.map_err(ApiError::from)?;
         info!(webhook = %request.id, "webhook deleted");
         Ok(Response::new(pb::DeleteWebhookResponse {}))
+    }
+
+    #[instrument(skip_all, fields(webhook = %request.get_ref().id))]
+    async fn send_test(
+        &self,
+        request: Request<pb::SendTestRequest>,
+    ) -> Result<Response<pb::SendTestResponse>, Status> {
+        Ok(Response::new(self.send_test(request.into_inner()).await?))
     }
 
     #[instrument(skip_all, fields(webhook = %request.get_ref().id))]

@@ -1,0 +1,466 @@
+//! The scenarios and the table they print.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tidings_client::v1::{Event, ListPartitionsRequest, PublishBatchRequest};
+use tidings_scheduler::cluster::{Cluster, ClusterOptions, PartitionId};
+use tidings_scheduler::engine::{Effects, Engine};
+use tidings_scheduler::inbox::Event as InboxEvent;
+use tidings_scheduler::store::{EmbeddedStore, Op, Store, Txn};
+use tidings_scheduler::timers::{Timer, TimerKind};
+use tidings_scheduler::{keys, now_ms};
+use tidings_tests::{Etcd, NodeOptions, NodeProcess, unique_prefix, wait_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::proc_stats::{cpu_seconds, memory, mib};
+
+/// Parsed command line.
+struct Args {
+    scenario: String,
+    store: String,
+    count: u64,
+    seconds: u64,
+    lease_ttl: u64,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Args> {
+    let mut parsed = Args {
+        scenario: args.first().cloned().unwrap_or_else(|| "all".into()),
+        store: "both".into(),
+        count: 1_000_000,
+        seconds: 10,
+        lease_ttl: 10,
+    };
+    let mut rest = args.iter().skip(1);
+    while let Some(flag) = rest.next() {
+        let value = rest.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--store" => parsed.store = value.clone(),
+            "--count" => parsed.count = value.parse().context("--count")?,
+            "--seconds" => parsed.seconds = value.parse().context("--seconds")?,
+            "--lease-ttl" => parsed.lease_ttl = value.parse().context("--lease-ttl")?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if !["embedded", "etcd", "both"].contains(&parsed.store.as_str()) {
+        bail!("--store must be embedded, etcd or both");
+    }
+    Ok(parsed)
+}
+
+fn stores(args: &Args) -> Vec<&'static str> {
+    match args.store.as_str() {
+        "embedded" => vec!["embedded"],
+        "etcd" => vec!["etcd"],
+        _ => vec!["embedded", "etcd"],
+    }
+}
+
+/// Runs the scenario named on the command line.
+pub async fn run(raw: &[String]) -> anyhow::Result<()> {
+    let args = parse(raw)?;
+    header(raw);
+    // Child nodes are this very binary (see main).
+    // SAFETY: set before any other thread of this program reads the environment.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("TIDINGS_BIN", std::env::current_exe()?);
+    }
+    let all = args.scenario == "all";
+    if all || args.scenario == "timers" {
+        for store in stores(&args) {
+            timers(store, args.count).await?;
+        }
+    }
+    if all || args.scenario == "publish" {
+        for store in stores(&args) {
+            publish(store, args.seconds).await?;
+        }
+    }
+    if all || args.scenario == "failover" {
+        failover(args.lease_ttl).await?;
+    }
+    if !["all", "timers", "publish", "failover"].contains(&args.scenario.as_str()) {
+        bail!("unknown scenario {}; one of timers, publish, failover, all", args.scenario);
+    }
+    Ok(())
+}
+
+fn header(raw: &[String]) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or_else(|| "?".into(), |kb| format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0));
+    let profile =
+        if cfg!(debug_assertions) { "debug (use --release for real figures)" } else { "release" };
+    println!("# tidings-bench {}", raw.join(" "));
+    println!(
+        "# machine: {cores} cores, {memory} memory; build: {profile}; durability: every write is committed (fsync) before it is acknowledged"
+    );
+    println!();
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn open_store(
+    kind: &str,
+) -> anyhow::Result<(Arc<dyn Store>, Option<Etcd>, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    if kind == "etcd" {
+        let etcd = Etcd::start().await?;
+        let store = etcd.store_at(&unique_prefix()).await?;
+        Ok((Arc::new(store), Some(etcd), dir))
+    } else {
+        Ok((Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb"))?), None, dir))
+    }
+}
+
+/// Records when each timer fired relative to its due time.
+#[derive(Default)]
+struct Recorder {
+    lateness: Mutex<Vec<i64>>,
+    fired: AtomicU64,
+    first: AtomicU64,
+    last: AtomicU64,
+}
+
+struct Counting(Arc<Recorder>);
+
+#[async_trait::async_trait]
+impl Engine for Counting {
+    async fn on_event(&self, _: PartitionId, _: &InboxEvent, _: &mut Effects) {}
+
+    async fn on_timer(&self, _: PartitionId, timer: &Timer, _: &mut Effects) {
+        let now = now_ms();
+        if let Ok(mut lateness) = self.0.lateness.lock() {
+            lateness.push(now - timer.due_ms);
+        }
+        self.0.fired.fetch_add(1, Ordering::Relaxed);
+        let _ = self.0.first.compare_exchange(0, now as u64, Ordering::Relaxed, Ordering::Relaxed);
+        self.0.last.store(now as u64, Ordering::Relaxed);
+    }
+}
+
+/// Writes `count` timers due from `start_ms`, spread evenly over `window_ms`.
+async fn write_timers(
+    store: &Arc<dyn Store>,
+    count: u64,
+    start_ms: i64,
+    window_ms: i64,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let per_txn = 120u64;
+    let chunks: Vec<u64> = (0..count.div_ceil(per_txn)).collect();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (store, next, chunks) = (store.clone(), next.clone(), chunks.len() as u64);
+        tasks.spawn(async move {
+            loop {
+                let chunk = next.fetch_add(1, Ordering::Relaxed);
+                if chunk >= chunks {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let ops: Vec<Op> = (chunk * per_txn..((chunk + 1) * per_txn).min(count))
+                    .map(|i| {
+                        let due = start_ms + (i as i64 * window_ms) / count.max(1) as i64;
+                        let id = format!("t{i}");
+                        let timer = Timer {
+                            id: id.clone(),
+                            due_ms: due,
+                            kind: TimerKind::Run { campaign: "bench".into(), run: id.clone() },
+                        };
+                        Op::put(
+                            keys::timer((i % u64::from(partitions)) as u32, due, &id),
+                            serde_json::to_vec(&timer).unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                store.txn(Txn::new().and_then(ops)).await?;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
+    let partitions = 64;
+    let (store, _etcd, _dir) = open_store(kind).await?;
+    let me = std::process::id();
+
+    // Phase 1: `count` timers due over a minute, starting once they are all written and loaded.
+    let written = Instant::now();
+    let window_ms = 60_000;
+    let estimate_ms = 5_000 + (count as i64) / 20;
+    let start_ms = now_ms() + estimate_ms;
+    write_timers(&store, count, start_ms, window_ms, partitions).await?;
+    let write_secs = written.elapsed().as_secs_f64();
+    // Measured after writing, so the figure is what loading and holding the timers costs.
+    let (rss_before, _) = memory(me);
+    let recorder = Arc::new(Recorder::default());
+    let shutdown = CancellationToken::new();
+    let options = ClusterOptions {
+        node_id: "bench".into(),
+        address: "in-process".into(),
+        partitions,
+        lease_ttl: Duration::from_secs(10),
+        handoff_timeout: Duration::from_secs(5),
+        live_nodes: Default::default(),
+    };
+    let loading = Instant::now();
+    let engine_recorder = recorder.clone();
+    let (cluster, task) = Cluster::start(
+        store.clone(),
+        |_| Arc::new(Counting(engine_recorder)),
+        options,
+        shutdown.clone(),
+    )
+    .await?;
+    wait_until("the node to load every partition", Duration::from_secs(600), || async {
+        let status = cluster.partition_status().await.ok()?;
+        let pending: u64 = status.iter().map(|p| p.pending_timers).sum();
+        (cluster.owned().len() == partitions as usize
+            && pending >= count.saturating_sub(recorder.fired.load(Ordering::Relaxed)))
+        .then_some(())
+    })
+    .await?;
+    let load_secs = loading.elapsed().as_secs_f64();
+    let (rss_loaded, _) = memory(me);
+    if now_ms() > start_ms {
+        println!("warning: loading took longer than planned; the first timers fired late");
+    }
+    wait_until("every timer to fire", Duration::from_secs(900), || async {
+        (recorder.fired.load(Ordering::Relaxed) >= count).then_some(())
+    })
+    .await?;
+    let mut lateness =
+        std::mem::take(&mut *recorder.lateness.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    lateness.sort_unstable();
+    let early = lateness.iter().filter(|l| **l < 0).count();
+
+    // Phase 2: as many timers already due, to measure the firing rate alone.
+    let burst = Arc::new(Recorder::default());
+    shutdown.cancel();
+    let _ = task.await;
+    write_timers(&store, count, now_ms() - 1000, 0, partitions).await?;
+    let shutdown = CancellationToken::new();
+    let options = ClusterOptions {
+        node_id: "bench-2".into(),
+        address: "in-process".into(),
+        partitions,
+        lease_ttl: Duration::from_secs(10),
+        handoff_timeout: Duration::from_secs(5),
+        live_nodes: Default::default(),
+    };
+    let engine_burst = burst.clone();
+    let (_cluster, task) = Cluster::start(
+        store.clone(),
+        |_| Arc::new(Counting(engine_burst)),
+        options,
+        shutdown.clone(),
+    )
+    .await?;
+    let began = Instant::now();
+    wait_until("every due timer to fire", Duration::from_secs(900), || async {
+        (burst.fired.load(Ordering::Relaxed) >= count).then_some(())
+    })
+    .await?;
+    let burst_rate = count as f64 / began.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let _ = task.await;
+
+    println!("timers ({kind} store, in-process node, {partitions} partitions, {count} timers)");
+    println!(
+        "  write {count} timers:          {:>10.0} timers/s ({write_secs:.1} s, 120 per transaction, 16 writers)",
+        count as f64 / write_secs
+    );
+    println!("  load on claim:                {load_secs:>10.1} s");
+    println!(
+        "  memory with all pending:      {:>10} ({} added by loading them, {:.1} bytes per pending timer)",
+        mib(rss_loaded),
+        mib(rss_loaded.saturating_sub(rss_before)),
+        rss_loaded.saturating_sub(rss_before) as f64 / count as f64
+    );
+    println!(
+        "  due over 60 s, lateness:      p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; {} early",
+        percentile(&lateness, 0.5),
+        percentile(&lateness, 0.9),
+        percentile(&lateness, 0.99),
+        lateness.last().copied().unwrap_or(0),
+        early
+    );
+    println!("  all due at once, fire rate:   {burst_rate:>10.0} fires/s");
+    println!();
+    Ok(())
+}
+
+async fn start_node(
+    kind: &str,
+    etcd: Option<&Etcd>,
+    prefix: &str,
+    id: &str,
+    ttl: u64,
+) -> anyhow::Result<NodeProcess> {
+    let options = NodeOptions {
+        etcd: etcd.map(Etcd::endpoint),
+        prefix: Some(prefix.to_string()),
+        args: vec!["--node-id".into(), id.into()],
+        log_level: Some("warn".into()),
+        env: vec![("TIDINGS_CLUSTER__LEASE_TTL".into(), format!("{ttl}s"))],
+        ..Default::default()
+    };
+    let _ = kind;
+    NodeProcess::start(options).await
+}
+
+async fn publish(kind: &str, seconds: u64) -> anyhow::Result<()> {
+    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
+    let pid = node_pid(&node)?;
+    let cpu_before = cpu_seconds(pid);
+    let clients = 8;
+    let batch = 500;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..clients {
+        let (url, accepted, latencies) = (node.url(), accepted.clone(), latencies.clone());
+        tasks.spawn(async move {
+            let mut api = tidings_client::EventServiceClient::connect(url).await?;
+            let mut round = 0u64;
+            while Instant::now() < deadline {
+                let events = (0..batch)
+                    .map(|i| Event {
+                        r#type: "bench".into(),
+                        contact_id: format!("c{client}-{round}-{i}"),
+                        ..Default::default()
+                    })
+                    .collect();
+                let sent = Instant::now();
+                let response =
+                    api.publish_batch(PublishBatchRequest { events }).await?.into_inner();
+                latencies
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push(sent.elapsed().as_micros() as i64);
+                accepted.fetch_add(
+                    response.results.iter().filter(|r| r.error.is_empty()).count() as u64,
+                    Ordering::Relaxed,
+                );
+                round += 1;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    let began = Instant::now();
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let elapsed = began.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let (_, peak) = memory(pid);
+    let mut latencies =
+        std::mem::take(&mut *latencies.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    latencies.sort_unstable();
+    let total = accepted.load(Ordering::Relaxed);
+    // Consumption: wait until the inboxes drain.
+    let drained = Instant::now();
+    let mut cluster = node.cluster().await?;
+    wait_until("the inboxes to drain", Duration::from_secs(300), || {
+        let mut cluster = cluster.clone();
+        async move {
+            let list = cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
+            (list.partitions.iter().map(|p| p.inbox_backlog).sum::<u64>() == 0).then_some(())
+        }
+    })
+    .await?;
+    let _ = &mut cluster;
+    println!("publish ({kind} store, node process, {clients} clients x PublishBatch of {batch})");
+    println!(
+        "  accepted (durable):           {:>10.0} events/s ({total} in {elapsed:.1} s)",
+        total as f64 / elapsed
+    );
+    println!(
+        "  PublishBatch latency:         p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&latencies, 0.5) as f64 / 1000.0,
+        percentile(&latencies, 0.99) as f64 / 1000.0
+    );
+    println!(
+        "  node CPU:                     {:>10.0} % of one core; peak memory {}",
+        cpu / elapsed * 100.0,
+        mib(peak)
+    );
+    println!("  inbox drained after the load: {:>10.1} s", drained.elapsed().as_secs_f64());
+    println!();
+    Ok(())
+}
+
+fn node_pid(node: &NodeProcess) -> anyhow::Result<u32> {
+    node.pid().context("the node is not running")
+}
+
+async fn failover(ttl: u64) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let prefix = unique_prefix();
+    let store = etcd.store_at(&prefix).await?;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(start_node("etcd", Some(&etcd), &prefix, &format!("node-{i}"), ttl).await?);
+    }
+    let owners = |store: &tidings_scheduler::store::EtcdStore| {
+        let store = store.clone();
+        async move {
+            let page = store.range_prefix(b"owners/", 0).await.ok()?;
+            Some(
+                page.kvs
+                    .into_iter()
+                    .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+        }
+    };
+    wait_until("64 partitions owned by 3 nodes", Duration::from_secs(60), || async {
+        let owners = owners(&store).await?;
+        (owners.len() == 64
+            && owners.values().collect::<std::collections::BTreeSet<_>>().len() == 3)
+            .then_some(())
+    })
+    .await?;
+    let victim =
+        owners(&store).await.unwrap_or_default().values().filter(|o| *o == "node-0").count();
+    nodes[0].kill();
+    let killed = Instant::now();
+    wait_until("the survivors to own every partition", Duration::from_secs(120), || async {
+        let owners = owners(&store).await?;
+        (owners.len() == 64 && owners.values().all(|o| o != "node-0")).then_some(())
+    })
+    .await?;
+    let failover = killed.elapsed();
+    println!("failover (3 node processes on etcd, 64 partitions, lease TTL {ttl} s)");
+    println!(
+        "  kill -9 of a node owning {victim} partitions: all owned again after {:.2} s (TTL + {:.2} s)",
+        failover.as_secs_f64(),
+        failover.as_secs_f64() - ttl as f64
+    );
+    println!();
+    Ok(())
+}

@@ -1,0 +1,518 @@
+//! Sends attempts over HTTP: per-webhook in-flight limits, a cluster-wide rate limit (each node
+//! takes its share), a circuit per webhook, the address guard, and Standard Webhooks headers.
+//!
+//! The dispatcher never writes partition state: it hands each outcome back to the partition
+//! worker that dispatched it, which records it under its epoch. If that worker is gone, the
+//! outcome is dropped and the attempt's visibility timer makes the new owner try again, with
+//! the same `webhook-id`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+use super::record::{Attempt, Delivery, ErrorClass};
+use super::retry::{Verdict, classify, parse_retry_after};
+use super::signing::sign;
+use super::ssrf::{Guard, GuardedResolver};
+use crate::defs::{Cache, Definitions, DefsError};
+use crate::secrets::{Cipher, Secret};
+use crate::webhook::Webhook;
+
+/// Bytes of response body kept in the attempt log.
+pub const RESPONSE_EXCERPT: usize = 4096;
+
+/// How the dispatcher behaves.
+#[derive(Clone, Debug)]
+pub struct DispatchOptions {
+    /// Networks let through the address guard.
+    pub allow: Vec<super::ssrf::Network>,
+    /// Consecutive failures that open a webhook's circuit.
+    pub circuit_threshold: u32,
+    /// How long an open circuit waits before a probe.
+    pub circuit_cooldown: Duration,
+    /// How long a webhook may keep failing before it is disabled.
+    pub disable_after: Duration,
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            circuit_threshold: 5,
+            circuit_cooldown: Duration::from_secs(30),
+            disable_after: Duration::from_secs(3 * 24 * 3600),
+        }
+    }
+}
+
+/// One attempt to make.
+#[derive(Debug)]
+pub struct Job {
+    /// The delivery as written when it was dispatched.
+    pub delivery: Delivery,
+    /// Key of the timer that retries the attempt if no outcome is recorded in time.
+    pub visibility_key: String,
+}
+
+/// The outcome of a job, for its partition worker.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The job.
+    pub job: Job,
+    /// The attempt made, if one was made.
+    pub attempt: Option<Attempt>,
+    /// What it means.
+    pub verdict: Verdict,
+    /// When no attempt was made: the time to try again (circuit open, webhook disabled).
+    pub deferred_until_ms: Option<i64>,
+}
+
+#[derive(Default)]
+struct Circuit {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+    failing_since_ms: Option<i64>,
+    cooldown: Duration,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Endpoint {
+    max_in_flight: u32,
+    in_flight: Arc<Semaphore>,
+    bucket: Mutex<Bucket>,
+    circuit: Mutex<Circuit>,
+}
+
+struct Inner {
+    client: reqwest::Client,
+    guard: Guard,
+    webhooks: Cache<Webhook>,
+    defs: Definitions<Webhook>,
+    cipher: Cipher,
+    node: String,
+    live_nodes: Arc<AtomicUsize>,
+    options: DispatchOptions,
+    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+}
+
+/// The node's HTTP sender.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").field("node", &self.inner.node).finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Returns a `traceparent` header value for a new trace.
+fn traceparent() -> String {
+    let mut rng = rand::rng();
+    format!("00-{:032x}-{:016x}-01", rng.random::<u128>() | 1, rng.random::<u64>() | 1)
+}
+
+impl Dispatcher {
+    /// Returns a dispatcher.
+    pub fn new(
+        webhooks: Cache<Webhook>,
+        defs: Definitions<Webhook>,
+        cipher: Cipher,
+        node: String,
+        live_nodes: Arc<AtomicUsize>,
+        options: DispatchOptions,
+    ) -> Result<Self, String> {
+        let guard = Guard::new(options.allow.clone());
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone() }))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .user_agent(concat!("Tidings/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                guard,
+                webhooks,
+                defs,
+                cipher,
+                node,
+                live_nodes,
+                options,
+                endpoints: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Starts a job; its outcome goes to `reply`.
+    pub fn submit(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = this.run(job).await;
+            // The worker may be gone (partition lost): the visibility timer covers it.
+            let _ = reply.send(outcome);
+        });
+    }
+
+    fn endpoint(&self, id: &str, webhook: &Webhook) -> Arc<Endpoint> {
+        let mut endpoints = lock(&self.inner.endpoints);
+        let current =
+            endpoints.get(id).filter(|e| e.max_in_flight == webhook.max_in_flight).cloned();
+        current.unwrap_or_else(|| {
+            let endpoint = Arc::new(Endpoint {
+                max_in_flight: webhook.max_in_flight,
+                in_flight: Arc::new(Semaphore::new(webhook.max_in_flight.max(1) as usize)),
+                bucket: Mutex::new(Bucket { tokens: 1.0, at: Instant::now() }),
+                circuit: Mutex::new(Circuit {
+                    cooldown: self.inner.options.circuit_cooldown,
+                    ..Default::default()
+                }),
+            });
+            endpoints.insert(id.to_string(), endpoint.clone());
+            endpoint
+        })
+    }
+
+    /// Waits for this node's share of the webhook's rate limit.
+    async fn throttle(&self, endpoint: &Endpoint, rate_limit: f64) {
+        if rate_limit <= 0.0 {
+            return;
+        }
+        let nodes = self.inner.live_nodes.load(Ordering::Relaxed).max(1) as f64;
+        let rate = rate_limit / nodes;
+        loop {
+            let wait = {
+                let mut bucket = lock(&endpoint.bucket);
+                let now = Instant::now();
+                let capacity = rate.max(1.0);
+                bucket.tokens = (bucket.tokens
+                    + now.duration_since(bucket.at).as_secs_f64() * rate)
+                    .min(capacity);
+                bucket.at = now;
+                if bucket.tokens >= 1.0 {
+                    bucket.tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - bucket.tokens) / rate)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn run(&self, job: Job) -> Outcome {
+        let now = crate::now_ms();
+        let id = job.delivery.webhook_id.clone();
+        let Some(webhook) = self.inner.webhooks.get(&id) else {
+            let attempt = self.failed_attempt(
+                now,
+                ErrorClass::EndpointDisabled,
+                format!("webhook {id} no longer exists"),
+            );
+            return Outcome {
+                job,
+                attempt: Some(attempt),
+                verdict: Verdict::Fail,
+                deferred_until_ms: None,
+            };
+        };
+        if !webhook.enabled {
+            return Outcome {
+                job,
+                attempt: None,
+                verdict: Verdict::Retry(None),
+                deferred_until_ms: Some(now + 60_000),
+            };
+        }
+        let endpoint = self.endpoint(&id, &webhook);
+        {
+            let mut circuit = lock(&endpoint.circuit);
+            if let Some(until) = circuit.open_until {
+                if Instant::now() < until || circuit.probing {
+                    let wait =
+                        until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                    return Outcome {
+                        job,
+                        attempt: None,
+                        verdict: Verdict::Retry(None),
+                        deferred_until_ms: Some(now + wait.as_millis() as i64),
+                    };
+                }
+                // Half open: this attempt is the probe.
+                circuit.probing = true;
+            }
+        }
+        let Ok(_permit) = endpoint.in_flight.clone().acquire_owned().await else {
+            return Outcome {
+                job,
+                attempt: None,
+                verdict: Verdict::Retry(None),
+                deferred_until_ms: Some(now + 1000),
+            };
+        };
+        self.throttle(&endpoint, webhook.rate_limit).await;
+        let (attempt, verdict) = self.send(&job.delivery, &webhook).await;
+        self.record(&id, &endpoint, &attempt, verdict).await;
+        Outcome { job, attempt: Some(attempt), verdict, deferred_until_ms: None }
+    }
+
+    fn failed_attempt(&self, start_ms: i64, class: ErrorClass, error: String) -> Attempt {
+        Attempt {
+            start_ms,
+            duration_ms: 0,
+            status_code: 0,
+            error_class: class,
+            error,
+            response_headers: BTreeMap::new(),
+            response_body: Vec::new(),
+            node: self.inner.node.clone(),
+        }
+    }
+
+    /// Makes one HTTP attempt.
+    pub async fn send(&self, delivery: &Delivery, webhook: &Webhook) -> (Attempt, Verdict) {
+        let start_ms = crate::now_ms();
+        let started = Instant::now();
+        let Some(request) = &delivery.request else {
+            return (
+                self.failed_attempt(start_ms, ErrorClass::Render, delivery.reason.clone()),
+                Verdict::Fail,
+            );
+        };
+        let url = match reqwest::Url::parse(&request.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => url,
+            _ => {
+                let error = format!("rendered URL {:?} is not an http(s) URL", request.url);
+                return (self.failed_attempt(start_ms, ErrorClass::Render, error), Verdict::Fail);
+            }
+        };
+        // IP literals never reach the resolver: check them here.
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = literal
+            && let Some(reason) = self.inner.guard.check(ip)
+        {
+            let error = format!("{ip} is a {reason} address, which is not allowed");
+            return (self.failed_attempt(start_ms, ErrorClass::Blocked, error), Verdict::Fail);
+        }
+        let method =
+            reqwest::Method::from_bytes(request.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+        let timestamp = start_ms / 1000;
+        let now = crate::now_ms();
+        let secrets: Vec<Secret> = webhook
+            .signing_secrets
+            .iter()
+            .filter(|s| s.expires_at_ms.is_none_or(|at| at > now))
+            .filter_map(|s| self.inner.cipher.open(&s.sealed).ok())
+            .collect();
+        let body = request.body.clone().into_bytes();
+        let mut builder = self
+            .inner
+            .client
+            .request(method.clone(), url)
+            .timeout(Duration::from_millis(webhook.timeout_ms))
+            .header("webhook-id", &delivery.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", sign(&secrets, &delivery.id, timestamp, &body))
+            .header("traceparent", traceparent());
+        if method != reqwest::Method::GET {
+            builder = builder.header("content-type", &request.content_type);
+        }
+        for (name, value) in &request.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        for (name, sealed) in &request.sealed_headers {
+            match self.inner.cipher.open(sealed) {
+                Ok(value) => builder = builder.header(name.as_str(), value.expose()),
+                Err(error) => {
+                    return (
+                        self.failed_attempt(
+                            start_ms,
+                            ErrorClass::Render,
+                            format!("header {name}: {error}"),
+                        ),
+                        Verdict::Fail,
+                    );
+                }
+            }
+        }
+        if method != reqwest::Method::GET {
+            builder = builder.body(body);
+        }
+        let mut attempt = self.failed_attempt(start_ms, ErrorClass::None, String::new());
+        let verdict = match builder.send().await {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                attempt.status_code = status;
+                attempt.response_headers = response
+                    .headers()
+                    .iter()
+                    .take(64)
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).chars().take(1024).collect(),
+                        )
+                    })
+                    .collect();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, crate::now_ms()));
+                while attempt.response_body.len() < RESPONSE_EXCERPT {
+                    match tokio::time::timeout(
+                        Duration::from_millis(webhook.timeout_ms),
+                        response.chunk(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Some(chunk))) => {
+                            let room = RESPONSE_EXCERPT - attempt.response_body.len();
+                            attempt
+                                .response_body
+                                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+                        }
+                        _ => break,
+                    }
+                }
+                let verdict = classify(Some(status), retry_after);
+                if verdict != Verdict::Success {
+                    attempt.error_class = ErrorClass::HttpStatus;
+                    attempt.error = format!("endpoint answered {status}");
+                }
+                verdict
+            }
+            Err(error) => {
+                let blocked = std::error::Error::source(&error).and_then(find_blocked);
+                let (class, message) = if let Some(blocked) = blocked {
+                    (ErrorClass::Blocked, blocked)
+                } else if error.is_timeout() {
+                    (ErrorClass::Timeout, format!("no answer within {} ms", webhook.timeout_ms))
+                } else {
+                    (ErrorClass::Connection, describe(&error))
+                };
+                attempt.error_class = class;
+                attempt.error = message;
+                if class == ErrorClass::Blocked { Verdict::Fail } else { classify(None, None) }
+            }
+        };
+        attempt.duration_ms = started.elapsed().as_millis() as u64;
+        (attempt, verdict)
+    }
+
+    /// Updates the circuit and disables webhooks that are gone or kept failing.
+    async fn record(&self, id: &str, endpoint: &Endpoint, attempt: &Attempt, verdict: Verdict) {
+        let now = crate::now_ms();
+        let disable = {
+            let mut circuit = lock(&endpoint.circuit);
+            let failed = matches!(verdict, Verdict::Retry(_))
+                || (verdict == Verdict::Fail
+                    && attempt.error_class != ErrorClass::Blocked
+                    && attempt.status_code >= 500);
+            circuit.probing = false;
+            if verdict == Verdict::Success || !failed {
+                if circuit.open_until.take().is_some() {
+                    info!(webhook = id, "circuit closed");
+                }
+                circuit.failures = 0;
+                circuit.failing_since_ms = None;
+                circuit.cooldown = self.inner.options.circuit_cooldown;
+                None
+            } else {
+                circuit.failures += 1;
+                let since = *circuit.failing_since_ms.get_or_insert(now);
+                if circuit.failures >= self.inner.options.circuit_threshold {
+                    let was_open = circuit.open_until.is_some();
+                    circuit.open_until = Some(Instant::now() + circuit.cooldown);
+                    if was_open {
+                        circuit.cooldown = (circuit.cooldown * 2).min(Duration::from_secs(600));
+                    } else {
+                        warn!(webhook = id, failures = circuit.failures, "circuit opened");
+                    }
+                }
+                (now - since > self.inner.options.disable_after.as_millis() as i64)
+                    .then(|| format!("endpoint kept failing since {}", humanize_ms(since)))
+            }
+        };
+        let disable = if verdict == Verdict::Gone {
+            Some("endpoint answered 410 Gone".to_string())
+        } else {
+            disable
+        };
+        if let Some(reason) = disable {
+            self.disable(id, &reason).await;
+        }
+    }
+
+    /// Disables a webhook with a reason, unless it already is disabled.
+    pub async fn disable(&self, id: &str, reason: &str) {
+        for _ in 0..5 {
+            let Ok(current) = self.inner.defs.get(id).await else { return };
+            if !current.value.enabled {
+                return;
+            }
+            let mut webhook = current.value.clone();
+            webhook.enabled = false;
+            webhook.disabled_reason = reason.to_string();
+            webhook.disabled_at_ms = Some(crate::now_ms());
+            webhook.updated_at_ms = crate::now_ms();
+            match self.inner.defs.replace(id, &webhook, current.revision).await {
+                Ok(_) => {
+                    warn!(webhook = id, reason, "webhook disabled");
+                    return;
+                }
+                Err(DefsError::Conflict { .. }) => continue,
+                Err(error) => {
+                    debug!(webhook = id, %error, "cannot disable the webhook");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn find_blocked(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(blocked) = e.downcast_ref::<super::ssrf::Blocked>() {
+            return Some(blocked.0.clone());
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn describe(error: &reqwest::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        message = format!("{message}: {e}");
+        source = e.source();
+    }
+    message
+}
+
+fn humanize_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.to_rfc3339())
+}

@@ -1,0 +1,173 @@
+//! The delivery record kept in its contact's partition, with every attempt.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::render::Rendered;
+use crate::cluster::PartitionId;
+use crate::secrets::Sealed;
+
+/// Where a delivery stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting for an attempt.
+    Pending,
+    /// An attempt is in flight.
+    Sending,
+    /// 2xx received.
+    Delivered,
+    /// Given up.
+    Failed,
+    /// Not sent by a guard's decision.
+    Skipped,
+}
+
+/// Why an attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// No failure.
+    None,
+    /// Non-2xx answer.
+    HttpStatus,
+    /// Took longer than the timeout.
+    Timeout,
+    /// No connection.
+    Connection,
+    /// Destination address refused.
+    Blocked,
+    /// A template failed.
+    Render,
+    /// Webhook disabled or circuit open.
+    EndpointDisabled,
+}
+
+/// One attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Start, Unix milliseconds.
+    pub start_ms: i64,
+    /// Duration in milliseconds.
+    pub duration_ms: u64,
+    /// Status code; 0 without a response.
+    pub status_code: u16,
+    /// Failure class.
+    pub error_class: ErrorClass,
+    /// Failure text.
+    pub error: String,
+    /// Response headers.
+    pub response_headers: BTreeMap<String, String>,
+    /// First 4 KiB of the response body.
+    pub response_body: Vec<u8>,
+    /// Node that made it.
+    pub node: String,
+}
+
+/// The request as stored: secret header values sealed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredRequest {
+    /// Method.
+    pub method: String,
+    /// URL.
+    pub url: String,
+    /// Plain headers.
+    pub headers: BTreeMap<String, String>,
+    /// Secret headers, sealed.
+    pub sealed_headers: BTreeMap<String, Sealed>,
+    /// Body.
+    pub body: String,
+    /// Content type.
+    pub content_type: String,
+}
+
+/// A delivery.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Identifier, sent as `webhook-id`.
+    pub id: String,
+    /// Partition holding it.
+    pub partition: PartitionId,
+    /// Webhook.
+    pub webhook_id: String,
+    /// Campaign; empty for tests.
+    pub campaign_id: String,
+    /// Run, if any.
+    pub run_id: String,
+    /// Contact.
+    pub contact_id: String,
+    /// Triggering event, if any.
+    pub event_id: String,
+    /// Status.
+    pub status: Status,
+    /// Why it failed or was skipped.
+    pub reason: String,
+    /// The rendered request; `None` when rendering failed.
+    pub request: Option<StoredRequest>,
+    /// Attempts, oldest first (the latest 50).
+    pub attempts: Vec<Attempt>,
+    /// Index into the retry schedule of the next retry.
+    pub retry_index: u32,
+    /// Bumped at each dispatch; a result for an older dispatch only adds to the log.
+    pub dispatch_seq: u64,
+    /// When the next attempt is due, while pending.
+    pub next_attempt_ms: Option<i64>,
+    /// Creation, Unix milliseconds.
+    pub created_ms: i64,
+    /// Last change.
+    pub updated_ms: i64,
+}
+
+/// Most attempts kept per delivery.
+pub const MAX_ATTEMPTS_KEPT: usize = 50;
+
+/// Returns a new delivery id in `partition`: the partition is readable from the id, so a
+/// delivery is found without an index.
+pub fn new_id(partition: PartitionId) -> String {
+    format!("msg_{partition:04}{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+}
+
+/// Returns the partition of a delivery id.
+pub fn partition_of_id(id: &str) -> Option<PartitionId> {
+    id.strip_prefix("msg_")?.get(..4)?.parse().ok()
+}
+
+/// Returns the key of a delivery.
+pub fn key(partition: PartitionId, id: &str) -> String {
+    format!("p/{partition:04}/deliveries/{id}")
+}
+
+impl StoredRequest {
+    /// Seals the secret headers of a rendered request for storage.
+    pub fn seal(rendered: &Rendered, cipher: &crate::secrets::Cipher) -> Self {
+        let mut headers = BTreeMap::new();
+        let mut sealed_headers = BTreeMap::new();
+        for (name, value) in &rendered.headers {
+            if rendered.secret_headers.contains(name) {
+                sealed_headers
+                    .insert(name.clone(), cipher.seal(&crate::secrets::Secret::new(value.clone())));
+            } else {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+        Self {
+            method: rendered.method.clone(),
+            url: rendered.url.clone(),
+            headers,
+            sealed_headers,
+            body: rendered.body.clone(),
+            content_type: rendered.content_type.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_carry_their_partition() {
+        let id = super::new_id(37);
+        assert_eq!(super::partition_of_id(&id), Some(37));
+        assert_eq!(super::partition_of_id("nope"), None);
+    }
+}

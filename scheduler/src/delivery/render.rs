@@ -1,0 +1,228 @@
+//! Renders a webhook's templates for one delivery. Output is bounded; a missing variable is an
+//! error (a template may give a default with `| default: ...`); every failure is a message for
+//! the attempt log, never a panic.
+
+use std::collections::BTreeMap;
+
+use crate::template::Templates;
+
+/// Largest rendered body.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Largest rendered URL or header value.
+pub const MAX_FIELD: usize = 16 * 1024;
+
+/// What templates can read.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Context {
+    /// `contact`: id, attributes, timezone.
+    pub contact: serde_json::Value,
+    /// `event`: id, type, data, occurred_at.
+    pub event: serde_json::Value,
+    /// `campaign`: id, data.
+    pub campaign: serde_json::Value,
+    /// `run`: id, data.
+    pub run: serde_json::Value,
+    /// `delivery`: id.
+    pub delivery: serde_json::Value,
+}
+
+/// A request ready to sign and send. Secret header values are in clear here; they never leave
+/// the sending path.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rendered {
+    /// Method.
+    pub method: String,
+    /// URL.
+    pub url: String,
+    /// Headers as given by the webhook, rendered, by name.
+    pub headers: BTreeMap<String, String>,
+    /// Names of headers whose values are secret.
+    pub secret_headers: Vec<String>,
+    /// Body.
+    pub body: String,
+    /// Content type.
+    pub content_type: String,
+}
+
+impl Templates {
+    /// Renders one template against the context; `what` names it in errors.
+    pub fn render(
+        &self,
+        what: &str,
+        source: &str,
+        context: &Context,
+        limit: usize,
+    ) -> Result<String, String> {
+        if source.is_empty() {
+            return Ok(String::new());
+        }
+        if !crate::template::has_markup(source) {
+            return Ok(source.to_string());
+        }
+        let template = self.parse(source).map_err(|e| format!("{what}: {e}"))?;
+        let mut context = serde_json::to_value(context).map_err(|e| format!("{what}: {e}"))?;
+        for path in defaulted_paths(source) {
+            ensure_path(&mut context, &path);
+        }
+        let globals = liquid::model::to_object(&context).map_err(|e| format!("{what}: {e}"))?;
+        let output = template.render(&globals).map_err(|e| {
+            let message = e.to_string();
+            let first = message
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("render failed")
+                .to_string();
+            let detail: Vec<&str> = message
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    l.starts_with("requested variable") || l.starts_with("available variables")
+                })
+                .collect();
+            format!(
+                "{what}: {first}{}{}",
+                if detail.is_empty() { "" } else { " (" },
+                if detail.is_empty() { String::new() } else { format!("{})", detail.join("; ")) }
+            )
+        })?;
+        if output.len() > limit {
+            return Err(format!(
+                "{what}: rendered to {} bytes; the limit is {limit}",
+                output.len()
+            ));
+        }
+        Ok(output)
+    }
+}
+
+/// Renders a webhook's request for one delivery, sealing secret header values for storage.
+pub fn request(
+    templates: &Templates,
+    cipher: &crate::secrets::Cipher,
+    webhook: &crate::webhook::Webhook,
+    context: &Context,
+) -> Result<super::record::StoredRequest, String> {
+    use crate::webhook::HeaderValue;
+    let url = templates.render("url", &webhook.url, context, MAX_FIELD)?;
+    let mut rendered = Rendered {
+        method: webhook.method.as_str().to_string(),
+        url,
+        headers: Default::default(),
+        secret_headers: Vec::new(),
+        body: templates.render("body", &webhook.body, context, MAX_BODY)?,
+        content_type: webhook.content_type.clone(),
+    };
+    for header in &webhook.headers {
+        let (template, secret) = match &header.value {
+            HeaderValue::Plain(value) => (value.clone(), false),
+            HeaderValue::Secret(sealed) => (
+                cipher
+                    .open(sealed)
+                    .map_err(|e| format!("header {}: {e}", header.name))?
+                    .expose()
+                    .to_string(),
+                true,
+            ),
+        };
+        let what = format!("header {}", header.name);
+        // A secret template's error could quote the secret: report only where it failed.
+        let value = templates
+            .render(&what, &template, context, MAX_FIELD)
+            .map_err(|e| if secret { format!("{what}: failed to render") } else { e })?;
+        if value.contains(['\r', '\n']) {
+            return Err(format!("{what}: rendered to a value with a line break"));
+        }
+        if secret {
+            rendered.secret_headers.push(header.name.clone());
+        }
+        rendered.headers.insert(header.name.clone(), value);
+    }
+    Ok(super::record::StoredRequest::seal(&rendered, cipher))
+}
+
+/// Returns the dotted variable paths that a template outputs through `| default`. Liquid
+/// refuses to read a missing variable even when a default follows; those paths are set to nil
+/// before rendering, so the default applies while other missing variables stay errors.
+fn defaulted_paths(source: &str) -> Vec<Vec<String>> {
+    let mut paths = Vec::new();
+    let mut rest = source;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else { break };
+        let inner = after[..end].trim_matches(|c: char| c == '-' || c.is_whitespace());
+        let mut parts = inner.split('|');
+        let path = parts.next().unwrap_or_default().trim();
+        let defaulted = parts.any(|filter| filter.trim_start().starts_with("default"));
+        let simple = !path.is_empty()
+            && path.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if defaulted && simple {
+            paths.push(path.split('.').map(str::to_string).collect());
+        }
+        rest = &after[end + 2..];
+    }
+    paths
+}
+
+/// Creates `path` in `value` with a null leaf when it is missing.
+fn ensure_path(value: &mut serde_json::Value, path: &[String]) {
+    let Some((first, rest)) = path.split_first() else { return };
+    let serde_json::Value::Object(map) = value else { return };
+    if rest.is_empty() {
+        map.entry(first.clone()).or_insert(serde_json::Value::Null);
+        return;
+    }
+    let child =
+        map.entry(first.clone()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+    ensure_path(child, rest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn context() -> Context {
+        Context {
+            contact: json!({"id": "u1", "attributes": {"name": "Ada", "plan": "pro"}}),
+            event: json!({"type": "order.shipped", "data": {"order_id": 42, "items": ["a", "b"]}}),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn renders_variables_filters_and_loops() {
+        let templates = Templates::new();
+        let out = templates
+            .render("body", r#"{"to": "{{ contact.attributes.name }}", "order": {{ event.data.order_id }}, "n": {{ event.data.items | size }}}"#, &context(), MAX_BODY)
+            .expect("renders");
+        assert_eq!(out, r#"{"to": "Ada", "order": 42, "n": 2}"#);
+    }
+
+    #[test]
+    fn a_missing_variable_is_an_error_unless_defaulted() {
+        let templates = Templates::new();
+        let error = templates
+            .render("body", "{{ contact.attributes.phone }}", &context(), MAX_BODY)
+            .expect_err("missing");
+        assert!(error.starts_with("body:"), "{error}");
+        let out = templates
+            .render(
+                "body",
+                "{{ contact.attributes.phone | default: 'none' }}",
+                &context(),
+                MAX_BODY,
+            )
+            .expect("defaulted");
+        assert_eq!(out, "none");
+    }
+
+    #[test]
+    fn output_is_bounded() {
+        let templates = Templates::new();
+        let error = templates
+            .render("body", "{% for i in (1..100000) %}xxxxxxxxxx{% endfor %}", &context(), 1000)
+            .expect_err("too big");
+        assert!(error.contains("limit"), "{error}");
+    }
+}

@@ -1,0 +1,202 @@
+//! Refuses outbound requests to addresses inside the network Tidings runs in, unless
+//! allow-listed. The check runs on the addresses a name resolves to, in the resolver the HTTP
+//! client connects with, so a name that resolves differently later (DNS rebinding) is checked
+//! again at connect time.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+/// An IP network, `address/prefix`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    address: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let address: IpAddr = address
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or network"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?,
+            None => max,
+        };
+        Ok(Self { address, prefix })
+    }
+}
+
+impl Network {
+    /// Returns whether `ip` lies in the network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Returns why `ip` is refused by default, or `None` when it is public.
+pub fn blocked_reason(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => blocked_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return blocked_v4(v4);
+            }
+            let first = v6.segments()[0];
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("private (unique local)")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if v6 == Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254) {
+                Some("cloud metadata")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn blocked_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip.is_link_local() {
+        Some(if ip == Ipv4Addr::new(169, 254, 169, 254) { "cloud metadata" } else { "link-local" })
+    } else if a == 100 && (64..128).contains(&b) {
+        Some("carrier-grade NAT")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.is_unspecified() || ip.is_broadcast() || a == 0 {
+        Some("unspecified or broadcast")
+    } else if a >= 240 {
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+/// The outbound address policy: blocked ranges unless allow-listed.
+#[derive(Clone, Debug, Default)]
+pub struct Guard {
+    allow: Arc<Vec<Network>>,
+}
+
+impl Guard {
+    /// Returns a guard that lets the given networks through.
+    pub fn new(allow: Vec<Network>) -> Self {
+        Self { allow: Arc::new(allow) }
+    }
+
+    /// Returns why a connection to `ip` is refused, or `None` when allowed.
+    pub fn check(&self, ip: IpAddr) -> Option<&'static str> {
+        if self.allow.iter().any(|net| net.contains(ip)) { None } else { blocked_reason(ip) }
+    }
+}
+
+/// A resolver for reqwest that drops refused addresses and fails when none is left.
+#[derive(Clone, Debug)]
+pub struct GuardedResolver {
+    /// The policy.
+    pub guard: Guard,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> =
+                addrs.iter().copied().filter(|a| guard.check(a.ip()).is_none()).collect();
+            if allowed.is_empty() {
+                let reason =
+                    addrs.first().and_then(|a| guard.check(a.ip())).unwrap_or("unresolvable");
+                return Err(Box::new(Blocked(format!(
+                    "{host} resolves to a {reason} address, which is not allowed"
+                ))) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// A destination refused by the guard.
+#[derive(Debug)]
+pub struct Blocked(pub String);
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Blocked {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses_are_blocked_and_public_ones_are_not() {
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "224.0.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(blocked_reason(ip.parse().expect("ip")).is_some(), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(blocked_reason(ip.parse().expect("ip")).is_none(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn the_allow_list_lets_networks_through() {
+        let guard =
+            Guard::new(vec!["127.0.0.0/8".parse().expect("net"), "::1".parse().expect("net")]);
+        assert!(guard.check("127.0.0.1".parse().expect("ip")).is_none());
+        assert!(guard.check("::1".parse().expect("ip")).is_none());
+        assert!(guard.check("10.0.0.1".parse().expect("ip")).is_some());
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+    }
+}

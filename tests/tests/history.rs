@@ -1,0 +1,290 @@
+//! A history checker: timers, interval occurrences and events under random kill -9 of nodes and
+//! an etcd restart. Every timer fires at least once and never early, every interval occurrence
+//! fires, every accepted event is consumed, and duplicates are counted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tidings_client::prost_types::{Duration as PbDuration, Timestamp};
+use tidings_client::v1::{
+    ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest, Event,
+    IntervalTrigger, ListRunsRequest, MisfirePolicy, OnDemandTrigger, PublishBatchRequest, Run,
+    RunCampaignRequest, RunState, Trigger, Webhook, trigger::Kind,
+};
+use tidings_scheduler::store::{EventKind, Store};
+use tidings_tests::{Etcd, NodeOptions, NodeProcess, unique_prefix, wait_until};
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn ms(t: &Option<Timestamp>) -> i64 {
+    t.as_ref().map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+/// Three node slots; each keeps its data directory (and its logs) across restarts.
+struct Nodes {
+    etcd: String,
+    prefix: String,
+    dirs: Vec<tempfile::TempDir>,
+    running: Vec<Option<NodeProcess>>,
+    logs: String,
+}
+
+impl Nodes {
+    fn options(&self, i: usize) -> NodeOptions {
+        NodeOptions {
+            etcd: Some(self.etcd.clone()),
+            prefix: Some(self.prefix.clone()),
+            data_dir: Some(self.dirs[i].path().to_path_buf()),
+            args: vec!["--node-id".into(), format!("node-{i}")],
+            env: vec![("TIDINGS_CLUSTER__LEASE_TTL".into(), "2s".into())],
+            ..Default::default()
+        }
+    }
+
+    async fn start(&mut self, i: usize) {
+        self.running[i] = Some(NodeProcess::start(self.options(i)).await.expect("node"));
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut node) = self.running[i].take() {
+            node.kill();
+            self.logs.push_str(&node.logs());
+        }
+    }
+
+    fn any(&self) -> &NodeProcess {
+        self.running.iter().flatten().next().expect("a running node")
+    }
+}
+
+async fn runs(node: &NodeProcess, campaign: &str) -> Vec<Run> {
+    let mut api = node.campaigns().await.expect("client");
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = api
+            .list_runs(ListRunsRequest {
+                campaign_id: campaign.into(),
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .expect("runs")
+            .into_inner();
+        all.extend(page.runs);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_and_events_survive_kills_and_an_etcd_restart() {
+    let mut etcd = Etcd::start().await.expect("etcd");
+    let prefix = unique_prefix();
+    let store = etcd.store_at(&prefix).await.expect("store");
+    let dirs = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = Nodes {
+        etcd: etcd.endpoint(),
+        prefix,
+        dirs,
+        running: vec![None, None, None],
+        logs: String::new(),
+    };
+    for i in 0..3 {
+        nodes.start(i).await;
+    }
+
+    let node = nodes.any();
+    let mut webhooks = node.webhooks().await.expect("client");
+    let webhook = Webhook { url: "https://example.com/hook".into(), ..Default::default() };
+    webhooks
+        .create_webhook(CreateWebhookRequest { webhook_id: "hook".into(), webhook: Some(webhook) })
+        .await
+        .expect("webhook");
+    let mut campaigns = node.campaigns().await.expect("client");
+    let interval = Kind::Interval(IntervalTrigger {
+        every: Some(PbDuration { seconds: 1, nanos: 0 }),
+        misfire_policy: MisfirePolicy::FireAll as i32,
+        misfire_limit: 1000,
+        ..Default::default()
+    });
+    for (id, kind) in [("tick", interval), ("later", Kind::OnDemand(OnDemandTrigger {}))] {
+        let campaign = Campaign {
+            webhook_id: "hook".into(),
+            trigger: Some(Trigger { kind: Some(kind) }),
+            ..Default::default()
+        };
+        campaigns
+            .create_campaign(CreateCampaignRequest {
+                campaign_id: id.into(),
+                campaign: Some(campaign),
+            })
+            .await
+            .expect("create");
+        campaigns
+            .activate_campaign(ActivateCampaignRequest { id: id.into() })
+            .await
+            .expect("activate");
+    }
+    let activated = now_ms();
+
+    // 60 one-shot timers due over the next 14 seconds, in a pseudo-random order.
+    let mut due: BTreeMap<String, i64> = BTreeMap::new();
+    for i in 0..60u64 {
+        let at = now_ms() + 1500 + ((i * 7919) % 60) as i64 * 210;
+        let scheduled = Timestamp { seconds: at / 1000, nanos: ((at % 1000) * 1_000_000) as i32 };
+        let run = campaigns
+            .run_campaign(RunCampaignRequest {
+                id: "later".into(),
+                scheduled_time: Some(scheduled),
+                ..Default::default()
+            })
+            .await
+            .expect("schedule")
+            .into_inner();
+        due.insert(run.id, at);
+    }
+
+    // Publish all along; remember what was accepted.
+    let mut accepted: BTreeSet<String> = BTreeSet::new();
+    let started = Instant::now();
+    let mut round = 0;
+    let mut chaos = vec![
+        (Duration::from_secs(2), "kill node-0"),
+        (Duration::from_secs(5), "start node-0"),
+        (Duration::from_secs(7), "restart etcd"),
+        (Duration::from_secs(10), "kill node-1"),
+        (Duration::from_secs(12), "start node-1"),
+    ];
+    chaos.reverse();
+    while started.elapsed() < Duration::from_secs(16) {
+        if let Some((at, action)) = chaos.last().copied()
+            && started.elapsed() >= at
+        {
+            chaos.pop();
+            println!("{:>5} ms: {action}", started.elapsed().as_millis());
+            match action {
+                "kill node-0" => nodes.kill(0),
+                "start node-0" => nodes.start(0).await,
+                "kill node-1" => nodes.kill(1),
+                "start node-1" => nodes.start(1).await,
+                _ => etcd.restart().await.expect("etcd restart"),
+            }
+        }
+        let batch: Vec<Event> = (0..50)
+            .map(|i| Event {
+                r#type: "tick".into(),
+                contact_id: format!("c-{round}-{i}"),
+                ..Default::default()
+            })
+            .collect();
+        if let Ok(mut events) = nodes.any().events().await
+            && let Ok(response) = events.publish_batch(PublishBatchRequest { events: batch }).await
+        {
+            accepted.extend(response.into_inner().results.into_iter().map(|r| r.event_id));
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every one-shot timer fired, none early.
+    let node = nodes.any();
+    let later = wait_until("every scheduled run to start", Duration::from_secs(30), || async {
+        let runs = runs(node, "later").await;
+        runs.iter().all(|r| r.state == RunState::Running as i32).then_some(runs)
+    })
+    .await
+    .expect("all fired");
+    assert_eq!(later.len(), due.len());
+    for run in &later {
+        let lateness = ms(&run.start_time) - due[&run.id];
+        assert!(lateness >= 0, "run {} started {} ms early", run.id, -lateness);
+    }
+
+    // Every interval occurrence from the first to the last fired, once each as a run.
+    let ticks = runs(node, "tick").await;
+    let times: Vec<i64> = ticks.iter().map(|r| ms(&r.scheduled_time)).collect();
+    assert!(times.first().is_some_and(|t| *t - activated < 2000), "the chain started: {times:?}");
+    assert!(times.windows(2).all(|w| w[1] - w[0] == 1000), "no occurrence missing: {times:?}");
+    assert!(times.len() >= 15, "{} occurrences", times.len());
+    for run in &ticks {
+        assert!(ms(&run.start_time) >= ms(&run.scheduled_time), "occurrence fired early");
+    }
+
+    // Every accepted event was consumed: its inbox key was deleted (from etcd's history).
+    wait_until("every inbox to drain", Duration::from_secs(30), || async {
+        (inbox_total(&store).await == 0).then_some(())
+    })
+    .await
+    .expect("drained");
+    let consumed = consumed_events(&store).await;
+    let lost: Vec<&String> = accepted.iter().filter(|id| !consumed.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} accepted events never consumed: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+
+    // Duplicates: occurrences fired more than once across all node logs.
+    for i in 0..3 {
+        nodes.kill(i);
+    }
+    let mut fired: BTreeMap<String, usize> = BTreeMap::new();
+    for line in nodes.logs.lines().filter(|l| l.contains("interval fired")) {
+        if let Some(run) = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["run"].as_str().map(String::from))
+        {
+            *fired.entry(run).or_default() += 1;
+        }
+    }
+    let duplicates: usize = fired.values().map(|n| n - 1).sum();
+    println!(
+        "history: {} one-shot timers, {} interval occurrences, {} events accepted and consumed, {} duplicate firings",
+        due.len(),
+        ticks.len(),
+        accepted.len(),
+        duplicates
+    );
+}
+
+async fn inbox_total(store: &dyn Store) -> u64 {
+    let mut total = 0;
+    for p in 0..64 {
+        total += store.count_prefix(format!("p/{p:04}/inbox/").as_bytes()).await.unwrap_or(1);
+    }
+    total
+}
+
+/// Returns the ids of events whose inbox entry was deleted, from the whole history.
+async fn consumed_events(store: &dyn Store) -> BTreeSet<String> {
+    let end = store.revision().await.expect("revision");
+    let mut stream = store.watch(b"p/", 1).await.expect("history");
+    let mut consumed = BTreeSet::new();
+    let mut revision = 0;
+    while revision < end {
+        let Ok(Some(Ok(batch))) =
+            tokio::time::timeout(Duration::from_secs(10), stream.next()).await
+        else {
+            break;
+        };
+        revision = batch.revision;
+        for event in batch.events {
+            let key = String::from_utf8_lossy(&event.kv.key).into_owned();
+            if event.kind == EventKind::Delete
+                && let Some((_, id)) = key.split_once("/inbox/")
+            {
+                consumed.insert(id.to_string());
+            }
+        }
+    }
+    consumed
+}
