@@ -29,7 +29,7 @@ use crate::timers::{Timer, TimerKind};
 use crate::webhook::Webhook;
 
 /// Extra time after an attempt's timeout before the attempt counts as lost.
-const VISIBILITY_MARGIN_MS: i64 = 10_000;
+const VISIBILITY_MARGIN_MS: i64 = 5_000;
 
 /// The writes an engine asks for, and the attempts to start once they are committed.
 #[derive(Debug, Default)]
