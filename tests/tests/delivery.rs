@@ -176,6 +176,8 @@ async fn an_event_sends_the_rendered_request_signed() {
         delivered.request.as_ref().map(|r| r.headers["Authorization"].as_str()),
         Some("[redacted]")
     );
+    assert!(!format!("{delivered:?}").contains("tok-user-7"), "the credential is not returned");
+    assert!(!node.logs().contains("tok-user-7"), "the credential is not logged");
 
     // Rotation: during the grace period both secrets sign, and either one verifies.
     let mut webhooks = node.webhooks().await.expect("client");
