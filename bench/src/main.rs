@@ -3,6 +3,9 @@
 //! ```text
 //! cargo run --release -p tidings-bench -- timers  [--store embedded|etcd] [--count N]
 //! cargo run --release -p tidings-bench -- publish [--store embedded|etcd] [--seconds S]
+//! cargo run --release -p tidings-bench -- deliver [--store embedded|etcd] [--count N]
+//! cargo run --release -p tidings-bench -- latency [--store embedded|etcd] [--rate R] [--seconds S]
+//! cargo run --release -p tidings-bench -- ceiling [--seconds S]
 //! cargo run --release -p tidings-bench -- failover [--lease-ttl SECONDS]
 //! cargo run --release -p tidings-bench -- all
 //! ```
@@ -12,6 +15,7 @@
 //! etcd, when used, is a private `etcd` process on free ports with a temporary data directory.
 
 mod proc_stats;
+mod receiver;
 mod scenarios;
 
 use std::process::ExitCode;

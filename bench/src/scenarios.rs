@@ -25,6 +25,7 @@ struct Args {
     count: u64,
     seconds: u64,
     lease_ttl: u64,
+    rate: u64,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
@@ -34,6 +35,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         count: 1_000_000,
         seconds: 10,
         lease_ttl: 10,
+        rate: 1000,
     };
     let mut rest = args.iter().skip(1);
     while let Some(flag) = rest.next() {
@@ -43,6 +45,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--count" => parsed.count = value.parse().context("--count")?,
             "--seconds" => parsed.seconds = value.parse().context("--seconds")?,
             "--lease-ttl" => parsed.lease_ttl = value.parse().context("--lease-ttl")?,
+            "--rate" => parsed.rate = value.parse().context("--rate")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -68,9 +71,24 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
     // SAFETY: set before any other thread of this program reads the environment.
     #[allow(unsafe_code)]
     unsafe {
-        std::env::set_var("TIDINGS_BIN", std::env::current_exe()?);
+        std::env::set_var("TIDINGS_NODE_BIN", std::env::current_exe()?);
     }
     let all = args.scenario == "all";
+    let mut ceiling_rate = None;
+    if all || args.scenario == "ceiling" || args.scenario == "deliver" {
+        ceiling_rate = Some(ceiling(args.seconds.min(10)).await?);
+    }
+    if all || args.scenario == "deliver" {
+        let count = if args.count == 1_000_000 { 100_000 } else { args.count };
+        for store in stores(&args) {
+            deliver(store, count, ceiling_rate).await?;
+        }
+    }
+    if all || args.scenario == "latency" {
+        for store in stores(&args) {
+            latency(store, args.rate, args.seconds).await?;
+        }
+    }
     if all || args.scenario == "timers" {
         for store in stores(&args) {
             timers(store, args.count).await?;
@@ -84,8 +102,13 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
     if all || args.scenario == "failover" {
         failover(args.lease_ttl).await?;
     }
-    if !["all", "timers", "publish", "failover"].contains(&args.scenario.as_str()) {
-        bail!("unknown scenario {}; one of timers, publish, failover, all", args.scenario);
+    if !["all", "timers", "publish", "failover", "deliver", "latency", "ceiling"]
+        .contains(&args.scenario.as_str())
+    {
+        bail!(
+            "unknown scenario {}; one of deliver, latency, timers, publish, failover, ceiling, all",
+            args.scenario
+        );
     }
     Ok(())
 }
@@ -323,8 +346,11 @@ async fn start_node(
         etcd: etcd.map(Etcd::endpoint),
         prefix: Some(prefix.to_string()),
         args: vec!["--node-id".into(), id.into()],
-        log_level: Some("warn".into()),
-        env: vec![("TIDINGS_CLUSTER__LEASE_TTL".into(), format!("{ttl}s"))],
+        log_level: Some("warn,tidings_server::node=info".into()),
+        env: vec![
+            ("TIDINGS_CLUSTER__LEASE_TTL".into(), format!("{ttl}s")),
+            ("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into()),
+        ],
         ..Default::default()
     };
     let _ = kind;
@@ -460,6 +486,195 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
         "  kill -9 of a node owning {victim} partitions: all owned again after {:.2} s (TTL + {:.2} s)",
         failover.as_secs_f64(),
         failover.as_secs_f64() - ttl as f64
+    );
+    println!();
+    Ok(())
+}
+
+/// The hardware's ceiling: the same receiver driven by a plain HTTP load loop.
+async fn ceiling(seconds: u64) -> anyhow::Result<f64> {
+    let (url, arrivals) = crate::receiver::start().await?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).tcp_nodelay(true).build()?;
+    let deadline = Instant::now() + Duration::from_secs(seconds.max(1));
+    let began = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                let _ = client.post(&url).body("x").send().await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let rate = arrivals.count.load(Ordering::Relaxed) as f64 / began.elapsed().as_secs_f64();
+    println!(
+        "ceiling (plain HTTP load loop in this process, 64 connections, receiver answering 204)"
+    );
+    println!("  requests:                     {rate:>10.0} /s");
+    println!();
+    Ok(rate)
+}
+
+/// Creates the webhook (its body is the event id) and an event campaign on `bench`.
+async fn bench_campaign(node: &NodeProcess, url: &str) -> anyhow::Result<()> {
+    use tidings_client::v1::{
+        ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest,
+        EventTrigger, Trigger, Webhook, trigger::Kind,
+    };
+    let mut webhooks = tidings_client::WebhookServiceClient::connect(node.url()).await?;
+    let webhook = Webhook {
+        url: url.to_string(),
+        body: "{{ event.id }}".into(),
+        max_in_flight: 256,
+        ..Default::default()
+    };
+    webhooks
+        .create_webhook(CreateWebhookRequest { webhook_id: "bench".into(), webhook: Some(webhook) })
+        .await?;
+    let mut campaigns = tidings_client::CampaignServiceClient::connect(node.url()).await?;
+    let campaign = Campaign {
+        webhook_id: "bench".into(),
+        trigger: Some(Trigger {
+            kind: Some(Kind::Event(EventTrigger {
+                event_type: "bench".into(),
+                filter: String::new(),
+            })),
+        }),
+        ..Default::default()
+    };
+    campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "bench".into(),
+            campaign: Some(campaign),
+        })
+        .await?;
+    campaigns.activate_campaign(ActivateCampaignRequest { id: "bench".into() }).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+async fn deliver(kind: &str, count: u64, ceiling: Option<f64>) -> anyhow::Result<()> {
+    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
+    let pid = node_pid(&node)?;
+    let (url, arrivals) = crate::receiver::start().await?;
+    bench_campaign(&node, &url).await?;
+    let cpu_before = cpu_seconds(pid);
+    let began = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let batch = 500u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..4 {
+        let (url, next) = (node.url(), next.clone());
+        tasks.spawn(async move {
+            let mut api = tidings_client::EventServiceClient::connect(url).await?;
+            loop {
+                let start = next.fetch_add(batch, Ordering::Relaxed);
+                if start >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let events = (start..(start + batch).min(count))
+                    .map(|i| Event {
+                        r#type: "bench".into(),
+                        contact_id: format!("c{client}-{i}"),
+                        ..Default::default()
+                    })
+                    .collect();
+                api.publish_batch(PublishBatchRequest { events }).await?;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let published = began.elapsed().as_secs_f64();
+    wait_until("every delivery to arrive", Duration::from_secs(60), || async {
+        (arrivals.count.load(Ordering::Relaxed) >= count).then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!("{} arrived; node logs:\n{}", arrivals.count.load(Ordering::Relaxed), node.logs())
+    })?;
+    let elapsed = began.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let (_, peak) = memory(pid);
+    let rate = count as f64 / elapsed;
+    println!(
+        "deliver ({kind} store, node process, {count} events published with PublishBatch, one webhook each)"
+    );
+    println!(
+        "  deliveries arriving:          {rate:>10.0} /s ({count} in {elapsed:.1} s; all published after {published:.1} s)"
+    );
+    if let Some(ceiling) = ceiling {
+        println!("  fraction of the ceiling:      {:>10.1} %", rate / ceiling * 100.0);
+    }
+    println!(
+        "  node CPU:                     {:>10.0} % of one core; peak memory {}",
+        cpu / elapsed * 100.0,
+        mib(peak)
+    );
+    println!();
+    Ok(())
+}
+
+async fn latency(kind: &str, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
+    let (url, arrivals) = crate::receiver::start().await?;
+    bench_campaign(&node, &url).await?;
+    arrivals.record.store(true, Ordering::Relaxed);
+    let returned: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let total = rate * seconds;
+    let began = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let api = tidings_client::EventServiceClient::connect(node.url()).await?;
+    for i in 0..total {
+        // Open loop: event i is sent at its scheduled time whatever the previous calls did.
+        let at = began + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(at.into()).await;
+        let (mut api, returned) = (api.clone(), returned.clone());
+        tasks.spawn(async move {
+            let event =
+                Event { r#type: "bench".into(), contact_id: format!("c{i}"), ..Default::default() };
+            if let Ok(response) =
+                api.publish(tidings_client::v1::PublishRequest { event: Some(event) }).await
+                && let Ok(mut returned) = returned.lock()
+            {
+                returned.push((response.into_inner().event_id, Instant::now()));
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    wait_until("every delivery to arrive", Duration::from_secs(120), || async {
+        (arrivals.count.load(Ordering::Relaxed) >= total).then_some(())
+    })
+    .await?;
+    let arrived = arrivals.at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let mut latencies: Vec<i64> = returned
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+        .filter_map(|(id, at)| {
+            let arrival = arrived.get(id.as_bytes())?;
+            Some(
+                arrival.saturating_duration_since(*at).as_micros() as i64
+                    - at.saturating_duration_since(*arrival).as_micros() as i64,
+            )
+        })
+        .collect();
+    latencies.sort_unstable();
+    let ms = |us: i64| us as f64 / 1000.0;
+    println!(
+        "latency ({kind} store, node process, {rate} events/s for {seconds} s, Publish returning -> request at the receiver)"
+    );
+    println!(
+        "  p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} deliveries",
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.9)),
+        ms(percentile(&latencies, 0.99)),
+        ms(latencies.last().copied().unwrap_or(0)),
+        latencies.len()
     );
     println!();
     Ok(())

@@ -177,7 +177,10 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed("TIDINGS_").split("__"));
+        // Only `TIDINGS_<SECTION>__<KEY>` variables are configuration; other TIDINGS_*
+        // variables (set for other tools) are left alone.
+        figment = figment
+            .merge(Env::prefixed("TIDINGS_").filter(|key| key.as_str().contains("__")).split("__"));
         figment = figment.merge(Serialized::defaults(flag_layer(overrides)));
         let config: Config = figment.extract().map_err(|error| {
             ConfigError(error.into_iter().map(|e| describe(&e)).collect::<Vec<_>>().join("; "))

@@ -46,7 +46,7 @@ impl std::fmt::Debug for NodeProcess {
 
 /// Returns the path of the node binary built for these tests.
 pub fn node_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TIDINGS_BIN") {
+    if let Some(path) = std::env::var_os("TIDINGS_NODE_BIN") {
         return PathBuf::from(path);
     }
     // Test executables live in target/<profile>/deps; the binary in target/<profile>.
