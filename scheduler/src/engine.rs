@@ -93,6 +93,7 @@ pub struct CampaignEngine {
     cipher: Cipher,
     dispatcher: Dispatcher,
     partitions: u32,
+    retention_ms: i64,
 }
 
 impl std::fmt::Debug for CampaignEngine {
@@ -128,6 +129,7 @@ impl CampaignEngine {
         cipher: Cipher,
         dispatcher: Dispatcher,
         partitions: u32,
+        retention: std::time::Duration,
     ) -> Self {
         Self {
             store,
@@ -138,7 +140,18 @@ impl CampaignEngine {
             cipher,
             dispatcher,
             partitions,
+            retention_ms: retention.as_millis() as i64,
         }
+    }
+
+    /// Writes a finished delivery and the timer that ends its retention.
+    fn finish(&self, delivery: &Delivery, effects: &mut Effects) {
+        effects.ops.push(put_delivery(delivery));
+        effects.timers.push(Timer {
+            id: format!("x-{}", delivery.id),
+            due_ms: delivery.updated_ms + self.retention_ms,
+            kind: TimerKind::Expire { delivery: delivery.id.clone() },
+        });
     }
 
     async fn contact(&self, partition: PartitionId, id: &str) -> serde_json::Value {
@@ -207,7 +220,7 @@ impl CampaignEngine {
                     node: String::new(),
                 });
                 delivery.reason = reason;
-                effects.ops.push(put_delivery(&delivery));
+                self.finish(&delivery, effects);
             }
         }
     }
@@ -394,6 +407,14 @@ impl Engine for CampaignEngine {
                     effects.ops.push(Op::put(key, serde_json::to_vec(&record).unwrap_or_default()));
                 }
             }
+            TimerKind::Expire { delivery } => {
+                let Some(found) = self.read_delivery(partition, delivery).await else { return };
+                let finished =
+                    matches!(found.status, Status::Delivered | Status::Failed | Status::Skipped);
+                if finished && found.updated_ms + self.retention_ms <= crate::now_ms() {
+                    effects.ops.push(Op::delete(record::key(partition, delivery)));
+                }
+            }
             TimerKind::Attempt { delivery } => {
                 let Some(delivery) = self.read_delivery(partition, delivery).await else { return };
                 if !matches!(delivery.status, Status::Pending | Status::Sending) {
@@ -491,7 +512,7 @@ impl Engine for CampaignEngine {
             tracing::info!(delivery = %delivery.id, attempt = number, reason = %delivery.reason, "delivery failed");
         }
         delivery.next_attempt_ms = None;
-        effects.ops.push(put_delivery(&delivery));
+        self.finish(&delivery, effects);
     }
 
     fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {

@@ -31,6 +31,11 @@ pub enum TimerKind {
         /// Delivery id.
         delivery: String,
     },
+    /// The end of a finished delivery's retention: its record and attempt log are deleted.
+    Expire {
+        /// Delivery id.
+        delivery: String,
+    },
     /// A run of an on-demand campaign scheduled for later.
     Run {
         /// Campaign id.

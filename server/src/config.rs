@@ -83,6 +83,9 @@ pub struct DeliveryConfig {
     /// Failing time before a webhook is disabled.
     #[serde(with = "humantime_serde")]
     pub disable_after: Duration,
+    /// How long finished deliveries are kept.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 /// The `[etcd]` section.

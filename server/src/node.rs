@@ -94,6 +94,7 @@ impl Node {
         )
         .map_err(|e| anyhow::anyhow!("building the HTTP client: {e}"))?;
         let cluster_options = ClusterOptions { live_nodes, ..cluster_options };
+        let retention = config.delivery.retention;
         let engine_parts = (
             store.clone(),
             campaign_cache,
@@ -108,6 +109,7 @@ impl Node {
                 let (store, campaigns, webhooks, templates, cipher, dispatcher) = engine_parts;
                 Arc::new(CampaignEngine::new(
                     store, campaigns, webhooks, templates, cipher, dispatcher, partitions,
+                    retention,
                 ))
             },
             cluster_options,

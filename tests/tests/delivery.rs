@@ -396,3 +396,129 @@ async fn a_render_failure_is_a_visible_failed_delivery() {
     assert!(failed.reason.starts_with("body:"), "{}", failed.reason);
     assert!(receiver.received().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_redeliver_failed_and_retention() {
+    use futures::StreamExt;
+    use tidings_client::v1::{GetDeliveryRequest, RedeliverFailedRequest, WatchDeliveriesRequest};
+    let receiver = Receiver::start().await.expect("receiver");
+    let mut options = allow_loopback();
+    options.env.push(("TIDINGS_DELIVERY__RETENTION".into(), "4s".into()));
+    let node = NodeProcess::start(options).await.expect("node");
+    webhook(&node, "batch", Webhook { url: receiver.url("/batch"), ..Default::default() }).await;
+    on_event(&node, "c-batch", "batch", "e.batch").await;
+
+    let mut api = DeliveryServiceClient::connect(node.url()).await.expect("client");
+    let filter = DeliveryFilter {
+        webhook_id: "batch".into(),
+        status: DeliveryStatus::Failed as i32,
+        ..Default::default()
+    };
+    let mut watch = api
+        .watch_deliveries(WatchDeliveriesRequest { filter: Some(filter) })
+        .await
+        .expect("watch")
+        .into_inner();
+    let started = std::time::SystemTime::now();
+    receiver.script((0..3).map(|_| Reply::Status(400)));
+    for i in 0..3 {
+        publish(&node, "e.batch", &format!("u{i}"), None).await;
+    }
+    // The stream shows the three failures as they happen.
+    let mut failed = Vec::new();
+    while failed.len() < 3 {
+        let next = tokio::time::timeout(Duration::from_secs(15), watch.next())
+            .await
+            .expect("an update")
+            .expect("open")
+            .expect("ok");
+        assert_eq!(next.status, DeliveryStatus::Failed as i32);
+        failed.push(next.id);
+    }
+
+    // Redeliver every failed delivery of the webhook since the start: all three succeed.
+    let since = tidings_client::prost_types::Timestamp::from(started);
+    let queued = api
+        .redeliver_failed(RedeliverFailedRequest {
+            webhook_id: "batch".into(),
+            start_time: Some(since),
+            end_time: None,
+        })
+        .await
+        .expect("redeliver")
+        .into_inner()
+        .queued;
+    assert_eq!(queued, 3);
+    wait_until("three deliveries to succeed", Duration::from_secs(15), || async {
+        (deliveries(&node, "batch")
+            .await
+            .iter()
+            .filter(|d| d.status == DeliveryStatus::Delivered as i32)
+            .count()
+            == 3)
+            .then_some(())
+    })
+    .await
+    .expect("redelivered");
+
+    // After the retention, the records are gone.
+    wait_until("the retention to end", Duration::from_secs(20), || async {
+        deliveries(&node, "batch").await.is_empty().then_some(())
+    })
+    .await
+    .expect("expired");
+    let gone =
+        api.get_delivery(GetDeliveryRequest { id: failed[0].clone() }).await.expect_err("expired");
+    assert_eq!(gone.code(), tidings_client::tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_failing_too_long_is_disabled_and_can_be_enabled_again() {
+    use tidings_client::prost_types::FieldMask;
+    use tidings_client::v1::UpdateWebhookRequest;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.default_reply(Reply::Status(503));
+    let mut options = allow_loopback();
+    options.env.push(("TIDINGS_DELIVERY__DISABLE_AFTER".into(), "1s".into()));
+    options.env.push(("TIDINGS_DELIVERY__CIRCUIT_THRESHOLD".into(), "100".into()));
+    let node = NodeProcess::start(options).await.expect("node");
+    webhook(
+        &node,
+        "down",
+        Webhook {
+            url: receiver.url("/down"),
+            retry_policy: Some(fast_retries(&[300; 10])),
+            ..Default::default()
+        },
+    )
+    .await;
+    on_event(&node, "c-down", "down", "e.down").await;
+    publish(&node, "e.down", "u1", None).await;
+    let mut webhooks = node.webhooks().await.expect("client");
+    let disabled = wait_until("the webhook to be disabled", Duration::from_secs(20), || {
+        let mut webhooks = webhooks.clone();
+        async move {
+            let w = webhooks
+                .get_webhook(GetWebhookRequest { id: "down".into() })
+                .await
+                .ok()?
+                .into_inner();
+            (w.enabled == Some(false)).then_some(w)
+        }
+    })
+    .await
+    .expect("disabled");
+    assert!(disabled.disabled_reason.contains("kept failing"), "{}", disabled.disabled_reason);
+    assert!(disabled.disabled_at.is_some());
+    let enabled = webhooks
+        .update_webhook(UpdateWebhookRequest {
+            webhook: Some(Webhook { id: "down".into(), enabled: Some(true), ..Default::default() }),
+            update_mask: Some(FieldMask { paths: vec!["enabled".into()] }),
+            etag: String::new(),
+        })
+        .await
+        .expect("enable")
+        .into_inner();
+    assert_eq!(enabled.enabled, Some(true));
+    assert!(enabled.disabled_reason.is_empty());
+}

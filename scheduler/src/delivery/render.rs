@@ -65,27 +65,38 @@ impl Templates {
             ensure_path(&mut context, &path);
         }
         let globals = liquid::model::to_object(&context).map_err(|e| format!("{what}: {e}"))?;
-        let output = template.render(&globals).map_err(|e| {
-            let message = e.to_string();
-            let first = message
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .unwrap_or("render failed")
-                .to_string();
-            let detail: Vec<&str> = message
-                .lines()
-                .map(str::trim)
-                .filter(|l| {
-                    l.starts_with("requested variable") || l.starts_with("available variables")
-                })
-                .collect();
-            format!(
-                "{what}: {first}{}{}",
-                if detail.is_empty() { "" } else { " (" },
-                if detail.is_empty() { String::new() } else { format!("{})", detail.join("; ")) }
-            )
-        })?;
+        // The writer refuses to grow past the limit, which stops rendering right there.
+        let mut writer = Limited { out: Vec::new(), limit };
+        let rendered = template.render_to(&mut writer, &globals);
+        if writer.out.len() >= limit {
+            return Err(format!("{what}: rendered to more than {limit} bytes, the limit"));
+        }
+        let output =
+            rendered.map(|_| String::from_utf8_lossy(&writer.out).into_owned()).map_err(|e| {
+                let message = e.to_string();
+                let first = message
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .unwrap_or("render failed")
+                    .to_string();
+                let detail: Vec<&str> = message
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| {
+                        l.starts_with("requested variable") || l.starts_with("available variables")
+                    })
+                    .collect();
+                format!(
+                    "{what}: {first}{}{}",
+                    if detail.is_empty() { "" } else { " (" },
+                    if detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{})", detail.join("; "))
+                    }
+                )
+            })?;
         if output.len() > limit {
             return Err(format!(
                 "{what}: rendered to {} bytes; the limit is {limit}",
@@ -175,6 +186,27 @@ fn ensure_path(value: &mut serde_json::Value, path: &[String]) {
     let child =
         map.entry(first.clone()).or_insert_with(|| serde_json::Value::Object(Default::default()));
     ensure_path(child, rest);
+}
+
+/// A writer that accepts at most `limit` bytes.
+struct Limited {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Limited {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + bytes.len() >= self.limit {
+            self.out.extend_from_slice(&bytes[..(self.limit - self.out.len()).min(bytes.len())]);
+            return Err(std::io::Error::other("output limit reached"));
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
