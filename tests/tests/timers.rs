@@ -205,6 +205,14 @@ async fn a_scheduled_run_starts_at_its_time_not_before_even_across_a_restart() {
         .await
         .expect("now");
     assert_eq!(ran_now.get_ref().state, RunState::Running as i32);
+
+    // The webhook of a campaign that can still send cannot be deleted.
+    let mut webhooks = node.webhooks().await.expect("client");
+    let request =
+        tidings_client::v1::DeleteWebhookRequest { id: "hook".into(), etag: String::new() };
+    let in_use = webhooks.delete_webhook(request).await.expect_err("in use");
+    assert_eq!(in_use.code(), Code::FailedPrecondition);
+    assert!(in_use.message().contains("blast"), "{}", in_use.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
