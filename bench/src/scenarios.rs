@@ -466,9 +466,11 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     };
     wait_until("64 partitions owned by 3 nodes", Duration::from_secs(60), || async {
         let owners = owners(&store).await?;
-        (owners.len() == 64
-            && owners.values().collect::<std::collections::BTreeSet<_>>().len() == 3)
-            .then_some(())
+        let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
+        for owner in owners.values() {
+            *counts.entry(owner).or_default() += 1;
+        }
+        (owners.len() == 64 && counts.len() == 3 && counts.values().all(|c| *c <= 22)).then_some(())
     })
     .await?;
     let victim =
