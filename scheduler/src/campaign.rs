@@ -234,3 +234,63 @@ pub fn run_key(campaign: &str, run: &str) -> String {
 pub fn interval_run_id(occurrence_ms: i64) -> String {
     format!("i-{occurrence_ms:013}")
 }
+
+/// One partition's share of a run, under `shards/{campaign}/{run}/{p}`, written only by
+/// that partition's owner.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shard {
+    /// Contacts of the partition in the audience.
+    pub audience: u64,
+    /// Deliveries queued.
+    pub queued: u64,
+    /// Deliveries delivered.
+    pub delivered: u64,
+    /// Deliveries failed.
+    pub failed: u64,
+    /// Skips by reason.
+    pub skipped: BTreeMap<String, u64>,
+    /// Whether the partition finished evaluating the audience.
+    pub done: bool,
+}
+
+/// Returns the key of a run's shard.
+pub fn shard_key(campaign: &str, run: &str, partition: crate::cluster::PartitionId) -> String {
+    format!("shards/{campaign}/{run}/{partition:04}")
+}
+
+/// Returns the inbox write that continues a run's shard in `partition` after `after`.
+pub fn fan_out_one(
+    campaign: &str,
+    run: &str,
+    partition: crate::cluster::PartitionId,
+    after: &str,
+) -> Option<crate::store::Op> {
+    let entry = crate::inbox::InboxEntry::RunShard {
+        campaign: campaign.to_string(),
+        run: run.to_string(),
+        after: after.to_string(),
+    };
+    let id = format!("run-{}-{}", ulid::Ulid::new().to_string().to_ascii_lowercase(), partition);
+    Some(crate::store::Op::put(
+        crate::keys::inbox_entry(partition, &id),
+        serde_json::to_vec(&entry).unwrap_or_default(),
+    ))
+}
+
+/// Returns the inbox writes that fan a run out to every partition.
+pub fn fan_out(campaign: &str, run: &str, partitions: u32) -> Vec<crate::store::Op> {
+    (0..partitions)
+        .map(|p| {
+            let entry = crate::inbox::InboxEntry::RunShard {
+                campaign: campaign.to_string(),
+                run: run.to_string(),
+                after: String::new(),
+            };
+            let id = format!("run-{}-{}", ulid::Ulid::new().to_string().to_ascii_lowercase(), p);
+            crate::store::Op::put(
+                crate::keys::inbox_entry(p, &id),
+                serde_json::to_vec(&entry).unwrap_or_default(),
+            )
+        })
+        .collect()
+}

@@ -28,6 +28,9 @@ use crate::template::Templates;
 use crate::timers::{Timer, TimerKind};
 use crate::webhook::Webhook;
 
+/// Contacts evaluated per batch of a run shard: each may add two writes to the batch.
+const RUN_PAGE: usize = 40;
+
 /// Extra time after an attempt's timeout before the attempt counts as lost.
 const VISIBILITY_MARGIN_MS: i64 = 5_000;
 
@@ -59,6 +62,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Handles one due timer of `partition`.
     async fn on_timer(&self, partition: PartitionId, timer: &Timer, effects: &mut Effects);
+
+    /// Evaluates a page of a run's audience in `partition`.
+    async fn on_run_shard(
+        &self,
+        _partition: PartitionId,
+        _campaign: &str,
+        _run: &str,
+        _after: &str,
+        _effects: &mut Effects,
+    ) {
+    }
 
     /// Handles a request to send a delivery again.
     async fn on_redeliver(&self, _partition: PartitionId, _delivery: &str, _effects: &mut Effects) {
@@ -94,6 +108,10 @@ pub struct CampaignEngine {
     dispatcher: Dispatcher,
     partitions: u32,
     retention_ms: i64,
+    /// Run shard counters by key, as last written by this node. Only a partition's owner
+    /// writes its shards, so within one ownership this copy is the truth, and several outcomes
+    /// of one batch add up instead of overwriting each other.
+    shards: std::sync::Mutex<std::collections::HashMap<String, crate::campaign::Shard>>,
 }
 
 impl std::fmt::Debug for CampaignEngine {
@@ -141,7 +159,27 @@ impl CampaignEngine {
             dispatcher,
             partitions,
             retention_ms: retention.as_millis() as i64,
+            shards: Default::default(),
         }
+    }
+
+    async fn shard(&self, key: &str) -> crate::campaign::Shard {
+        if let Some(shard) = self.shards.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
+            return shard.clone();
+        }
+        read(self.store.as_ref(), key)
+            .await
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_shard(&self, key: String, shard: crate::campaign::Shard, effects: &mut Effects) {
+        effects.ops.push(Op::put(key.clone(), serde_json::to_vec(&shard).unwrap_or_default()));
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        if shards.len() > 100_000 {
+            shards.clear();
+        }
+        shards.insert(key, shard);
     }
 
     /// Writes a finished delivery and the timer that ends its retention.
@@ -405,6 +443,7 @@ impl Engine for CampaignEngine {
                     record.started_ms = Some(crate::now_ms());
                     tracing::info!(campaign = %campaign, run = %run, partition, "scheduled run started");
                     effects.ops.push(Op::put(key, serde_json::to_vec(&record).unwrap_or_default()));
+                    effects.ops.extend(crate::campaign::fan_out(campaign, run, self.partitions));
                 }
             }
             TimerKind::Expire { delivery } => {
@@ -433,6 +472,113 @@ impl Engine for CampaignEngine {
                 }
             }
         }
+    }
+
+    async fn on_run_shard(
+        &self,
+        partition: PartitionId,
+        campaign_id: &str,
+        run_id: &str,
+        after: &str,
+        effects: &mut Effects,
+    ) {
+        let Some(campaign) = self.campaign(campaign_id).await else { return };
+        let shard_key = crate::campaign::shard_key(campaign_id, run_id, partition);
+        let mut shard = self.shard(&shard_key).await;
+        if shard.done {
+            return;
+        }
+        let run: Option<Run> = read(self.store.as_ref(), &run_key(campaign_id, run_id))
+            .await
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let run_data = run.as_ref().map(|r| r.data.clone()).unwrap_or_default();
+        let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else {
+            shard.done = true;
+            self.save_shard(shard_key, shard, effects);
+            return;
+        };
+        let segment_filter = if campaign.audience.segment_id.is_empty() {
+            String::new()
+        } else {
+            read(self.store.as_ref(), &format!("defs/segments/{}", campaign.audience.segment_id))
+                .await
+                .and_then(|bytes| serde_json::from_slice::<crate::segment::Segment>(&bytes).ok())
+                .map(|s| s.filter)
+                .unwrap_or_else(|| "false".into())
+        };
+        let prefix = format!("p/{partition:04}/contacts/");
+        let start = if after.is_empty() {
+            prefix.clone().into_bytes()
+        } else {
+            let mut key = after.as_bytes().to_vec();
+            key.push(0);
+            key
+        };
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let Ok(page) = self.store.range(&start, &end, RUN_PAGE).await else {
+            // Leave the shard queued as it is: the next attempt reads again.
+            effects.ops.extend(crate::campaign::fan_out_one(campaign_id, run_id, partition, after));
+            return;
+        };
+        let active = campaign.state == CampaignState::Active
+            && run.as_ref().is_some_and(|r| r.state == RunState::Running);
+        for kv in &page.kvs {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            let Some(contact_id) = key.strip_prefix(&prefix) else { continue };
+            let Ok(contact) = serde_json::from_slice::<Contact>(&kv.value) else { continue };
+            let view = contact.view(contact_id);
+            let vars = [("contact", &view)];
+            let inside = |source: &str| {
+                source.is_empty() || self.programs.evaluate(source, &vars).unwrap_or(false)
+            };
+            if !inside(&segment_filter) || !inside(&campaign.audience.filter) {
+                continue;
+            }
+            shard.audience += 1;
+            let skip = if !active {
+                Some("campaign_not_active")
+            } else if contact.unsubscribed {
+                Some("unsubscribed")
+            } else {
+                None
+            };
+            if let Some(reason) = skip {
+                *shard.skipped.entry(reason.to_string()).or_default() += 1;
+                continue;
+            }
+            let context = Context {
+                contact: view.clone(),
+                event: serde_json::Value::Null,
+                campaign: serde_json::json!({ "id": campaign_id, "data": campaign.data }),
+                run: serde_json::json!({ "id": run_id, "data": run_data }),
+                delivery: serde_json::Value::Null,
+            };
+            shard.queued += 1;
+            self.deliver(
+                partition,
+                &campaign.webhook_id,
+                &webhook,
+                campaign_id,
+                run_id,
+                contact_id,
+                "",
+                context,
+                effects,
+            );
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => {
+                let last = String::from_utf8_lossy(&last.key).into_owned();
+                effects.ops.extend(crate::campaign::fan_out_one(
+                    campaign_id,
+                    run_id,
+                    partition,
+                    &last,
+                ));
+            }
+            _ => shard.done = true,
+        }
+        self.save_shard(shard_key, shard, effects);
     }
 
     async fn on_redeliver(&self, partition: PartitionId, id: &str, effects: &mut Effects) {
@@ -510,6 +656,17 @@ impl Engine for CampaignEngine {
         }
         if delivery.status == Status::Failed {
             tracing::info!(delivery = %delivery.id, attempt = number, reason = %delivery.reason, "delivery failed");
+        }
+        if !delivery.run_id.is_empty() {
+            let key =
+                crate::campaign::shard_key(&delivery.campaign_id, &delivery.run_id, partition);
+            let mut shard = self.shard(&key).await;
+            if delivery.status == Status::Delivered {
+                shard.delivered += 1;
+            } else {
+                shard.failed += 1;
+            }
+            self.save_shard(key, shard, effects);
         }
         delivery.next_attempt_ms = None;
         self.finish(&delivery, effects);

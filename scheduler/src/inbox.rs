@@ -38,6 +38,17 @@ pub enum InboxEntry {
     Event(Event),
     /// A timer to add to the partition.
     Schedule(Timer),
+    /// Evaluate a run's audience over this partition's contacts, from after `after` (a
+    /// contact key; empty for the start). A shard re-queues itself with its progress until
+    /// every contact is done, so a failover resumes where it stopped.
+    RunShard {
+        /// Campaign id.
+        campaign: String,
+        /// Run id.
+        run: String,
+        /// Key of the last contact evaluated.
+        after: String,
+    },
     /// Send a finished delivery again.
     Redeliver {
         /// Delivery id.

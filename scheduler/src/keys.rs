@@ -10,6 +10,9 @@
 //! idem/{key}                           idempotency keys of Publish
 //! defs/{webhooks|segments|campaigns}/{id}
 //! runs/{campaign}/{run}
+//! shards/{campaign}/{run}/{pppp}       a run's counters in one partition (written by its owner)
+//! p/{pppp}/contacts/{contact}
+//! p/{pppp}/deliveries/{id}             deliveries with their attempt log
 //! ```
 //!
 //! Partition numbers are zero-padded to four digits so keys sort by partition.

@@ -27,6 +27,7 @@ pub mod rules;
 pub mod schedule;
 
 pub mod secrets;
+pub mod segment;
 pub mod store;
 pub mod template;
 pub mod timers;

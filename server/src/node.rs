@@ -18,7 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{CampaignApi, ClusterApi, DeliveryApi, EventApi, WebhookApi};
+use crate::api::{CampaignApi, ClusterApi, ContactApi, DeliveryApi, EventApi, WebhookApi};
 
 use crate::config::Config;
 
@@ -123,6 +123,7 @@ impl Node {
         let cluster_api = ClusterApi::new(cluster.clone());
         let campaigns = CampaignApi::new(store.clone(), cluster.partitions());
         let deliveries = DeliveryApi::new(store.clone(), cluster.partitions());
+        let contacts = Arc::new(ContactApi::new(store.clone(), cluster.partitions()));
 
         let services: [&str; 7] = [
             "tidings.v1.WebhookService",
@@ -143,8 +144,10 @@ impl Node {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(v1::webhook_service_server::WebhookServiceServer::new(webhooks))
-            .add_service(v1::contact_service_server::ContactServiceServer::new(Unimplemented))
-            .add_service(v1::segment_service_server::SegmentServiceServer::new(Unimplemented))
+            .add_service(v1::contact_service_server::ContactServiceServer::from_arc(
+                contacts.clone(),
+            ))
+            .add_service(v1::segment_service_server::SegmentServiceServer::from_arc(contacts))
             .add_service(v1::campaign_service_server::CampaignServiceServer::new(campaigns))
             .add_service(v1::event_service_server::EventServiceServer::new(events))
             .add_service(v1::delivery_service_server::DeliveryServiceServer::new(deliveries))
@@ -279,10 +282,3 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     file.write_all(contents.as_bytes())?;
     file.sync_all()
 }
-
-/// Stands in for the services a later version implements: every call answers UNIMPLEMENTED.
-#[derive(Clone, Copy, Debug)]
-struct Unimplemented;
-
-impl v1::contact_service_server::ContactService for Unimplemented {}
-impl v1::segment_service_server::SegmentService for Unimplemented {}

@@ -198,7 +198,9 @@ async fn timers_and_events_survive_kills_and_an_etcd_restart() {
     let node = nodes.any();
     let later = wait_until("every scheduled run to start", Duration::from_secs(30), || async {
         let runs = runs(node, "later").await;
-        runs.iter().all(|r| r.state == RunState::Running as i32).then_some(runs)
+        runs.iter()
+            .all(|r| r.state == RunState::Running as i32 || r.state == RunState::Completed as i32)
+            .then_some(runs)
     })
     .await
     .expect("all fired");

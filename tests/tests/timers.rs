@@ -194,7 +194,8 @@ async fn a_scheduled_run_starts_at_its_time_not_before_even_across_a_restart() {
                 .await
                 .ok()?
                 .into_inner();
-            (run.state == RunState::Running as i32).then_some(run)
+            (run.state == RunState::Running as i32 || run.state == RunState::Completed as i32)
+                .then_some(run)
         }
     })
     .await

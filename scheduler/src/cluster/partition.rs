@@ -295,6 +295,11 @@ impl Worker {
                 Ok(InboxEntry::Redeliver { delivery }) => {
                     self.engine.on_redeliver(self.partition, &delivery, &mut effects).await
                 }
+                Ok(InboxEntry::RunShard { campaign, run, after }) => {
+                    self.engine
+                        .on_run_shard(self.partition, &campaign, &run, &after, &mut effects)
+                        .await
+                }
                 Err(error) => warn!(
                     partition = self.partition,
                     key = %String::from_utf8_lossy(key),

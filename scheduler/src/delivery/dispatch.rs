@@ -242,6 +242,18 @@ impl Dispatcher {
             };
         }
         let endpoint = self.endpoint(&id, &webhook);
+        let Ok(_permit) = endpoint.in_flight.clone().acquire_owned().await else {
+            return Outcome {
+                job,
+                attempt: None,
+                verdict: Verdict::Retry(None),
+                deferred_until_ms: Some(now + 1000),
+            };
+        };
+        self.throttle(&endpoint, webhook.rate_limit).await;
+        // The circuit is checked once the attempt may go, so attempts that waited for a slot
+        // while the circuit opened do not slip through.
+        let mut probe = false;
         {
             let mut circuit = lock(&endpoint.circuit);
             if let Some(until) = circuit.open_until {
@@ -252,24 +264,16 @@ impl Dispatcher {
                         job,
                         attempt: None,
                         verdict: Verdict::Retry(None),
-                        deferred_until_ms: Some(now + wait.as_millis() as i64),
+                        deferred_until_ms: Some(crate::now_ms() + wait.as_millis() as i64),
                     };
                 }
                 // Half open: this attempt is the probe.
                 circuit.probing = true;
+                probe = true;
             }
         }
-        let Ok(_permit) = endpoint.in_flight.clone().acquire_owned().await else {
-            return Outcome {
-                job,
-                attempt: None,
-                verdict: Verdict::Retry(None),
-                deferred_until_ms: Some(now + 1000),
-            };
-        };
-        self.throttle(&endpoint, webhook.rate_limit).await;
         let (attempt, verdict) = self.send(&job.delivery, &webhook).await;
-        self.record(&id, &endpoint, &attempt, verdict).await;
+        self.record(&id, &endpoint, &attempt, verdict, probe).await;
         Outcome { job, attempt: Some(attempt), verdict, deferred_until_ms: None }
     }
 
@@ -422,7 +426,14 @@ impl Dispatcher {
     }
 
     /// Updates the circuit and disables webhooks that are gone or kept failing.
-    async fn record(&self, id: &str, endpoint: &Endpoint, attempt: &Attempt, verdict: Verdict) {
+    async fn record(
+        &self,
+        id: &str,
+        endpoint: &Endpoint,
+        attempt: &Attempt,
+        verdict: Verdict,
+        probe: bool,
+    ) {
         let now = crate::now_ms();
         let disable = {
             let mut circuit = lock(&endpoint.circuit);
@@ -430,7 +441,9 @@ impl Dispatcher {
                 || (verdict == Verdict::Fail
                     && attempt.error_class != ErrorClass::Blocked
                     && attempt.status_code >= 500);
-            circuit.probing = false;
+            if probe {
+                circuit.probing = false;
+            }
             if verdict == Verdict::Success || !failed {
                 if circuit.open_until.take().is_some() {
                     info!(webhook = id, "circuit closed");
@@ -442,14 +455,17 @@ impl Dispatcher {
             } else {
                 circuit.failures += 1;
                 let since = *circuit.failing_since_ms.get_or_insert(now);
-                if circuit.failures >= self.inner.options.circuit_threshold {
-                    let was_open = circuit.open_until.is_some();
+                // Only the first opening and a failed probe (re)start the cooldown; attempts that
+                // were already in flight when the circuit opened do not extend it.
+                if circuit.open_until.is_none()
+                    && circuit.failures >= self.inner.options.circuit_threshold
+                {
                     circuit.open_until = Some(Instant::now() + circuit.cooldown);
-                    if was_open {
-                        circuit.cooldown = (circuit.cooldown * 2).min(Duration::from_secs(600));
-                    } else {
-                        warn!(webhook = id, failures = circuit.failures, "circuit opened");
-                    }
+                    warn!(webhook = id, failures = circuit.failures, "circuit opened");
+                } else if probe {
+                    circuit.cooldown = (circuit.cooldown * 2).min(Duration::from_secs(600));
+                    circuit.open_until = Some(Instant::now() + circuit.cooldown);
+                    debug!(webhook = id, cooldown = ?circuit.cooldown, "probe failed; circuit stays open");
                 }
                 (now - since > self.inner.options.disable_after.as_millis() as i64)
                     .then(|| format!("endpoint kept failing since {}", humanize_ms(since)))

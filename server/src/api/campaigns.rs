@@ -630,6 +630,9 @@ impl CampaignApi {
             request.data.as_ref().map(struct_to_json).unwrap_or_default().into_iter().collect();
         let key = run_key(&request.id, &run_id);
         let mut ops = vec![Op::put(key.clone(), serde_json::to_vec(&run).unwrap_or_default())];
+        if !later {
+            ops.extend(tidings_scheduler::campaign::fan_out(&request.id, &run_id, self.partitions));
+        }
         if later {
             let timer = Timer {
                 id: run_id.clone(),
@@ -655,6 +658,41 @@ impl CampaignApi {
         }
         info!(campaign = %request.id, run = %run_id, scheduled = later, "run started");
         Ok(run_to_proto(&request.id, &run_id, &run))
+    }
+}
+
+impl CampaignApi {
+    /// Adds up the run's partition shards into its counters, and completes it when every
+    /// partition is done and every queued delivery has finished.
+    async fn with_shards(
+        &self,
+        campaign: &str,
+        run_id: &str,
+        mut run: Run,
+    ) -> Result<Run, ApiError> {
+        let prefix = format!("shards/{campaign}/{run_id}/");
+        let page = self.store.range_prefix(prefix.as_bytes(), 0).await?;
+        for kv in &page.kvs {
+            let Ok(shard) = serde_json::from_slice::<tidings_scheduler::campaign::Shard>(&kv.value)
+            else {
+                continue;
+            };
+            run.audience += shard.audience;
+            run.queued += shard.queued;
+            run.delivered += shard.delivered;
+            run.failed += shard.failed;
+            for (reason, n) in shard.skipped {
+                *run.skipped.entry(reason).or_default() += n;
+            }
+            run.partitions_done += u32::from(shard.done);
+        }
+        if run.state == RunState::Running
+            && run.partitions_done == run.partitions
+            && run.delivered + run.failed >= run.queued
+        {
+            run.state = RunState::Completed;
+        }
+        Ok(run)
     }
 }
 
@@ -946,6 +984,7 @@ impl CampaignService for CampaignApi {
             })?;
         let run: Run = serde_json::from_slice(&kv.value)
             .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
+        let run = self.with_shards(&request.campaign_id, &request.run_id, run).await?;
         Ok(Response::new(run_to_proto(&request.campaign_id, &request.run_id, &run)))
     }
 
@@ -972,6 +1011,8 @@ impl CampaignService for CampaignApi {
         for kv in &page.kvs {
             let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
             if let Ok(run) = serde_json::from_slice::<Run>(&kv.value) {
+                let run =
+                    self.with_shards(&request.campaign_id, &id, run).await.map_err(Status::from)?;
                 runs.push(run_to_proto(&request.campaign_id, &id, &run));
             }
         }

@@ -19,9 +19,6 @@ use tonic::{Request, Response, Status as GrpcStatus};
 use super::convert::{duration, timestamp, timestamp_ms};
 use super::{ApiError, Violations, invalid, new_id, page_size};
 
-/// Keys examined per List call before it returns a partial page.
-const SCAN_LIMIT: usize = 20_000;
-
 /// Serves DeliveryService.
 pub(crate) struct DeliveryApi {
     store: Arc<dyn Store>,
@@ -193,56 +190,20 @@ impl DeliveryService for DeliveryApi {
     ) -> Result<Response<pb::ListDeliveriesResponse>, GrpcStatus> {
         let request = request.into_inner();
         let filter = Filter::parse(request.filter.as_ref())?;
-        let size = page_size(request.page_size);
-        // The token is the key of the last delivery examined.
-        let mut start = if request.page_token.is_empty() {
-            b"p/0000/deliveries/".to_vec()
-        } else {
-            let mut key =
-                super::parse_page_token(&request.page_token)?.unwrap_or_default().into_bytes();
-            key.push(0);
-            key
-        };
-        let mut deliveries = Vec::new();
-        let mut examined = 0;
-        let mut next_page_token = String::new();
-        loop {
-            let partition: u32 = std::str::from_utf8(start.get(2..6).unwrap_or_default())
-                .ok()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(u32::MAX);
-            if partition >= self.partitions {
-                break;
-            }
-            let prefix = format!("p/{partition:04}/deliveries/");
-            if !start.starts_with(prefix.as_bytes()) {
-                start = prefix.clone().into_bytes();
-            }
-            let end = tidings_scheduler::store::prefix_end(prefix.as_bytes());
-            let page = self.store.range(&start, &end, 500).await.map_err(ApiError::from)?;
-            for kv in &page.kvs {
-                examined += 1;
-                if let Ok(d) = serde_json::from_slice::<Delivery>(&kv.value)
-                    && filter.matches(&d)
-                {
-                    deliveries.push(to_proto(&d));
-                }
-                if deliveries.len() == size || examined >= SCAN_LIMIT {
-                    next_page_token = super::page_token(&String::from_utf8_lossy(&kv.key));
-                    break;
-                }
-            }
-            if !next_page_token.is_empty() {
-                break;
-            }
-            match page.kvs.last() {
-                Some(last) if page.more => {
-                    start = last.key.clone();
-                    start.push(0);
-                }
-                _ => start = format!("p/{:04}/deliveries/", partition + 1).into_bytes(),
-            }
-        }
+        let (deliveries, next_page_token) = super::scan::scan(
+            &self.store,
+            self.partitions,
+            "deliveries",
+            &request.page_token,
+            page_size(request.page_size),
+            |kv| {
+                serde_json::from_slice::<Delivery>(&kv.value)
+                    .ok()
+                    .filter(|d| filter.matches(d))
+                    .map(|d| to_proto(&d))
+            },
+        )
+        .await?;
         Ok(Response::new(pb::ListDeliveriesResponse { deliveries, next_page_token }))
     }
 

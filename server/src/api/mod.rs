@@ -2,13 +2,16 @@
 
 mod campaigns;
 mod cluster;
+mod contacts;
 mod convert;
 mod deliveries;
 mod events;
+mod scan;
 mod webhooks;
 
 pub(crate) use campaigns::CampaignApi;
 pub(crate) use cluster::ClusterApi;
+pub(crate) use contacts::ContactApi;
 pub(crate) use deliveries::DeliveryApi;
 pub(crate) use events::EventApi;
 pub(crate) use webhooks::WebhookApi;
@@ -90,7 +93,6 @@ impl Violations {
         self.0.push((field.into(), reason.into()));
     }
 
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -1,0 +1,488 @@
+//! ContactService and SegmentService.
+//!
+//! Contacts are written by callers straight into their partition (`p/{p}/contacts/{id}`): they
+//! are inputs, like inbox entries, not state the partition owner derives; the owner reads them
+//! when it decides.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tidings_api::v1 as pb;
+use tidings_api::v1::contact_service_server::ContactService;
+use tidings_api::v1::segment_service_server::SegmentService;
+use tidings_scheduler::contact::{self, Contact};
+use tidings_scheduler::defs::{Definitions, DefsError, Versioned};
+use tidings_scheduler::rules::{self, Programs};
+use tidings_scheduler::segment::Segment;
+use tidings_scheduler::store::{Compare, CompareOp, KeyValue, Op, Store, Txn};
+use tidings_scheduler::{keys, now_ms};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{json_to_struct, struct_to_json, timestamp};
+use super::events::check_contact_id;
+use super::{
+    ApiError, Violations, check_id, invalid, new_id, page_size, page_token, parse_etag,
+    parse_page_token,
+};
+
+/// Largest attributes object, encoded as JSON.
+const MAX_ATTRIBUTES: usize = 64 * 1024;
+/// Most contacts in one BatchUpsertContacts message.
+const MAX_BATCH: usize = 1000;
+/// Rejected contacts listed in a BatchUpsertContacts response.
+const MAX_REJECTS_LISTED: usize = 1000;
+
+/// Serves ContactService and SegmentService.
+pub(crate) struct ContactApi {
+    store: Arc<dyn Store>,
+    partitions: u32,
+    segments: Definitions<Segment>,
+    programs: Arc<Programs>,
+}
+
+impl ContactApi {
+    pub(crate) fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
+        Self {
+            segments: Definitions::new(store.clone(), "segment", "segments"),
+            store,
+            partitions,
+            programs: Arc::new(Programs::default()),
+        }
+    }
+
+    fn key(&self, id: &str) -> String {
+        contact::key(keys::partition_of(id, self.partitions), id)
+    }
+
+    /// Validates a contact; `field` prefixes violations.
+    fn to_domain(proto: &pb::Contact, field: &str, v: &mut Violations) -> Contact {
+        check_contact_id(v, &format!("{field}.id"), &proto.id);
+        let attributes = proto.attributes.as_ref().map(struct_to_json).unwrap_or_default();
+        let size = serde_json::to_vec(&attributes).map_or(usize::MAX, |b| b.len());
+        if size > MAX_ATTRIBUTES {
+            v.add(
+                format!("{field}.attributes"),
+                format!("is {size} bytes as JSON; the limit is {MAX_ATTRIBUTES}"),
+            );
+        }
+        if let Err(reason) = tidings_scheduler::schedule::parse_timezone(&proto.timezone) {
+            v.add(format!("{field}.timezone"), reason);
+        }
+        let now = now_ms();
+        Contact {
+            attributes: attributes.into_iter().collect(),
+            timezone: proto.timezone.clone(),
+            unsubscribed: proto.unsubscribed,
+            created_ms: now,
+            updated_ms: now,
+        }
+    }
+
+    fn to_proto(id: &str, c: &Contact, revision: i64) -> pb::Contact {
+        pb::Contact {
+            id: id.to_string(),
+            attributes: Some(json_to_struct(&c.attributes)),
+            timezone: c.timezone.clone(),
+            unsubscribed: c.unsubscribed,
+            create_time: Some(timestamp(c.created_ms)),
+            update_time: Some(timestamp(c.updated_ms)),
+            etag: revision.to_string(),
+        }
+    }
+
+    fn decode(kv: &KeyValue) -> Option<(String, Contact)> {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        let id = key.split_once("/contacts/")?.1.to_string();
+        Some((id, serde_json::from_slice(&kv.value).ok()?))
+    }
+
+    /// Returns whether a contact is in a segment filter (false when the filter fails).
+    fn matches(&self, filter: &str, id: &str, c: &Contact) -> bool {
+        filter.is_empty()
+            || self.programs.evaluate(filter, &[("contact", &c.view(id))]).unwrap_or(false)
+    }
+
+    fn segment_to_proto(s: &Versioned<Segment>) -> pb::Segment {
+        pb::Segment {
+            id: s.id.clone(),
+            description: s.value.description.clone(),
+            filter: s.value.filter.clone(),
+            create_time: Some(timestamp(s.value.created_at_ms)),
+            update_time: Some(timestamp(s.value.updated_at_ms)),
+            etag: s.revision.to_string(),
+        }
+    }
+
+    fn check_segment(proto: &pb::Segment, v: &mut Violations) {
+        if proto.filter.is_empty() {
+            v.add("segment.filter", "is required");
+        } else if let Err(reason) = rules::check(&proto.filter) {
+            v.add("segment.filter", format!("invalid CEL: {reason}"));
+        }
+        if proto.description.chars().count() > 1024 {
+            v.add("segment.description", "must be at most 1024 characters");
+        }
+    }
+
+    /// Counts the members of a segment and returns up to `sample` of them.
+    async fn members(
+        &self,
+        filter: &str,
+        sample: usize,
+    ) -> Result<(u64, u64, Vec<pb::Contact>), ApiError> {
+        let (mut count, mut total, mut contacts) = (0, 0, Vec::new());
+        for partition in 0..self.partitions {
+            let prefix = format!("p/{partition:04}/contacts/");
+            let end = tidings_scheduler::store::prefix_end(prefix.as_bytes());
+            let mut start = prefix.clone().into_bytes();
+            loop {
+                let page = self.store.range(&start, &end, 1000).await?;
+                for kv in &page.kvs {
+                    let Some((id, c)) = Self::decode(kv) else { continue };
+                    total += 1;
+                    if self.matches(filter, &id, &c) {
+                        count += 1;
+                        if contacts.len() < sample {
+                            contacts.push(Self::to_proto(&id, &c, kv.mod_revision));
+                        }
+                    }
+                }
+                match page.kvs.last() {
+                    Some(last) if page.more => {
+                        start = last.key.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok((count, total, contacts))
+    }
+}
+
+#[tonic::async_trait]
+impl ContactService for ContactApi {
+    async fn upsert_contact(
+        &self,
+        request: Request<pb::UpsertContactRequest>,
+    ) -> Result<Response<pb::Contact>, Status> {
+        let request = request.into_inner();
+        let Some(proto) = request.contact else {
+            return Err(invalid("contact", "is required").into());
+        };
+        let mut v = Violations::default();
+        let mut contact = Self::to_domain(&proto, "contact", &mut v);
+        v.check()?;
+        let etag = parse_etag("etag", &request.etag)?;
+        let key = self.key(&proto.id);
+        loop {
+            let current = self.store.get(key.as_bytes()).await.map_err(ApiError::from)?;
+            if let Some(etag) = etag
+                && current.as_ref().map(|kv| kv.mod_revision) != Some(etag)
+            {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "contact {} changed since etag {etag} was read",
+                    proto.id
+                ))
+                .into());
+            }
+            if let Some(existing) =
+                current.as_ref().and_then(|kv| serde_json::from_slice::<Contact>(&kv.value).ok())
+            {
+                contact.created_ms = existing.created_ms;
+            }
+            let guard = match &current {
+                Some(kv) => Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
+                None => Compare::absent(key.clone()),
+            };
+            let bytes = serde_json::to_vec(&contact).unwrap_or_default();
+            let result = self
+                .store
+                .txn(Txn::new().when([guard]).and_then([Op::put(key.clone(), bytes)]))
+                .await
+                .map_err(ApiError::from)?;
+            if result.succeeded {
+                return Ok(Response::new(Self::to_proto(&proto.id, &contact, result.revision)));
+            }
+        }
+    }
+
+    async fn batch_upsert_contacts(
+        &self,
+        request: Request<Streaming<pb::BatchUpsertContactsRequest>>,
+    ) -> Result<Response<pb::BatchUpsertContactsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut response = pb::BatchUpsertContactsResponse::default();
+        let mut index = 0u64;
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            if message.contacts.len() > MAX_BATCH {
+                return Err(invalid(
+                    "contacts",
+                    format!("at most {MAX_BATCH} contacts per message"),
+                )
+                .into());
+            }
+            let mut ops = Vec::new();
+            for proto in &message.contacts {
+                let mut v = Violations::default();
+                let contact = Self::to_domain(proto, "contact", &mut v);
+                if !v.is_empty() {
+                    response.rejected_count += 1;
+                    if response.rejected.len() < MAX_REJECTS_LISTED {
+                        response.rejected.push(pb::RejectedContact {
+                            index,
+                            id: proto.id.clone(),
+                            reason: v.describe(),
+                        });
+                    }
+                } else {
+                    ops.push(Op::put(
+                        self.key(&proto.id),
+                        serde_json::to_vec(&contact).unwrap_or_default(),
+                    ));
+                }
+                index += 1;
+            }
+            // Imports replace whole contacts; one transaction per 120 keeps within etcd's limits.
+            for chunk in ops.chunks(120) {
+                self.store
+                    .txn(Txn::new().and_then(chunk.to_vec()))
+                    .await
+                    .map_err(ApiError::from)?;
+                response.upserted += chunk.len() as u64;
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn get_contact(
+        &self,
+        request: Request<pb::GetContactRequest>,
+    ) -> Result<Response<pb::Contact>, Status> {
+        let id = request.into_inner().id;
+        let mut v = Violations::default();
+        check_contact_id(&mut v, "id", &id);
+        v.check()?;
+        let kv = self
+            .store
+            .get(self.key(&id).as_bytes())
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("contact {id} not found")))?;
+        let contact: Contact =
+            serde_json::from_slice(&kv.value).map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(Response::new(Self::to_proto(&id, &contact, kv.mod_revision)))
+    }
+
+    async fn delete_contact(
+        &self,
+        request: Request<pb::DeleteContactRequest>,
+    ) -> Result<Response<pb::DeleteContactResponse>, Status> {
+        let id = request.into_inner().id;
+        let mut v = Violations::default();
+        check_contact_id(&mut v, "id", &id);
+        v.check()?;
+        let key = self.key(&id);
+        let result = self
+            .store
+            .txn(Txn::new().when([Compare::present(key.clone())]).and_then([Op::delete(key)]))
+            .await
+            .map_err(ApiError::from)?;
+        if !result.succeeded {
+            return Err(ApiError::NotFound(format!("contact {id} not found")).into());
+        }
+        Ok(Response::new(pb::DeleteContactResponse {}))
+    }
+
+    async fn list_contacts(
+        &self,
+        request: Request<pb::ListContactsRequest>,
+    ) -> Result<Response<pb::ListContactsResponse>, Status> {
+        let request = request.into_inner();
+        if !request.filter.is_empty()
+            && let Err(reason) = rules::check(&request.filter)
+        {
+            return Err(invalid("filter", format!("invalid CEL: {reason}")).into());
+        }
+        let (contacts, next_page_token) = super::scan::scan(
+            &self.store,
+            self.partitions,
+            "contacts",
+            &request.page_token,
+            page_size(request.page_size),
+            |kv| {
+                let (id, c) = Self::decode(kv)?;
+                self.matches(&request.filter, &id, &c)
+                    .then(|| Self::to_proto(&id, &c, kv.mod_revision))
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::ListContactsResponse { contacts, next_page_token }))
+    }
+}
+
+#[tonic::async_trait]
+impl SegmentService for ContactApi {
+    async fn create_segment(
+        &self,
+        request: Request<pb::CreateSegmentRequest>,
+    ) -> Result<Response<pb::Segment>, Status> {
+        let request = request.into_inner();
+        let Some(proto) = request.segment else {
+            return Err(invalid("segment", "is required").into());
+        };
+        let mut v = Violations::default();
+        let id =
+            if request.segment_id.is_empty() { new_id("seg") } else { request.segment_id.clone() };
+        check_id(&mut v, "segment_id", &id);
+        Self::check_segment(&proto, &mut v);
+        v.check()?;
+        let now = now_ms();
+        let segment = Segment {
+            description: proto.description,
+            filter: proto.filter,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let stored = self.segments.create(&id, &segment).await.map_err(ApiError::from)?;
+        Ok(Response::new(Self::segment_to_proto(&stored)))
+    }
+
+    async fn get_segment(
+        &self,
+        request: Request<pb::GetSegmentRequest>,
+    ) -> Result<Response<pb::Segment>, Status> {
+        let id = request.into_inner().id;
+        let mut v = Violations::default();
+        check_id(&mut v, "id", &id);
+        v.check()?;
+        let stored = self.segments.get(&id).await.map_err(ApiError::from)?;
+        Ok(Response::new(Self::segment_to_proto(&stored)))
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<pb::ListSegmentsRequest>,
+    ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        let request = request.into_inner();
+        let after = parse_page_token(&request.page_token)?;
+        let (items, more) = self
+            .segments
+            .list(after.as_deref(), page_size(request.page_size))
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = match items.last() {
+            Some(last) if more => page_token(&last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListSegmentsResponse {
+            segments: items.iter().map(Self::segment_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_segment(
+        &self,
+        request: Request<pb::UpdateSegmentRequest>,
+    ) -> Result<Response<pb::Segment>, Status> {
+        let request = request.into_inner();
+        let Some(proto) = request.segment else {
+            return Err(invalid("segment", "is required").into());
+        };
+        let mut v = Violations::default();
+        check_id(&mut v, "segment.id", &proto.id);
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        for path in &paths {
+            if !["description", "filter"].contains(&path.as_str()) {
+                v.add("update_mask", format!("{path} is not a writable field"));
+            }
+        }
+        v.check()?;
+        let etag = parse_etag("etag", &request.etag)?;
+        let named = |f: &str| paths.is_empty() || paths.iter().any(|p| p == f);
+        loop {
+            let current = self.segments.get(&proto.id).await.map_err(ApiError::from)?;
+            if etag.is_some_and(|e| e != current.revision) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "segment {} changed since etag {e} was read",
+                    proto.id,
+                    e = request.etag
+                ))
+                .into());
+            }
+            let mut merged = Self::segment_to_proto(&current);
+            if named("description") {
+                merged.description = proto.description.clone();
+            }
+            if named("filter") {
+                merged.filter = proto.filter.clone();
+            }
+            let mut v = Violations::default();
+            Self::check_segment(&merged, &mut v);
+            v.check()?;
+            let segment = Segment {
+                description: merged.description,
+                filter: merged.filter,
+                created_at_ms: current.value.created_at_ms,
+                updated_at_ms: now_ms(),
+            };
+            match self.segments.replace(&proto.id, &segment, current.revision).await {
+                Ok(stored) => return Ok(Response::new(Self::segment_to_proto(&stored))),
+                Err(DefsError::Conflict { .. }) if etag.is_none() => continue,
+                Err(error) => return Err(ApiError::from(error).into()),
+            }
+        }
+    }
+
+    async fn delete_segment(
+        &self,
+        request: Request<pb::DeleteSegmentRequest>,
+    ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        check_id(&mut v, "id", &request.id);
+        v.check()?;
+        let etag = parse_etag("etag", &request.etag)?;
+        let campaigns: Definitions<tidings_scheduler::campaign::Campaign> =
+            Definitions::new(self.store.clone(), "campaign", "campaigns");
+        let (all, _) = campaigns.list(None, 0).await.map_err(ApiError::from)?;
+        if let Some(user) = all.iter().find(|c| {
+            c.value.audience.segment_id == request.id
+                && c.value.state != tidings_scheduler::campaign::CampaignState::Archived
+        }) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "segment {} is used by campaign {}",
+                request.id, user.id
+            ))
+            .into());
+        }
+        self.segments.delete(&request.id, etag).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::DeleteSegmentResponse {}))
+    }
+
+    async fn count_segment(
+        &self,
+        request: Request<pb::CountSegmentRequest>,
+    ) -> Result<Response<pb::CountSegmentResponse>, Status> {
+        let id = request.into_inner().id;
+        let segment = self.segments.get(&id).await.map_err(ApiError::from)?;
+        let (count, total, _) = self.members(&segment.value.filter, 0).await?;
+        Ok(Response::new(pb::CountSegmentResponse { count, total }))
+    }
+
+    async fn preview_segment(
+        &self,
+        request: Request<pb::PreviewSegmentRequest>,
+    ) -> Result<Response<pb::PreviewSegmentResponse>, Status> {
+        let request = request.into_inner();
+        let size = match request.sample_size {
+            0 => 10,
+            n if n <= 100 => n as usize,
+            _ => return Err(invalid("sample_size", "must be at most 100").into()),
+        };
+        let segment = self.segments.get(&request.id).await.map_err(ApiError::from)?;
+        let (_, _, contacts) = self.members(&segment.value.filter, size).await?;
+        Ok(Response::new(pb::PreviewSegmentResponse { contacts }))
+    }
+}

@@ -1,0 +1,216 @@
+//! Contacts, segments, and on-demand runs fanned out over the partitions.
+
+use std::time::Duration;
+
+use tidings_client::prost_types::{Struct, Value, value::Kind as ValueKind};
+use tidings_client::tonic::Code;
+use tidings_client::v1::{
+    ActivateCampaignRequest, Audience, BatchUpsertContactsRequest, Campaign, Contact,
+    CountSegmentRequest, CreateCampaignRequest, CreateSegmentRequest, CreateWebhookRequest,
+    GetContactRequest, GetRunRequest, ListContactsRequest, OnDemandTrigger, PreviewSegmentRequest,
+    RunCampaignRequest, RunState, Segment, Trigger, UpsertContactRequest, Webhook, trigger::Kind,
+};
+use tidings_client::{ContactServiceClient, SegmentServiceClient};
+use tidings_tests::{NodeOptions, NodeProcess, Receiver, wait_until};
+use tonic_types::StatusExt;
+
+fn attributes(plan: &str, n: i64) -> Struct {
+    Struct {
+        fields: [
+            ("plan".to_string(), Value { kind: Some(ValueKind::StringValue(plan.into())) }),
+            ("n".to_string(), Value { kind: Some(ValueKind::NumberValue(n as f64)) }),
+        ]
+        .into(),
+    }
+}
+
+fn fields(status: &tidings_client::tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_reaches_every_member_of_its_segment_once() {
+    let receiver = Receiver::start().await.expect("receiver");
+    let options = NodeOptions {
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut contacts = ContactServiceClient::connect(node.url()).await.expect("client");
+
+    // Import 300 contacts in two stream messages; one is invalid and reported, not written.
+    let all: Vec<Contact> = (0..300)
+        .map(|i| Contact {
+            id: format!("user-{i:03}"),
+            attributes: Some(attributes(if i % 2 == 0 { "pro" } else { "free" }, i)),
+            timezone: "Europe/Paris".into(),
+            unsubscribed: i == 10,
+            ..Default::default()
+        })
+        .chain([Contact { id: "bad id".into(), ..Default::default() }])
+        .collect();
+    let messages: Vec<BatchUpsertContactsRequest> =
+        all.chunks(200).map(|c| BatchUpsertContactsRequest { contacts: c.to_vec() }).collect();
+    let imported = contacts
+        .batch_upsert_contacts(tokio_stream::iter(messages))
+        .await
+        .expect("import")
+        .into_inner();
+    assert_eq!(imported.upserted, 300);
+    assert_eq!(imported.rejected_count, 1);
+    assert_eq!(imported.rejected[0].index, 300);
+    assert!(imported.rejected[0].reason.contains("contact.id"), "{}", imported.rejected[0].reason);
+
+    let one = contacts
+        .get_contact(GetContactRequest { id: "user-004".into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(one.timezone, "Europe/Paris");
+    let bad_zone = contacts
+        .upsert_contact(UpsertContactRequest {
+            contact: Some(Contact {
+                id: "x".into(),
+                timezone: "Mars/Base".into(),
+                ..Default::default()
+            }),
+            etag: String::new(),
+        })
+        .await
+        .expect_err("bad zone");
+    assert_eq!(fields(&bad_zone), vec!["contact.timezone".to_string()]);
+    let stale = contacts
+        .upsert_contact(UpsertContactRequest { contact: Some(one.clone()), etag: "1".into() })
+        .await
+        .expect_err("stale etag");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let listed = contacts
+        .list_contacts(ListContactsRequest {
+            filter: "contact.attributes.n < 5".into(),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.contacts.len(), 5);
+
+    let mut segments = SegmentServiceClient::connect(node.url()).await.expect("client");
+    let invalid = segments
+        .create_segment(CreateSegmentRequest {
+            segment_id: "broken".into(),
+            segment: Some(Segment {
+                filter: "contact.attributes.plan ==".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("invalid CEL");
+    assert_eq!(fields(&invalid), vec!["segment.filter".to_string()]);
+    let pro =
+        Segment { filter: r#"contact.attributes.plan == "pro""#.into(), ..Default::default() };
+    segments
+        .create_segment(CreateSegmentRequest { segment_id: "pro".into(), segment: Some(pro) })
+        .await
+        .expect("segment");
+    let count = segments
+        .count_segment(CountSegmentRequest { id: "pro".into() })
+        .await
+        .expect("count")
+        .into_inner();
+    assert_eq!((count.count, count.total), (150, 300));
+    let preview = segments
+        .preview_segment(PreviewSegmentRequest { id: "pro".into(), sample_size: 3 })
+        .await
+        .expect("preview")
+        .into_inner();
+    assert_eq!(preview.contacts.len(), 3);
+
+    let mut webhooks = node.webhooks().await.expect("client");
+    let webhook = Webhook {
+        url: receiver.url("/notify"),
+        body: r#"{"to": "{{ contact.id }}", "n": {{ contact.attributes.n }}, "promo": "{{ run.data.code }}"}"#.into(),
+        ..Default::default()
+    };
+    webhooks
+        .create_webhook(CreateWebhookRequest {
+            webhook_id: "notify".into(),
+            webhook: Some(webhook),
+        })
+        .await
+        .expect("webhook");
+    let mut campaigns = node.campaigns().await.expect("client");
+    let campaign = Campaign {
+        webhook_id: "notify".into(),
+        audience: Some(Audience { segment_id: "pro".into(), filter: String::new() }),
+        trigger: Some(Trigger { kind: Some(Kind::OnDemand(OnDemandTrigger {})) }),
+        ..Default::default()
+    };
+    campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "promo".into(),
+            campaign: Some(campaign),
+        })
+        .await
+        .expect("campaign");
+    campaigns
+        .activate_campaign(ActivateCampaignRequest { id: "promo".into() })
+        .await
+        .expect("activate");
+    let code = Struct {
+        fields: [(
+            "code".to_string(),
+            Value { kind: Some(ValueKind::StringValue("SPRING".into())) },
+        )]
+        .into(),
+    };
+    let run = campaigns
+        .run_campaign(RunCampaignRequest {
+            id: "promo".into(),
+            data: Some(code),
+            ..Default::default()
+        })
+        .await
+        .expect("run")
+        .into_inner();
+
+    let received = receiver.wait_for(149, Duration::from_secs(30)).await.expect("deliveries");
+    let mut recipients: Vec<String> = received
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["to"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    recipients.sort();
+    recipients.dedup();
+    assert_eq!(recipients.len(), 149, "every pro contact but the unsubscribed one, once each");
+    assert!(
+        received.iter().all(|r| std::str::from_utf8(&r.body).is_ok_and(|b| b.contains("SPRING")))
+    );
+
+    let done = wait_until("the run to complete", Duration::from_secs(20), || {
+        let mut campaigns = campaigns.clone();
+        let id = run.id.clone();
+        async move {
+            let run = campaigns
+                .get_run(GetRunRequest { campaign_id: "promo".into(), run_id: id })
+                .await
+                .ok()?
+                .into_inner();
+            (run.state == RunState::Completed as i32).then_some(run)
+        }
+    })
+    .await
+    .expect("completed");
+    assert_eq!((done.audience, done.queued, done.delivered, done.failed), (150, 149, 149, 0));
+    assert_eq!(done.skipped.get("unsubscribed"), Some(&1));
+    assert_eq!((done.partitions_done, done.partitions), (64, 64));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 149, "no duplicates");
+}
