@@ -74,6 +74,20 @@ pub trait Engine: Send + Sync + 'static {
     ) {
     }
 
+    /// Records an interaction of a contact with a campaign's delivery.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_interaction(
+        &self,
+        _partition: PartitionId,
+        _contact: &str,
+        _campaign: &str,
+        _delivery: &str,
+        _kind: &str,
+        _at_ms: i64,
+        _effects: &mut Effects,
+    ) {
+    }
+
     /// Handles a request to send a delivery again.
     async fn on_redeliver(&self, _partition: PartitionId, _delivery: &str, _effects: &mut Effects) {
     }
@@ -359,6 +373,109 @@ impl CampaignEngine {
     }
 }
 
+impl CampaignEngine {
+    async fn status(
+        &self,
+        partition: PartitionId,
+        contact: &str,
+        campaign: &str,
+    ) -> crate::status::CampaignStatus {
+        read(self.store.as_ref(), &crate::status::key(partition, contact, campaign))
+            .await
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records a finished delivery in the contact's standing and starts the waits of the
+    /// follow-up campaigns that follow it.
+    async fn finished(&self, partition: PartitionId, delivery: &Delivery, effects: &mut Effects) {
+        let status_name = if delivery.status == Status::Delivered { "delivered" } else { "failed" };
+        let mut status = self.status(partition, &delivery.contact_id, &delivery.campaign_id).await;
+        status.last_status = status_name.to_string();
+        status.last_delivery = delivery.id.clone();
+        status.last_at_ms = delivery.updated_ms;
+        status.sends += 1;
+        effects.ops.push(Op::put(
+            crate::status::key(partition, &delivery.contact_id, &delivery.campaign_id),
+            serde_json::to_vec(&status).unwrap_or_default(),
+        ));
+        for (id, campaign) in self.campaigns.all() {
+            let Trigger::FollowUp { after_campaign_id, on_status, delay_ms, .. } =
+                &campaign.trigger
+            else {
+                continue;
+            };
+            if *after_campaign_id != delivery.campaign_id
+                || campaign.state != CampaignState::Active
+                || !on_status.iter().any(|s| s == status_name)
+            {
+                continue;
+            }
+            let since_ms = delivery.updated_ms;
+            tracing::debug!(campaign = %id, contact = %delivery.contact_id, delay_ms, "follow-up wait started");
+            effects.timers.push(Timer {
+                id: format!("f-{id}-{}", delivery.id),
+                due_ms: since_ms + *delay_ms as i64,
+                kind: TimerKind::FollowUp {
+                    campaign: id.clone(),
+                    contact: delivery.contact_id.clone(),
+                    after_campaign: delivery.campaign_id.clone(),
+                    since_ms,
+                },
+            });
+        }
+    }
+
+    /// Ends a follow-up's wait: sends unless the contact interacted first.
+    async fn follow_up(
+        &self,
+        partition: PartitionId,
+        id: &str,
+        contact_id: &str,
+        after: &str,
+        since_ms: i64,
+        effects: &mut Effects,
+    ) {
+        let Some(campaign) = self.campaign(id).await else { return };
+        let Trigger::FollowUp { unless_interactions, .. } = &campaign.trigger else { return };
+        if campaign.state != CampaignState::Active {
+            return;
+        }
+        let status = self.status(partition, contact_id, after).await;
+        if let Some(kind) = unless_interactions
+            .iter()
+            .find(|k| status.interactions.get(*k).is_some_and(|at| *at >= since_ms))
+        {
+            tracing::info!(campaign = %id, contact = %contact_id, interaction = %kind, "follow-up not needed");
+            return;
+        }
+        let contact = self.contact(partition, contact_id).await;
+        if contact["unsubscribed"] == serde_json::Value::Bool(true) {
+            return;
+        }
+        let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else { return };
+        let context = Context {
+            contact,
+            event: serde_json::Value::Null,
+            campaign: serde_json::json!({ "id": id, "data": campaign.data }),
+            run: serde_json::Value::Null,
+            delivery: serde_json::Value::Null,
+        };
+        tracing::info!(campaign = %id, contact = %contact_id, "follow-up sent");
+        self.deliver(
+            partition,
+            &campaign.webhook_id,
+            &webhook,
+            id,
+            "",
+            contact_id,
+            "",
+            context,
+            effects,
+        );
+    }
+}
+
 fn put_delivery(delivery: &Delivery) -> Op {
     Op::put(
         record::key(delivery.partition, &delivery.id),
@@ -445,6 +562,10 @@ impl Engine for CampaignEngine {
                     effects.ops.push(Op::put(key, serde_json::to_vec(&record).unwrap_or_default()));
                     effects.ops.extend(crate::campaign::fan_out(campaign, run, self.partitions));
                 }
+            }
+            TimerKind::FollowUp { campaign, contact, after_campaign, since_ms } => {
+                self.follow_up(partition, campaign, contact, after_campaign, *since_ms, effects)
+                    .await;
             }
             TimerKind::Expire { delivery } => {
                 let Some(found) = self.read_delivery(partition, delivery).await else { return };
@@ -581,6 +702,40 @@ impl Engine for CampaignEngine {
         self.save_shard(shard_key, shard, effects);
     }
 
+    async fn on_interaction(
+        &self,
+        partition: PartitionId,
+        contact: &str,
+        campaign: &str,
+        delivery: &str,
+        kind: &str,
+        at_ms: i64,
+        effects: &mut Effects,
+    ) {
+        let (contact, campaign) = if delivery.is_empty() {
+            (contact.to_string(), campaign.to_string())
+        } else {
+            match self.read_delivery(partition, delivery).await {
+                Some(found) => (found.contact_id, found.campaign_id),
+                None => {
+                    tracing::info!(delivery, "interaction for an unknown delivery ignored");
+                    return;
+                }
+            }
+        };
+        if campaign.is_empty() {
+            return;
+        }
+        let mut status = self.status(partition, &contact, &campaign).await;
+        let latest = status.interactions.entry(kind.to_string()).or_insert(at_ms);
+        *latest = (*latest).max(at_ms);
+        tracing::debug!(%contact, %campaign, kind, "interaction recorded");
+        effects.ops.push(Op::put(
+            crate::status::key(partition, &contact, &campaign),
+            serde_json::to_vec(&status).unwrap_or_default(),
+        ));
+    }
+
     async fn on_redeliver(&self, partition: PartitionId, id: &str, effects: &mut Effects) {
         let Some(mut delivery) = self.read_delivery(partition, id).await else { return };
         if matches!(delivery.status, Status::Pending | Status::Sending) {
@@ -656,6 +811,11 @@ impl Engine for CampaignEngine {
         }
         if delivery.status == Status::Failed {
             tracing::info!(delivery = %delivery.id, attempt = number, reason = %delivery.reason, "delivery failed");
+        }
+        if !delivery.campaign_id.is_empty()
+            && matches!(delivery.status, Status::Delivered | Status::Failed)
+        {
+            self.finished(partition, &delivery, effects).await;
         }
         if !delivery.run_id.is_empty() {
             let key =

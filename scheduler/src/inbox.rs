@@ -49,6 +49,19 @@ pub enum InboxEntry {
         /// Key of the last contact evaluated.
         after: String,
     },
+    /// What a contact did with a delivery, reported by a downstream system.
+    Interaction {
+        /// Contact; empty when only the delivery is known.
+        contact: String,
+        /// Campaign; empty when only the delivery is known.
+        campaign: String,
+        /// Delivery id, when known.
+        delivery: String,
+        /// `delivered`, `opened`, `clicked`, `actioned`, `converted`, or a custom name.
+        kind: String,
+        /// When it happened, Unix milliseconds.
+        at_ms: i64,
+    },
     /// Send a finished delivery again.
     Redeliver {
         /// Delivery id.

@@ -28,6 +28,7 @@ pub mod schedule;
 
 pub mod secrets;
 pub mod segment;
+pub mod status;
 pub mod store;
 pub mod template;
 pub mod timers;

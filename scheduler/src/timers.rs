@@ -36,6 +36,18 @@ pub enum TimerKind {
         /// Delivery id.
         delivery: String,
     },
+    /// The end of a follow-up's wait: send `campaign` to `contact` unless the contact
+    /// interacted with `after_campaign` since `since_ms`.
+    FollowUp {
+        /// The follow-up campaign.
+        campaign: String,
+        /// Contact.
+        contact: String,
+        /// The campaign whose delivery started the wait.
+        after_campaign: String,
+        /// When the wait started, Unix milliseconds.
+        since_ms: i64,
+    },
     /// A run of an on-demand campaign scheduled for later.
     Run {
         /// Campaign id.

@@ -295,6 +295,19 @@ impl Worker {
                 Ok(InboxEntry::Redeliver { delivery }) => {
                     self.engine.on_redeliver(self.partition, &delivery, &mut effects).await
                 }
+                Ok(InboxEntry::Interaction { contact, campaign, delivery, kind, at_ms }) => {
+                    self.engine
+                        .on_interaction(
+                            self.partition,
+                            &contact,
+                            &campaign,
+                            &delivery,
+                            &kind,
+                            at_ms,
+                            &mut effects,
+                        )
+                        .await
+                }
                 Ok(InboxEntry::RunShard { campaign, run, after }) => {
                     self.engine
                         .on_run_shard(self.partition, &campaign, &run, &after, &mut effects)

@@ -169,8 +169,65 @@ pub(crate) fn check_contact_id(violations: &mut Violations, field: &str, id: &st
     }
 }
 
+impl EventApi {
+    async fn record_interaction(
+        &self,
+        request: pb::RecordInteractionRequest,
+    ) -> Result<(), ApiError> {
+        let mut v = Violations::default();
+        let partition = if !request.delivery_id.is_empty() {
+            match tidings_scheduler::delivery::record::partition_of_id(&request.delivery_id) {
+                Some(p) if p < self.partitions => Some(p),
+                _ => {
+                    v.add("delivery_id", "is not a delivery id (the webhook-id header, msg_...)");
+                    None
+                }
+            }
+        } else {
+            if request.campaign_id.is_empty() {
+                v.add("campaign_id", "is required when delivery_id is not given");
+            } else {
+                super::check_id(&mut v, "campaign_id", &request.campaign_id);
+            }
+            check_contact_id(&mut v, "contact_id", &request.contact_id);
+            Some(keys::partition_of(&request.contact_id, self.partitions))
+        };
+        super::campaigns::check_interaction_kind(&mut v, "kind", &request.kind);
+        let at_ms = match &request.occurred_time {
+            Some(t) => timestamp_ms(&mut v, "occurred_time", t),
+            None => Some(tidings_scheduler::now_ms()),
+        };
+        v.check()?;
+        let (Some(partition), Some(at_ms)) = (partition, at_ms) else {
+            return Err(invalid("request", "is incomplete"));
+        };
+        let entry = InboxEntry::Interaction {
+            contact: request.contact_id,
+            campaign: request.campaign_id,
+            delivery: request.delivery_id,
+            kind: request.kind,
+            at_ms,
+        };
+        let op = Op::put(
+            keys::inbox_entry(partition, &new_id("ix")),
+            serde_json::to_vec(&entry).unwrap_or_default(),
+        );
+        self.store.txn(Txn::new().and_then([op])).await?;
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl EventService for EventApi {
+    #[instrument(skip_all)]
+    async fn record_interaction(
+        &self,
+        request: Request<pb::RecordInteractionRequest>,
+    ) -> Result<Response<pb::RecordInteractionResponse>, Status> {
+        self.record_interaction(request.into_inner()).await?;
+        Ok(Response::new(pb::RecordInteractionResponse {}))
+    }
+
     #[instrument(skip_all)]
     async fn publish(
         &self,

@@ -1,0 +1,29 @@
+//! Each contact's standing in each campaign, under `p/{p}/status/{contact}/{campaign}`, written
+//! only by the partition's owner. Follow-ups read it to see whether the contact interacted, and
+//! business rules will read it as `campaigns`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::PartitionId;
+
+/// A contact's standing in one campaign.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignStatus {
+    /// Status of the latest finished delivery (`delivered`, `failed`).
+    pub last_status: String,
+    /// Id of that delivery.
+    pub last_delivery: String,
+    /// When it finished, Unix milliseconds.
+    pub last_at_ms: i64,
+    /// Deliveries finished.
+    pub sends: u64,
+    /// Latest time of each interaction kind, Unix milliseconds.
+    pub interactions: BTreeMap<String, i64>,
+}
+
+/// Returns the key of a contact's standing in a campaign.
+pub fn key(partition: PartitionId, contact: &str, campaign: &str) -> String {
+    format!("p/{partition:04}/status/{contact}/{campaign}")
+}

@@ -1,0 +1,186 @@
+//! The escalation chain from the product brief, on three node processes and a real etcd: an
+//! urgent email webhook; if it is not clicked within D, an SMS webhook; if that is not actioned
+//! within D, a call-center webhook. A node is killed in the middle of a wait.
+
+use std::time::Duration;
+
+use tidings_client::EventServiceClient;
+use tidings_client::prost_types::Duration as PbDuration;
+use tidings_client::v1::{
+    ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest, DeliveryStatus,
+    Event, EventTrigger, FollowUpTrigger, PublishRequest, RecordInteractionRequest, Trigger,
+    Webhook, trigger::Kind,
+};
+use tidings_scheduler::store::Store;
+use tidings_tests::{Etcd, NodeOptions, NodeProcess, Receiver, unique_prefix, wait_until};
+
+const WAIT_SECONDS: i64 = 3;
+
+fn options(etcd: &Etcd, prefix: &str, id: &str) -> NodeOptions {
+    NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(prefix.to_string()),
+        args: vec!["--node-id".into(), id.into()],
+        env: vec![
+            ("TIDINGS_CLUSTER__LEASE_TTL".into(), "2s".into()),
+            ("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into()),
+        ],
+        ..Default::default()
+    }
+}
+
+fn follow_up(after: &str, unless: &str) -> Kind {
+    Kind::FollowUp(FollowUpTrigger {
+        after_campaign_id: after.into(),
+        on_status: vec![DeliveryStatus::Delivered as i32],
+        delay: Some(PbDuration { seconds: WAIT_SECONDS, nanos: 0 }),
+        unless_interactions: vec![unless.into()],
+    })
+}
+
+/// Returns the requests the receiver got on `path` for `contact`.
+fn hits(receiver: &Receiver, path: &str, contact: &str) -> Vec<tidings_tests::Received> {
+    let wanted = format!("{path}?c={contact}");
+    receiver.received().into_iter().filter(|r| r.path == wanted).collect()
+}
+
+async fn arrival(receiver: &Receiver, path: &str, contact: &str) -> tidings_tests::Received {
+    wait_until(&format!("{path} for {contact}"), Duration::from_secs(40), || async {
+        hits(receiver, path, contact).into_iter().next()
+    })
+    .await
+    .expect("arrives")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_then_sms_then_call_unless_the_contact_acts() {
+    let etcd = Etcd::start().await.expect("etcd");
+    let prefix = unique_prefix();
+    let store = etcd.store_at(&prefix).await.expect("store");
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(Some(
+            NodeProcess::start(options(&etcd, &prefix, &format!("n{i}"))).await.expect("node"),
+        ));
+    }
+    let receiver = Receiver::start().await.expect("receiver");
+    let node = nodes[2].as_ref().expect("node");
+    let mut webhooks = node.webhooks().await.expect("client");
+    let mut campaigns = node.campaigns().await.expect("client");
+    for (id, kind) in [
+        (
+            "email",
+            Kind::Event(EventTrigger { event_type: "alert.urgent".into(), filter: String::new() }),
+        ),
+        ("sms", follow_up("email", "clicked")),
+        ("call", follow_up("sms", "actioned")),
+    ] {
+        let webhook = Webhook {
+            url: receiver.url(&format!("/{id}?c={{{{ contact.id }}}}")),
+            ..Default::default()
+        };
+        webhooks
+            .create_webhook(CreateWebhookRequest { webhook_id: id.into(), webhook: Some(webhook) })
+            .await
+            .expect("webhook");
+        let campaign = Campaign {
+            webhook_id: id.into(),
+            trigger: Some(Trigger { kind: Some(kind) }),
+            ..Default::default()
+        };
+        campaigns
+            .create_campaign(CreateCampaignRequest {
+                campaign_id: id.into(),
+                campaign: Some(campaign),
+            })
+            .await
+            .expect("campaign");
+        campaigns
+            .activate_campaign(ActivateCampaignRequest { id: id.into() })
+            .await
+            .expect("activate");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut events = EventServiceClient::connect(node.url()).await.expect("client");
+    for contact in ["ignores-all", "clicks-email", "acts-on-sms"] {
+        let event = Event {
+            r#type: "alert.urgent".into(),
+            contact_id: contact.into(),
+            ..Default::default()
+        };
+        events.publish(PublishRequest { event: Some(event) }).await.expect("publish");
+    }
+
+    // The contact who clicks the email: the receiver reports it by the delivery's webhook-id.
+    let email = arrival(&receiver, "/email", "clicks-email").await;
+    let delivery_id = email.header("webhook-id").expect("webhook-id").to_string();
+    events
+        .record_interaction(RecordInteractionRequest {
+            delivery_id,
+            kind: "clicked".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("click");
+
+    // Kill the owner of the first contact's partition while its SMS wait runs.
+    let first = arrival(&receiver, "/email", "ignores-all").await;
+    let partition = tidings_scheduler::keys::partition_of("ignores-all", 64);
+    let owner =
+        store.get(format!("owners/{partition:04}").as_bytes()).await.expect("read").expect("owned");
+    let index: usize =
+        String::from_utf8_lossy(&owner.value).trim_start_matches('n').parse().expect("index");
+    if let Some(mut victim) = nodes[index].take() {
+        victim.kill();
+    }
+    let survivor = nodes.iter().flatten().next().expect("a survivor");
+    let mut events = EventServiceClient::connect(survivor.url()).await.expect("client");
+
+    // The contact who acts on the SMS: reported by campaign and contact.
+    arrival(&receiver, "/sms", "acts-on-sms").await;
+    events
+        .record_interaction(RecordInteractionRequest {
+            campaign_id: "sms".into(),
+            contact_id: "acts-on-sms".into(),
+            kind: "actioned".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("action");
+
+    // The contact who ignores everything gets the whole chain, each step after the wait.
+    let sms = arrival(&receiver, "/sms", "ignores-all").await;
+    let call = arrival(&receiver, "/call", "ignores-all").await;
+    let wait = Duration::from_secs(WAIT_SECONDS as u64);
+    assert!(
+        sms.at.duration_since(first.at) >= wait,
+        "the SMS waited {:?}",
+        sms.at.duration_since(first.at)
+    );
+    assert!(
+        call.at.duration_since(sms.at) >= wait,
+        "the call waited {:?}",
+        call.at.duration_since(sms.at)
+    );
+
+    // Give the stopped chains time to have fired if they were going to.
+    tokio::time::sleep(wait + Duration::from_secs(3)).await;
+    assert!(hits(&receiver, "/sms", "clicks-email").is_empty(), "a click stops the chain");
+    assert!(hits(&receiver, "/call", "clicks-email").is_empty());
+    assert!(hits(&receiver, "/call", "acts-on-sms").is_empty(), "an action stops the chain");
+    for (path, contact) in [
+        ("/email", "ignores-all"),
+        ("/sms", "ignores-all"),
+        ("/call", "ignores-all"),
+        ("/email", "clicks-email"),
+        ("/sms", "acts-on-sms"),
+    ] {
+        // A retry after the kill may repeat a request, always with the same webhook-id.
+        let mut ids: Vec<String> = hits(&receiver, path, contact)
+            .iter()
+            .filter_map(|r| r.header("webhook-id").map(String::from))
+            .collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "{path} for {contact}: one delivery");
+    }
+}
