@@ -426,6 +426,33 @@ impl CampaignEngine {
         }
     }
 
+    /// Returns false (and records nothing) when the campaign's frequency cap is reached for the
+    /// contact; otherwise records this send in the contact's standing and returns true.
+    async fn within_cap(
+        &self,
+        partition: PartitionId,
+        contact: &str,
+        id: &str,
+        campaign: &Campaign,
+        effects: &mut Effects,
+    ) -> bool {
+        let Some(cap) = campaign.frequency_cap.as_ref().filter(|c| c.max_sends > 0) else {
+            return true;
+        };
+        let now = crate::now_ms();
+        let mut status = self.status(partition, contact, id).await;
+        status.sent_at_ms.retain(|at| now - at < cap.period_ms as i64);
+        if status.sent_at_ms.len() >= cap.max_sends as usize {
+            return false;
+        }
+        status.sent_at_ms.push(now);
+        effects.ops.push(Op::put(
+            crate::status::key(partition, contact, id),
+            serde_json::to_vec(&status).unwrap_or_default(),
+        ));
+        true
+    }
+
     /// Ends a follow-up's wait: sends unless the contact interacted first.
     async fn follow_up(
         &self,
@@ -447,6 +474,15 @@ impl CampaignEngine {
             .find(|k| status.interactions.get(*k).is_some_and(|at| *at >= since_ms))
         {
             tracing::info!(campaign = %id, contact = %contact_id, interaction = %kind, "follow-up not needed");
+            return;
+        }
+        let own = self.status(partition, contact_id, id).await;
+        if own.exited_at_ms.is_some_and(|at| at >= since_ms) {
+            tracing::info!(campaign = %id, contact = %contact_id, "follow-up cancelled by an exit event");
+            return;
+        }
+        if !self.within_cap(partition, contact_id, id, &campaign, effects).await {
+            tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: frequency cap");
             return;
         }
         let contact = self.contact(partition, contact_id).await;
@@ -487,6 +523,17 @@ fn put_delivery(delivery: &Delivery) -> Op {
 impl Engine for CampaignEngine {
     async fn on_event(&self, partition: PartitionId, event: &Event, effects: &mut Effects) {
         let now = crate::now_ms();
+        // Exit events end the contact's pending follow-ups of the campaigns that list them.
+        for (id, campaign) in self.campaigns.all() {
+            if campaign.exit_events.contains(&event.kind) {
+                let mut status = self.status(partition, &event.contact_id, &id).await;
+                status.exited_at_ms = Some(now);
+                effects.ops.push(Op::put(
+                    crate::status::key(partition, &event.contact_id, &id),
+                    serde_json::to_vec(&status).unwrap_or_default(),
+                ));
+            }
+        }
         let mut matching: Vec<(String, Arc<Campaign>)> = self
             .campaigns
             .all()
@@ -525,6 +572,13 @@ impl Engine for CampaignEngine {
                 tracing::warn!(campaign = %campaign_id, webhook = %campaign.webhook_id, "the campaign's webhook does not exist");
                 continue;
             };
+            if !self
+                .within_cap(partition, &event.contact_id, &campaign_id, &campaign, effects)
+                .await
+            {
+                tracing::debug!(campaign = %campaign_id, contact = %event.contact_id, "skipped: frequency cap");
+                continue;
+            }
             let context = Context {
                 contact: contact.clone(),
                 event: event_view.clone(),
@@ -665,6 +719,10 @@ impl Engine for CampaignEngine {
             };
             if let Some(reason) = skip {
                 *shard.skipped.entry(reason.to_string()).or_default() += 1;
+                continue;
+            }
+            if !self.within_cap(partition, contact_id, campaign_id, &campaign, effects).await {
+                *shard.skipped.entry("frequency_cap".to_string()).or_default() += 1;
                 continue;
             }
             let context = Context {

@@ -21,6 +21,12 @@ pub struct CampaignStatus {
     pub sends: u64,
     /// Latest time of each interaction kind, Unix milliseconds.
     pub interactions: BTreeMap<String, i64>,
+    /// When an exit event last arrived for the contact, ending its pending follow-ups.
+    #[serde(default)]
+    pub exited_at_ms: Option<i64>,
+    /// When the latest sends were queued (kept for campaigns with a frequency cap).
+    #[serde(default)]
+    pub sent_at_ms: Vec<i64>,
 }
 
 /// Returns the key of a contact's standing in a campaign.

@@ -15,7 +15,7 @@ impl Templates {
     /// Returns an engine with Liquid's standard tags and filters.
     pub fn new() -> Self {
         // Building only fails for partials that do not parse, and there are none.
-        let parser = liquid::ParserBuilder::with_stdlib().build().unwrap_or_default();
+        let parser = liquid::ParserBuilder::with_stdlib().filter(Json).build().unwrap_or_default();
         Self { parser }
     }
 
@@ -36,6 +36,28 @@ impl Default for Templates {
     }
 }
 
+/// The `json` filter: writes any value as JSON (`{{ event.data.items | json }}`), which webhook
+/// bodies need to embed objects, lists and strings safely.
+#[derive(Clone, liquid_core::ParseFilter, liquid_core::FilterReflection)]
+#[filter(name = "json", description = "Writes the value as JSON.", parsed(JsonFilter))]
+struct Json;
+
+#[derive(Debug, Default, liquid_core::Display_filter)]
+#[name = "json"]
+struct JsonFilter;
+
+impl liquid_core::Filter for JsonFilter {
+    fn evaluate(
+        &self,
+        input: &dyn liquid_core::ValueView,
+        _runtime: &dyn liquid_core::Runtime,
+    ) -> liquid_core::Result<liquid_core::Value> {
+        let json = serde_json::to_string(&input.to_value())
+            .map_err(|e| liquid_core::Error::with_msg(format!("json: {e}")))?;
+        Ok(liquid_core::Value::scalar(json))
+    }
+}
+
 /// Liquid errors span several lines with context; the first one states the problem.
 fn first_line(message: &str) -> String {
     let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
@@ -50,6 +72,14 @@ pub fn has_markup(source: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_json_filter_writes_json() {
+        let templates = Templates::new();
+        let template = templates.parse(r#"{{ x | json }} {{ s | json }}"#).expect("parses");
+        let globals = liquid::object!({"x": [1, "a"], "s": "say \"hi\""});
+        assert_eq!(template.render(&globals).expect("renders"), r#"[1,"a"] "say \"hi\"""#);
+    }
 
     #[test]
     fn checks_syntax() {

@@ -214,3 +214,160 @@ async fn a_run_reaches_every_member_of_its_segment_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.received().len(), 149, "no duplicates");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chatbot_case_caps_and_exit_events() {
+    use tidings_client::prost_types::Duration as PbDuration;
+    use tidings_client::v1::{
+        DeliveryStatus, Event, EventTrigger, FollowUpTrigger, FrequencyCap, PublishRequest,
+    };
+    let receiver = Receiver::start().await.expect("receiver");
+    let options = NodeOptions {
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut contacts = ContactServiceClient::connect(node.url()).await.expect("client");
+    let mut attrs = attributes("pro", 7);
+    attrs
+        .fields
+        .insert("first_name".into(), Value { kind: Some(ValueKind::StringValue("Ada".into())) });
+    contacts
+        .upsert_contact(UpsertContactRequest {
+            contact: Some(Contact {
+                id: "ada".into(),
+                attributes: Some(attrs),
+                ..Default::default()
+            }),
+            etag: String::new(),
+        })
+        .await
+        .expect("contact");
+
+    let mut webhooks = node.webhooks().await.expect("client");
+    let mut campaigns = node.campaigns().await.expect("client");
+    let hook = |path: &str, body: &str| Webhook {
+        url: receiver.url(path),
+        body: body.into(),
+        ..Default::default()
+    };
+    let setups = [
+        (
+            "recommend",
+            hook(
+                "/email",
+                r#"{"hi": "{{ contact.attributes.first_name }}", "items": {{ event.data.items | json }}}"#,
+            ),
+            Kind::Event(EventTrigger {
+                event_type: "chat.intent".into(),
+                filter: r#"event.data.intent == "buy""#.into(),
+            }),
+            None,
+            vec![],
+        ),
+        (
+            "nudge",
+            hook("/nudge", "{}"),
+            Kind::Event(EventTrigger { event_type: "cart.viewed".into(), filter: String::new() }),
+            Some(FrequencyCap {
+                max_sends: 2,
+                period: Some(PbDuration { seconds: 3600, nanos: 0 }),
+                across_campaigns: false,
+            }),
+            vec![],
+        ),
+        (
+            "abandoned",
+            hook("/abandoned", "{}"),
+            Kind::Event(EventTrigger {
+                event_type: "cart.abandoned".into(),
+                filter: String::new(),
+            }),
+            None,
+            vec![],
+        ),
+        (
+            "reminder",
+            hook("/reminder", "{}"),
+            Kind::FollowUp(FollowUpTrigger {
+                after_campaign_id: "abandoned".into(),
+                on_status: vec![DeliveryStatus::Delivered as i32],
+                delay: Some(PbDuration { seconds: 2, nanos: 0 }),
+                unless_interactions: vec!["clicked".into()],
+            }),
+            None,
+            vec!["order.completed".to_string()],
+        ),
+    ];
+    for (id, webhook, kind, cap, exits) in setups {
+        webhooks
+            .create_webhook(CreateWebhookRequest { webhook_id: id.into(), webhook: Some(webhook) })
+            .await
+            .expect("webhook");
+        let campaign = Campaign {
+            webhook_id: id.into(),
+            trigger: Some(Trigger { kind: Some(kind) }),
+            frequency_cap: cap,
+            exit_events: exits,
+            ..Default::default()
+        };
+        campaigns
+            .create_campaign(CreateCampaignRequest {
+                campaign_id: id.into(),
+                campaign: Some(campaign),
+            })
+            .await
+            .expect("campaign");
+        campaigns
+            .activate_campaign(ActivateCampaignRequest { id: id.into() })
+            .await
+            .expect("activate");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut events = node.events().await.expect("client");
+    let publish = |kind: &str, data: Option<Struct>| PublishRequest {
+        event: Some(Event {
+            r#type: kind.into(),
+            contact_id: "ada".into(),
+            data,
+            ..Default::default()
+        }),
+    };
+    let intent = |intent: &str| {
+        let items = Value {
+            kind: Some(ValueKind::ListValue(tidings_client::prost_types::ListValue {
+                values: vec![Value { kind: Some(ValueKind::StringValue("tea".into())) }],
+            })),
+        };
+        Struct {
+            fields: [
+                ("intent".to_string(), Value { kind: Some(ValueKind::StringValue(intent.into())) }),
+                ("items".to_string(), items),
+            ]
+            .into(),
+        }
+    };
+    // The chatbot case: the body carries the event's data and the contact's attributes; an
+    // event that fails the campaign's filter sends nothing.
+    events.publish(publish("chat.intent", Some(intent("browse")))).await.expect("publish");
+    events.publish(publish("chat.intent", Some(intent("buy")))).await.expect("publish");
+    // A frequency cap of 2 per hour: the third and fourth views send nothing.
+    for _ in 0..4 {
+        events.publish(publish("cart.viewed", None)).await.expect("publish");
+    }
+    // An exit event during a follow-up's wait cancels it.
+    events.publish(publish("cart.abandoned", None)).await.expect("publish");
+    receiver.wait_for(4, Duration::from_secs(15)).await.expect("arrivals");
+    events.publish(publish("order.completed", None)).await.expect("publish");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let received = receiver.received();
+    let paths: Vec<&str> = received.iter().map(|r| r.path.as_str()).collect();
+    let count = |p: &str| paths.iter().filter(|x| **x == p).count();
+    assert_eq!(count("/email"), 1, "{paths:?}");
+    let email = received.iter().find(|r| r.path == "/email").expect("email");
+    assert_eq!(&email.body[..], br#"{"hi": "Ada", "items": ["tea"]}"#);
+    assert_eq!(count("/nudge"), 2, "the cap holds: {paths:?}");
+    assert_eq!(count("/abandoned"), 1);
+    assert_eq!(count("/reminder"), 0, "the exit event cancelled the reminder");
+}
