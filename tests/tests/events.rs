@@ -92,3 +92,31 @@ async fn idempotency_keys_survive_restarts_and_events_are_consumed() {
     .await
     .expect("consumed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_idempotency_keys_accepts_each_key_once() {
+    let node = NodeProcess::start(NodeOptions::default()).await.expect("node");
+    let mut api = node.events().await.expect("client");
+    let keyed = |key: &str| Event { idempotency_key: key.into(), ..event("u1") };
+    let first = api
+        .publish_batch(PublishBatchRequest { events: vec![keyed("a"), keyed("b"), event("u2")] })
+        .await
+        .expect("batch")
+        .into_inner()
+        .results;
+    assert!(first.iter().all(|r| !r.duplicate && !r.event_id.is_empty()));
+    let second = api
+        .publish_batch(PublishBatchRequest { events: vec![keyed("b"), keyed("c"), keyed("c")] })
+        .await
+        .expect("batch")
+        .into_inner()
+        .results;
+    assert_eq!(second[0].event_id, first[1].event_id);
+    assert!(second[0].duplicate);
+    assert!(!second[1].duplicate);
+    assert_eq!(
+        second[2].event_id, second[1].event_id,
+        "a key repeated in one batch is accepted once"
+    );
+    assert!(second[2].duplicate);
+}

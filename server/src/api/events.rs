@@ -263,8 +263,33 @@ impl EventService for EventApi {
         let plain: Vec<&Accepted> =
             accepted.iter().filter(|(_, a)| a.idempotency_key.is_empty()).map(|(_, a)| a).collect();
         self.write_plain(&plain).await?;
+        let keyed: Vec<&(usize, Accepted)> =
+            accepted.iter().filter(|(_, a)| !a.idempotency_key.is_empty()).collect();
+        // Keyed events go in one transaction per chunk when none of their keys was seen
+        // (the usual case); a chunk with a repeated key falls back to one event at a time.
+        let mut fallback = Vec::new();
+        for chunk in keyed.chunks(OPS_PER_TXN / 2) {
+            let mut seen = std::collections::HashSet::new();
+            let distinct = chunk.iter().all(|(_, a)| seen.insert(a.idempotency_key.as_str()));
+            let mut txn = Txn::new();
+            for (_, a) in chunk {
+                let key = keys::idempotency(&a.idempotency_key);
+                let record = IdempotencyRecord {
+                    event_id: a.event.id.clone(),
+                    created_ms: a.event.accepted_ms,
+                };
+                txn = txn.when([Compare::absent(key.clone())]).and_then([
+                    Op::put(key, serde_json::to_vec(&record).unwrap_or_default()),
+                    self.entry_op(&a.event),
+                ]);
+            }
+            if distinct && self.store.txn(txn).await.map_err(ApiError::from)?.succeeded {
+                continue;
+            }
+            fallback.extend(chunk.iter().map(|(i, _)| *i));
+        }
         for (i, a) in &accepted {
-            if a.idempotency_key.is_empty() {
+            if a.idempotency_key.is_empty() || !fallback.contains(i) {
                 results[*i].event_id = a.event.id.clone();
             } else {
                 let (event_id, duplicate) = self.write_one(a).await?;
