@@ -426,6 +426,35 @@ impl CampaignEngine {
         }
     }
 
+    /// Returns whether every business rule of the campaign holds for the contact. Rules see
+    /// `contact`, `event` (null outside event campaigns) and `campaigns`: the contact's standing
+    /// in every campaign by id (`last_status`, `last_at_ms`, `sends`, `interactions`).
+    async fn rules_pass(
+        &self,
+        partition: PartitionId,
+        contact_id: &str,
+        contact: &serde_json::Value,
+        event: &serde_json::Value,
+        campaign: &Campaign,
+    ) -> bool {
+        if campaign.rules.is_empty() {
+            return true;
+        }
+        let prefix = format!("p/{partition:04}/status/{contact_id}/");
+        let mut standings = serde_json::Map::new();
+        if let Ok(page) = self.store.range_prefix(prefix.as_bytes(), 0).await {
+            for kv in page.kvs {
+                let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&kv.value) {
+                    standings.insert(id, value);
+                }
+            }
+        }
+        let campaigns = serde_json::Value::Object(standings);
+        let vars = [("contact", contact), ("event", event), ("campaigns", &campaigns)];
+        campaign.rules.iter().all(|rule| self.programs.evaluate(rule, &vars).unwrap_or(false))
+    }
+
     /// Returns false (and records nothing) when the campaign's frequency cap is reached for the
     /// contact; otherwise records this send in the contact's standing and returns true.
     async fn within_cap(
@@ -481,12 +510,19 @@ impl CampaignEngine {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up cancelled by an exit event");
             return;
         }
-        if !self.within_cap(partition, contact_id, id, &campaign, effects).await {
-            tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: frequency cap");
-            return;
-        }
         let contact = self.contact(partition, contact_id).await;
         if contact["unsubscribed"] == serde_json::Value::Bool(true) {
+            return;
+        }
+        if !self
+            .rules_pass(partition, contact_id, &contact, &serde_json::Value::Null, &campaign)
+            .await
+        {
+            tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: rule");
+            return;
+        }
+        if !self.within_cap(partition, contact_id, id, &campaign, effects).await {
+            tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: frequency cap");
             return;
         }
         let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else { return };
@@ -572,6 +608,13 @@ impl Engine for CampaignEngine {
                 tracing::warn!(campaign = %campaign_id, webhook = %campaign.webhook_id, "the campaign's webhook does not exist");
                 continue;
             };
+            if !self
+                .rules_pass(partition, &event.contact_id, &contact, &event_view, &campaign)
+                .await
+            {
+                tracing::debug!(campaign = %campaign_id, contact = %event.contact_id, "skipped: rule");
+                continue;
+            }
             if !self
                 .within_cap(partition, &event.contact_id, &campaign_id, &campaign, effects)
                 .await
@@ -719,6 +762,13 @@ impl Engine for CampaignEngine {
             };
             if let Some(reason) = skip {
                 *shard.skipped.entry(reason.to_string()).or_default() += 1;
+                continue;
+            }
+            if !self
+                .rules_pass(partition, contact_id, &view, &serde_json::Value::Null, &campaign)
+                .await
+            {
+                *shard.skipped.entry("rule".to_string()).or_default() += 1;
                 continue;
             }
             if !self.within_cap(partition, contact_id, campaign_id, &campaign, effects).await {

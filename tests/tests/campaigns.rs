@@ -371,3 +371,121 @@ async fn the_chatbot_case_caps_and_exit_events() {
     assert_eq!(count("/abandoned"), 1);
     assert_eq!(count("/reminder"), 0, "the exit event cancelled the reminder");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_read_the_contacts_standing_in_other_campaigns() {
+    use tidings_client::v1::{Event, EventTrigger, PublishRequest, RecordInteractionRequest};
+    let receiver = Receiver::start().await.expect("receiver");
+    let options = NodeOptions {
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut webhooks = node.webhooks().await.expect("client");
+    let mut campaigns = node.campaigns().await.expect("client");
+    for id in ["welcome", "upsell"] {
+        let webhook = Webhook {
+            url: receiver.url(&format!("/{id}?c={{{{ contact.id }}}}")),
+            ..Default::default()
+        };
+        webhooks
+            .create_webhook(CreateWebhookRequest { webhook_id: id.into(), webhook: Some(webhook) })
+            .await
+            .expect("webhook");
+    }
+    let event = |t: &str| {
+        Some(Trigger {
+            kind: Some(Kind::Event(EventTrigger { event_type: t.into(), filter: String::new() })),
+        })
+    };
+    let bad = campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "upsell".into(),
+            campaign: Some(Campaign {
+                webhook_id: "upsell".into(),
+                trigger: event("visit"),
+                rules: vec![r#"campaigns["nope"].sends > 0"#.into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("unknown campaign");
+    assert_eq!(fields(&bad), vec!["campaign.rules[0]".to_string()]);
+    campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "welcome".into(),
+            campaign: Some(Campaign {
+                webhook_id: "welcome".into(),
+                trigger: event("signup"),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("welcome");
+    // Upsell only contacts who clicked the welcome message.
+    let rule = r#"has(campaigns.welcome) && "clicked" in campaigns.welcome.interactions"#;
+    campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "upsell".into(),
+            campaign: Some(Campaign {
+                webhook_id: "upsell".into(),
+                trigger: event("visit"),
+                rules: vec![rule.into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("upsell");
+    for id in ["welcome", "upsell"] {
+        campaigns
+            .activate_campaign(ActivateCampaignRequest { id: id.into() })
+            .await
+            .expect("activate");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut events = node.events().await.expect("client");
+    for contact in ["clicker", "ignorer"] {
+        events
+            .publish(PublishRequest {
+                event: Some(Event {
+                    r#type: "signup".into(),
+                    contact_id: contact.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("signup");
+    }
+    let welcomes = receiver.wait_for(2, Duration::from_secs(10)).await.expect("welcomes");
+    let clicked = welcomes.iter().find(|r| r.path.ends_with("clicker")).expect("clicker's welcome");
+    events
+        .record_interaction(RecordInteractionRequest {
+            delivery_id: clicked.header("webhook-id").expect("id").into(),
+            kind: "clicked".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("click");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for contact in ["clicker", "ignorer"] {
+        events
+            .publish(PublishRequest {
+                event: Some(Event {
+                    r#type: "visit".into(),
+                    contact_id: contact.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("visit");
+    }
+    receiver.wait_for(3, Duration::from_secs(10)).await.expect("upsell");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let upsells: Vec<String> = receiver
+        .received()
+        .iter()
+        .filter(|r| r.path.starts_with("/upsell"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(upsells, vec!["/upsell?c=clicker".to_string()]);
+}

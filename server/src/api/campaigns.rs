@@ -173,6 +173,24 @@ impl CampaignApi {
                 across_campaigns: cap.across_campaigns,
             }
         });
+        if proto.send_window.is_some() {
+            v.add(
+                "campaign.send_window",
+                "send windows are not supported by this version yet; leave it unset",
+            );
+        }
+        if !proto.capture.is_empty() {
+            v.add(
+                "campaign.capture",
+                "response capture is not supported by this version yet; leave it empty",
+            );
+        }
+        if proto.frequency_cap.as_ref().is_some_and(|c| c.across_campaigns) {
+            v.add(
+                "campaign.frequency_cap.across_campaigns",
+                "caps across campaigns are not supported by this version yet",
+            );
+        }
         let send_window = proto.send_window.as_ref().map(|w| {
             for (i, day) in w.days.iter().enumerate() {
                 if !(1..=7).contains(day) {
@@ -373,6 +391,18 @@ impl CampaignApi {
         campaign: &Campaign,
         v: &mut Violations,
     ) -> Result<(), ApiError> {
+        for (i, rule) in campaign.rules.iter().enumerate() {
+            for named in campaigns_named(rule) {
+                if named != id
+                    && matches!(self.campaigns.get(&named).await, Err(DefsError::NotFound { .. }))
+                {
+                    v.add(
+                        format!("campaign.rules[{i}]"),
+                        format!("names campaign {named}, which does not exist"),
+                    );
+                }
+            }
+        }
         if !campaign.webhook_id.is_empty() {
             match self.webhooks.get(&campaign.webhook_id).await {
                 Ok(_) => {}
@@ -694,6 +724,30 @@ impl CampaignApi {
         }
         Ok(run)
     }
+}
+
+/// Returns the campaign ids a rule reads through `campaigns["id"]`, `campaigns['id']` or
+/// `campaigns.id`.
+fn campaigns_named(rule: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = rule;
+    while let Some(at) = rest.find("campaigns") {
+        let after = &rest[at + "campaigns".len()..];
+        let name =
+            if let Some(quoted) = after.strip_prefix("[\"").or_else(|| after.strip_prefix("['")) {
+                quoted.find(['"', '\'']).map(|end| quoted[..end].to_string())
+            } else if let Some(field) = after.strip_prefix('.') {
+                let end = field
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(field.len());
+                Some(field[..end].to_string())
+            } else {
+                None
+            };
+        names.extend(name.filter(|n| !n.is_empty()));
+        rest = after;
+    }
+    names
 }
 
 fn fnv(text: &str) -> u64 {
