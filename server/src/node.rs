@@ -118,10 +118,20 @@ impl Node {
         .await
         .context("joining the cluster")?;
 
-        let webhooks = WebhookApi::new(webhook_defs.clone(), cipher, templates, dispatcher.clone());
+        let webhooks = WebhookApi::new(
+            webhook_defs.clone(),
+            cipher.clone(),
+            templates.clone(),
+            dispatcher.clone(),
+        );
         let events = EventApi::new(store.clone(), cluster.partitions());
         let cluster_api = ClusterApi::new(cluster.clone());
-        let campaigns = CampaignApi::new(store.clone(), cluster.partitions());
+        let campaigns = CampaignApi::new(
+            store.clone(),
+            cluster.partitions(),
+            templates.clone(),
+            cipher.clone(),
+        );
         let deliveries = DeliveryApi::new(store.clone(), cluster.partitions());
         let contacts = Arc::new(ContactApi::new(store.clone(), cluster.partitions()));
 

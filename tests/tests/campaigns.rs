@@ -160,6 +160,25 @@ async fn a_run_reaches_every_member_of_its_segment_once() {
         .activate_campaign(ActivateCampaignRequest { id: "promo".into() })
         .await
         .expect("activate");
+    // A dry run: the audience and the exact requests, with nothing sent.
+    let preview = campaigns
+        .preview_campaign(tidings_client::v1::PreviewCampaignRequest {
+            id: "promo".into(),
+            sample_size: 5,
+            event_data: None,
+        })
+        .await
+        .expect("preview")
+        .into_inner();
+    assert_eq!(preview.audience, 150);
+    assert_eq!(preview.items.len(), 5);
+    // The body reads run.data.code, which only RunCampaign gives: the preview says so.
+    for item in &preview.items {
+        assert!(item.request.is_none());
+        assert!(item.skip_reason.starts_with("render: body"), "{}", item.skip_reason);
+    }
+    assert!(receiver.received().is_empty(), "a preview sends nothing");
+
     let code = Struct {
         fields: [(
             "code".to_string(),

@@ -53,6 +53,9 @@ pub(crate) struct CampaignApi {
     webhooks: Definitions<Webhook>,
     store: Arc<dyn Store>,
     partitions: u32,
+    templates: Arc<tidings_scheduler::template::Templates>,
+    cipher: tidings_scheduler::secrets::Cipher,
+    programs: tidings_scheduler::rules::Programs,
 }
 
 fn check_kind(violations: &mut Violations, field: &str, value: &str) {
@@ -116,13 +119,148 @@ fn run_to_proto(campaign: &str, id: &str, run: &Run) -> pb::Run {
 }
 
 impl CampaignApi {
-    pub(crate) fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        partitions: u32,
+        templates: Arc<tidings_scheduler::template::Templates>,
+        cipher: tidings_scheduler::secrets::Cipher,
+    ) -> Self {
         Self {
             campaigns: Definitions::new(store.clone(), "campaign", "campaigns"),
             webhooks: Definitions::new(store.clone(), "webhook", "webhooks"),
             store,
             partitions,
+            templates,
+            cipher,
+            programs: Default::default(),
         }
+    }
+
+    /// Evaluates a campaign's audience without sending: the audience size and, for a sample,
+    /// the request each contact would receive or why it would be skipped.
+    async fn preview(
+        &self,
+        request: pb::PreviewCampaignRequest,
+    ) -> Result<pb::PreviewCampaignResponse, ApiError> {
+        let mut v = Violations::default();
+        check_id(&mut v, "id", &request.id);
+        if request.sample_size > 100 {
+            v.add("sample_size", "must be at most 100");
+        }
+        v.check()?;
+        let sample = if request.sample_size == 0 { 10 } else { request.sample_size as usize };
+        let campaign = self.campaigns.get(&request.id).await?.value;
+        let webhook = match self.webhooks.get(&campaign.webhook_id).await {
+            Ok(found) => found.value,
+            Err(DefsError::NotFound { .. }) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "campaign {}: its webhook {} no longer exists",
+                    request.id, campaign.webhook_id
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let segment_filter = if campaign.audience.segment_id.is_empty() {
+            String::new()
+        } else {
+            self.store
+                .get(format!("defs/segments/{}", campaign.audience.segment_id).as_bytes())
+                .await?
+                .and_then(|kv| {
+                    serde_json::from_slice::<tidings_scheduler::segment::Segment>(&kv.value).ok()
+                })
+                .map(|s| s.filter)
+                .unwrap_or_else(|| "false".into())
+        };
+        let event_data = request.event_data.as_ref().map(struct_to_json).unwrap_or_default();
+        let event = serde_json::json!({"id": "evt_preview", "type": "preview", "data": event_data});
+        let mut audience = 0;
+        let mut items = Vec::new();
+        for partition in 0..self.partitions {
+            let prefix = format!("p/{partition:04}/contacts/");
+            let page = self.store.range_prefix(prefix.as_bytes(), 0).await?;
+            for kv in &page.kvs {
+                let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                let Ok(contact) =
+                    serde_json::from_slice::<tidings_scheduler::contact::Contact>(&kv.value)
+                else {
+                    continue;
+                };
+                let view = contact.view(&id);
+                let vars = [("contact", &view)];
+                let inside = |source: &str| {
+                    source.is_empty() || self.programs.evaluate(source, &vars).unwrap_or(false)
+                };
+                if !inside(&segment_filter) || !inside(&campaign.audience.filter) {
+                    continue;
+                }
+                audience += 1;
+                if items.len() >= sample {
+                    continue;
+                }
+                let mut skip_reason = String::new();
+                if contact.unsubscribed {
+                    skip_reason = "unsubscribed".into();
+                } else if !campaign.rules.is_empty() {
+                    let standing_prefix = format!("p/{partition:04}/status/{id}/");
+                    let standings = self.store.range_prefix(standing_prefix.as_bytes(), 0).await?;
+                    let campaigns: serde_json::Map<String, serde_json::Value> = standings
+                        .kvs
+                        .iter()
+                        .filter_map(|kv| {
+                            let name = String::from_utf8_lossy(&kv.key[standing_prefix.len()..])
+                                .into_owned();
+                            Some((name, serde_json::from_slice(&kv.value).ok()?))
+                        })
+                        .collect();
+                    let campaigns = serde_json::Value::Object(campaigns);
+                    let vars = [("contact", &view), ("event", &event), ("campaigns", &campaigns)];
+                    if let Some(rule) = campaign
+                        .rules
+                        .iter()
+                        .find(|r| !self.programs.evaluate(r, &vars).unwrap_or(false))
+                    {
+                        skip_reason = format!("rule: {rule}");
+                    }
+                }
+                let context = tidings_scheduler::delivery::render::Context {
+                    contact: view.clone(),
+                    event: event.clone(),
+                    campaign: serde_json::json!({"id": request.id, "data": campaign.data}),
+                    run: serde_json::json!({"id": "preview", "data": {}}),
+                    delivery: serde_json::json!({"id": "msg_preview"}),
+                };
+                let rendered = tidings_scheduler::delivery::render::request(
+                    &self.templates,
+                    &self.cipher,
+                    &webhook,
+                    &context,
+                );
+                let request = match rendered {
+                    Ok(r) => Some(super::deliveries::request_to_proto(&r)),
+                    Err(reason) => {
+                        if skip_reason.is_empty() {
+                            skip_reason = format!("render: {reason}");
+                        }
+                        None
+                    }
+                };
+                items.push(pb::PreviewItem {
+                    contact: Some(pb::Contact {
+                        id: id.clone(),
+                        attributes: Some(json_to_struct(&contact.attributes)),
+                        timezone: contact.timezone.clone(),
+                        unsubscribed: contact.unsubscribed,
+                        create_time: Some(timestamp(contact.created_ms)),
+                        update_time: Some(timestamp(contact.updated_ms)),
+                        etag: kv.mod_revision.to_string(),
+                    }),
+                    request,
+                    skip_reason,
+                });
+            }
+        }
+        Ok(pb::PreviewCampaignResponse { audience, items })
     }
 
     /// Maps and checks everything that needs no store read.
@@ -1040,6 +1178,13 @@ impl CampaignService for CampaignApi {
             .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
         let run = self.with_shards(&request.campaign_id, &request.run_id, run).await?;
         Ok(Response::new(run_to_proto(&request.campaign_id, &request.run_id, &run)))
+    }
+
+    async fn preview_campaign(
+        &self,
+        request: Request<pb::PreviewCampaignRequest>,
+    ) -> Result<Response<pb::PreviewCampaignResponse>, Status> {
+        Ok(Response::new(self.preview(request.into_inner()).await?))
     }
 
     async fn list_runs(
