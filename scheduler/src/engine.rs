@@ -660,6 +660,9 @@ impl Engine for CampaignEngine {
                     effects.ops.extend(crate::campaign::fan_out(campaign, run, self.partitions));
                 }
             }
+            TimerKind::RunShard { campaign, run, after } => {
+                self.on_run_shard(partition, campaign, run, after, effects).await;
+            }
             TimerKind::FollowUp { campaign, contact, after_campaign, since_ms } => {
                 self.follow_up(partition, campaign, contact, after_campaign, *since_ms, effects)
                     .await;
@@ -710,6 +713,28 @@ impl Engine for CampaignEngine {
             .await
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());
         let run_data = run.as_ref().map(|r| r.data.clone()).unwrap_or_default();
+        // A paused run's shards wait on a timer and look again; a cancelled run's shards
+        // stop where they are.
+        match run.as_ref().map(|r| r.state) {
+            Some(RunState::Paused) => {
+                effects.timers.push(Timer {
+                    id: format!("rs-{run_id}"),
+                    due_ms: crate::now_ms() + 1000,
+                    kind: TimerKind::RunShard {
+                        campaign: campaign_id.to_string(),
+                        run: run_id.to_string(),
+                        after: after.to_string(),
+                    },
+                });
+                return;
+            }
+            Some(RunState::Cancelled) => {
+                shard.done = true;
+                self.save_shard(shard_key, shard, effects);
+                return;
+            }
+            _ => {}
+        }
         let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else {
             shard.done = true;
             self.save_shard(shard_key, shard, effects);

@@ -48,6 +48,15 @@ pub enum TimerKind {
         /// When the wait started, Unix milliseconds.
         since_ms: i64,
     },
+    /// A paused run's shard looking again whether it may go on.
+    RunShard {
+        /// Campaign id.
+        campaign: String,
+        /// Run id.
+        run: String,
+        /// Key of the last contact evaluated.
+        after: String,
+    },
     /// A run of an on-demand campaign scheduled for later.
     Run {
         /// Campaign id.

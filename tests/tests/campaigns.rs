@@ -508,3 +508,105 @@ async fn rules_read_the_contacts_standing_in_other_campaigns() {
         .collect();
     assert_eq!(upsells, vec!["/upsell?c=clicker".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_can_be_watched_cancelled_and_refuse_impossible_changes() {
+    use futures::StreamExt;
+    use tidings_client::prost_types::Timestamp;
+    use tidings_client::v1::{CancelRunRequest, PauseRunRequest, WatchRunRequest};
+    let receiver = Receiver::start().await.expect("receiver");
+    let options = NodeOptions {
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut contacts = ContactServiceClient::connect(node.url()).await.expect("client");
+    let batch: Vec<Contact> = (0..20)
+        .map(|i| Contact {
+            id: format!("c{i}"),
+            attributes: Some(attributes("pro", i)),
+            ..Default::default()
+        })
+        .collect();
+    contacts
+        .batch_upsert_contacts(tokio_stream::iter([BatchUpsertContactsRequest { contacts: batch }]))
+        .await
+        .expect("import");
+    let mut webhooks = node.webhooks().await.expect("client");
+    webhooks
+        .create_webhook(CreateWebhookRequest {
+            webhook_id: "w".into(),
+            webhook: Some(Webhook { url: receiver.url("/w"), ..Default::default() }),
+        })
+        .await
+        .expect("webhook");
+    let mut campaigns = node.campaigns().await.expect("client");
+    let campaign = Campaign {
+        webhook_id: "w".into(),
+        trigger: Some(Trigger { kind: Some(Kind::OnDemand(OnDemandTrigger {})) }),
+        ..Default::default()
+    };
+    campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "blast".into(),
+            campaign: Some(campaign),
+        })
+        .await
+        .expect("campaign");
+    campaigns
+        .activate_campaign(ActivateCampaignRequest { id: "blast".into() })
+        .await
+        .expect("activate");
+
+    // Watch a run to its end.
+    let run = campaigns
+        .run_campaign(RunCampaignRequest { id: "blast".into(), ..Default::default() })
+        .await
+        .expect("run")
+        .into_inner();
+    let mut updates = campaigns
+        .watch_run(WatchRunRequest { campaign_id: "blast".into(), run_id: run.id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut last = None;
+    while let Some(update) =
+        tokio::time::timeout(Duration::from_secs(20), updates.next()).await.expect("updates")
+    {
+        last = Some(update.expect("ok"));
+    }
+    let last = last.expect("at least one update");
+    assert_eq!(last.state, RunState::Completed as i32);
+    assert_eq!(last.delivered, 20);
+    let refused = campaigns
+        .pause_run(PauseRunRequest { campaign_id: "blast".into(), run_id: run.id.clone() })
+        .await
+        .expect_err("completed");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    // Cancel a scheduled run before its time: it never sends.
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    let scheduled = campaigns
+        .run_campaign(RunCampaignRequest {
+            id: "blast".into(),
+            scheduled_time: Some(Timestamp::from(later)),
+            ..Default::default()
+        })
+        .await
+        .expect("scheduled")
+        .into_inner();
+    let cancelled = campaigns
+        .cancel_run(CancelRunRequest { campaign_id: "blast".into(), run_id: scheduled.id.clone() })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.state, RunState::Cancelled as i32);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.received().len(), 20, "the cancelled run sent nothing");
+    let after = campaigns
+        .get_run(GetRunRequest { campaign_id: "blast".into(), run_id: scheduled.id })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(after.state, RunState::Cancelled as i32);
+}

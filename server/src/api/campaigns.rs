@@ -829,7 +829,94 @@ impl CampaignApi {
     }
 }
 
+/// The stream type of server-streaming calls.
+type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+trait FromProto: Sized {
+    fn try_from_proto(value: i32) -> Option<Self>;
+}
+
+impl FromProto for RunState {
+    fn try_from_proto(value: i32) -> Option<Self> {
+        match pb::RunState::try_from(value).ok()? {
+            pb::RunState::Scheduled => Some(RunState::Scheduled),
+            pb::RunState::Running => Some(RunState::Running),
+            pb::RunState::Paused => Some(RunState::Paused),
+            pb::RunState::Completed => Some(RunState::Completed),
+            pb::RunState::Cancelled => Some(RunState::Cancelled),
+            pb::RunState::Unspecified => None,
+        }
+    }
+}
+
 impl CampaignApi {
+    /// Returns a run with its counters added up.
+    async fn read_run(&self, campaign: &str, run_id: &str) -> Result<pb::Run, ApiError> {
+        let kv = self.store.get(run_key(campaign, run_id).as_bytes()).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("run {run_id} of campaign {campaign} not found"))
+        })?;
+        let run: Run = serde_json::from_slice(&kv.value)
+            .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
+        let run = self.with_shards(campaign, run_id, run).await?;
+        Ok(run_to_proto(campaign, run_id, &run))
+    }
+
+    /// Pauses, resumes or cancels a run, with a compare on the revision read.
+    async fn change_run(
+        &self,
+        campaign: &str,
+        run_id: &str,
+        to: RunState,
+    ) -> Result<pb::Run, ApiError> {
+        let mut v = Violations::default();
+        check_id(&mut v, "campaign_id", campaign);
+        if run_id.is_empty() {
+            v.add("run_id", "is required");
+        }
+        v.check()?;
+        let key = run_key(campaign, run_id);
+        loop {
+            let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
+                ApiError::NotFound(format!("run {run_id} of campaign {campaign} not found"))
+            })?;
+            let mut run: Run = serde_json::from_slice(&kv.value)
+                .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
+            let current = self.with_shards(campaign, run_id, run.clone()).await?.state;
+            let allowed = match to {
+                RunState::Paused => current == RunState::Running,
+                RunState::Running => current == RunState::Paused,
+                RunState::Cancelled => {
+                    matches!(current, RunState::Scheduled | RunState::Running | RunState::Paused)
+                }
+                RunState::Scheduled | RunState::Completed => false,
+            };
+            if current == to {
+                return self.read_run(campaign, run_id).await;
+            }
+            if !allowed {
+                return Err(ApiError::FailedPrecondition(
+                    format!("run {run_id} is {current:?}; it cannot become {to:?}").to_lowercase(),
+                ));
+            }
+            run.state = to;
+            if to == RunState::Cancelled {
+                run.ended_ms = Some(now_ms());
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    tidings_scheduler::store::CompareOp::Equal,
+                    kv.mod_revision,
+                )])
+                .and_then([Op::put(key.clone(), serde_json::to_vec(&run).unwrap_or_default())]);
+            if self.store.txn(txn).await?.succeeded {
+                info!(campaign, run = run_id, state = ?to, "run state changed");
+                return self.read_run(campaign, run_id).await;
+            }
+        }
+    }
+
     /// Adds up the run's partition shards into its counters, and completes it when every
     /// partition is done and every queued delivery has finished.
     async fn with_shards(
@@ -1178,6 +1265,83 @@ impl CampaignService for CampaignApi {
             .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
         let run = self.with_shards(&request.campaign_id, &request.run_id, run).await?;
         Ok(Response::new(run_to_proto(&request.campaign_id, &request.run_id, &run)))
+    }
+
+    async fn pause_run(
+        &self,
+        request: Request<pb::PauseRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.change_run(&r.campaign_id, &r.run_id, RunState::Paused).await?))
+    }
+
+    async fn resume_run(
+        &self,
+        request: Request<pb::ResumeRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.change_run(&r.campaign_id, &r.run_id, RunState::Running).await?))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.change_run(&r.campaign_id, &r.run_id, RunState::Cancelled).await?))
+    }
+
+    async fn watch_run(
+        &self,
+        request: Request<pb::WatchRunRequest>,
+    ) -> Result<Response<BoxStream<pb::Run>>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        check_id(&mut v, "campaign_id", &r.campaign_id);
+        if r.run_id.is_empty() {
+            v.add("run_id", "is required");
+        }
+        v.check()?;
+        // Fails at once for an unknown run.
+        self.read_run(&r.campaign_id, &r.run_id).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let this = CampaignApi::new(
+            self.store.clone(),
+            self.partitions,
+            self.templates.clone(),
+            self.cipher.clone(),
+        );
+        // The task ends when the run ends or the caller goes away.
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let run = match this.read_run(&r.campaign_id, &r.run_id).await {
+                    Ok(run) => run,
+                    Err(error) => {
+                        let _ = sender.send(Err(Status::from(error))).await;
+                        return;
+                    }
+                };
+                let done = matches!(
+                    RunState::try_from_proto(run.state),
+                    Some(RunState::Completed | RunState::Cancelled)
+                );
+                if last.as_ref() != Some(&run) {
+                    if sender.send(Ok(run.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(run);
+                }
+                if done {
+                    return;
+                }
+                tokio::select! {
+                    _ = sender.closed() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
     }
 
     async fn preview_campaign(
