@@ -20,10 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{json_to_struct, struct_to_json, timestamp};
 use super::events::check_contact_id;
-use super::{
-    ApiError, Violations, check_id, invalid, new_id, page_size, page_token, parse_etag,
-    parse_page_token,
-};
+use super::{ApiError, Violations, check_id, invalid, new_id, page_size, parse_etag};
 
 /// Largest attributes object, encoded as JSON.
 const MAX_ATTRIBUTES: usize = 64 * 1024;
@@ -366,16 +363,8 @@ impl SegmentService for ContactApi {
         request: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
         let request = request.into_inner();
-        let after = parse_page_token(&request.page_token)?;
-        let (items, more) = self
-            .segments
-            .list(after.as_deref(), page_size(request.page_size))
-            .await
-            .map_err(ApiError::from)?;
-        let next_page_token = match items.last() {
-            Some(last) if more => page_token(&last.id),
-            _ => String::new(),
-        };
+        let (items, next_page_token) =
+            super::list_page(&self.segments, &request.page_token, request.page_size).await?;
         Ok(Response::new(pb::ListSegmentsResponse {
             segments: items.iter().map(Self::segment_to_proto).collect(),
             next_page_token,

@@ -185,3 +185,18 @@ pub(crate) fn parse_etag(field: &str, etag: &str) -> Result<Option<i64>, ApiErro
         .map(Some)
         .ok_or_else(|| invalid(field, "is not an etag returned by this API"))
 }
+
+/// Returns one page of definitions after the page token, and the next page's token.
+pub(crate) async fn list_page<T: serde::Serialize + serde::de::DeserializeOwned>(
+    defs: &tidings_scheduler::defs::Definitions<T>,
+    token: &str,
+    size: u32,
+) -> Result<(Vec<tidings_scheduler::defs::Versioned<T>>, String), ApiError> {
+    let after = parse_page_token(token)?;
+    let (items, more) = defs.list(after.as_deref(), page_size(size)).await?;
+    let next = match items.last() {
+        Some(last) if more => page_token(&last.id),
+        _ => String::new(),
+    };
+    Ok((items, next))
+}

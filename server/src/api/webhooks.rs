@@ -17,10 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::convert::{duration, duration_ms, struct_to_json, timestamp};
-use super::{
-    ApiError, Violations, check_id, invalid, new_id, page_size, page_token, parse_etag,
-    parse_page_token,
-};
+use super::{ApiError, Violations, check_id, invalid, new_id, parse_etag};
 use tidings_scheduler::delivery::dispatch::Dispatcher;
 use tidings_scheduler::delivery::record::{Delivery, Status as DeliveryStatus};
 use tidings_scheduler::delivery::render::{self, Context};
@@ -716,16 +713,8 @@ impl WebhookService for WebhookApi {
         request: Request<pb::ListWebhooksRequest>,
     ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
         let request = request.into_inner();
-        let after = parse_page_token(&request.page_token)?;
-        let (items, more) = self
-            .webhooks
-            .list(after.as_deref(), page_size(request.page_size))
-            .await
-            .map_err(ApiError::from)?;
-        let next_page_token = match items.last() {
-            Some(last) if more => page_token(&last.id),
-            _ => String::new(),
-        };
+        let (items, next_page_token) =
+            super::list_page(&self.webhooks, &request.page_token, request.page_size).await?;
         Ok(Response::new(pb::ListWebhooksResponse {
             webhooks: items.iter().map(|w| self.to_proto(w)).collect(),
             next_page_token,
