@@ -229,6 +229,7 @@ impl CampaignEngine {
         run_id: &str,
         contact_id: &str,
         event_id: &str,
+        defer_until: Option<i64>,
         mut context: Context,
         effects: &mut Effects,
     ) {
@@ -256,7 +257,11 @@ impl CampaignEngine {
         match self.render(webhook, &context) {
             Ok(request) => {
                 delivery.request = Some(request);
-                self.start_attempt(partition, delivery, webhook, effects);
+                match defer_until {
+                    // Outside the send window: wait for it to open, never drop.
+                    Some(at) => Self::schedule_attempt(partition, delivery, at, effects),
+                    None => self.start_attempt(partition, delivery, webhook, effects),
+                }
             }
             Err(reason) => {
                 tracing::info!(delivery = %id, campaign = campaign_id, %reason, "render failed");
@@ -426,6 +431,22 @@ impl CampaignEngine {
         }
     }
 
+    /// Returns when a send to the contact may happen under the campaign's send window, if
+    /// that is later than now.
+    fn window_opening(campaign: &Campaign, contact: &serde_json::Value) -> Option<i64> {
+        let window = campaign.send_window.as_ref()?;
+        let tz = crate::schedule::parse_timezone(contact["timezone"].as_str().unwrap_or_default())
+            .ok()?;
+        let now = crate::now_ms();
+        let window = crate::schedule::Window {
+            days: window.days.clone(),
+            start_minute: window.start_minute,
+            end_minute: window.end_minute,
+        };
+        let opening = window.next_open(&tz, now);
+        (opening > now).then_some(opening)
+    }
+
     /// Returns whether every business rule of the campaign holds for the contact. Rules see
     /// `contact`, `event` (null outside event campaigns) and `campaigns`: the contact's standing
     /// in every campaign by id (`last_status`, `last_at_ms`, `sends`, `interactions`).
@@ -542,6 +563,7 @@ impl CampaignEngine {
             "",
             contact_id,
             "",
+            Self::window_opening(&campaign, &context.contact),
             context,
             effects,
         );
@@ -637,6 +659,7 @@ impl Engine for CampaignEngine {
                 "",
                 &event.contact_id,
                 &event.id,
+                Self::window_opening(&campaign, &context.contact),
                 context,
                 effects,
             );
@@ -816,6 +839,7 @@ impl Engine for CampaignEngine {
                 run_id,
                 contact_id,
                 "",
+                Self::window_opening(&campaign, &context.contact),
                 context,
                 effects,
             );

@@ -302,3 +302,101 @@ mod tests {
         }
     }
 }
+
+/// Hours of the week when sending is allowed, in a time zone.
+#[derive(Clone, Debug)]
+pub struct Window {
+    /// Days allowed, 1 (Monday) to 7 (Sunday); every day when empty.
+    pub days: Vec<u32>,
+    /// Opening minute of the day.
+    pub start_minute: u32,
+    /// Closing minute of the day; before `start_minute` when the window spans midnight.
+    pub end_minute: u32,
+}
+
+impl Window {
+    /// Returns `now_ms` when the window is open then, or else when it next opens. A send is
+    /// deferred to that time, never dropped.
+    pub fn next_open(&self, tz: &Tz, now_ms: i64) -> i64 {
+        use chrono::{Datelike, Duration as ChronoDuration, NaiveTime};
+        let Some(now) = to_datetime(tz, now_ms) else { return now_ms };
+        let local = now.naive_local();
+        let allowed = |date: chrono::NaiveDate| {
+            self.days.is_empty() || self.days.contains(&date.weekday().number_from_monday())
+        };
+        let at = |date: chrono::NaiveDate, minute: u32| {
+            date.and_time(NaiveTime::from_hms_opt(minute / 60, minute % 60, 0).unwrap_or_default())
+        };
+        // Open intervals in local time, from yesterday (a window spanning midnight) on.
+        let mut intervals = Vec::new();
+        for offset in -1..8 {
+            let date = local.date() + ChronoDuration::days(offset);
+            if !allowed(date) {
+                continue;
+            }
+            if self.start_minute < self.end_minute {
+                intervals.push((at(date, self.start_minute), at(date, self.end_minute)));
+            } else {
+                intervals.push((
+                    at(date, self.start_minute),
+                    at(date + ChronoDuration::days(1), self.end_minute),
+                ));
+            }
+        }
+        if intervals.iter().any(|(open, close)| *open <= local && local < *close) {
+            return now_ms;
+        }
+        let Some((open, _)) = intervals.into_iter().filter(|(open, _)| *open > local).min() else {
+            return now_ms;
+        };
+        // An opening inside a spring-forward gap opens right after it.
+        let mut naive = open;
+        for _ in 0..4 {
+            if let Some(instant) = tz.from_local_datetime(&naive).earliest() {
+                return instant.timestamp_millis().max(now_ms);
+            }
+            naive += ChronoDuration::minutes(30);
+        }
+        now_ms
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    fn utc(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).expect("time").timestamp_millis()
+    }
+
+    #[test]
+    fn an_open_window_sends_now_and_a_closed_one_waits_for_the_next_opening() {
+        let paris: Tz = "Europe/Paris".parse().expect("zone");
+        // Weekdays 09:00-18:00 in Paris (UTC+1 in November).
+        let window =
+            Window { days: vec![1, 2, 3, 4, 5], start_minute: 9 * 60, end_minute: 18 * 60 };
+        let monday_noon = utc("2026-11-30T11:00:00Z");
+        assert_eq!(window.next_open(&paris, monday_noon), monday_noon);
+        let monday_night = utc("2026-11-30T20:00:00Z");
+        assert_eq!(window.next_open(&paris, monday_night), utc("2026-12-01T08:00:00Z"));
+        let saturday = utc("2026-11-28T10:00:00Z");
+        assert_eq!(window.next_open(&paris, saturday), utc("2026-11-30T08:00:00Z"));
+    }
+
+    #[test]
+    fn a_window_can_span_midnight() {
+        let window = Window { days: vec![], start_minute: 22 * 60, end_minute: 2 * 60 };
+        assert_eq!(
+            window.next_open(&Tz::UTC, utc("2026-11-28T23:30:00Z")),
+            utc("2026-11-28T23:30:00Z")
+        );
+        assert_eq!(
+            window.next_open(&Tz::UTC, utc("2026-11-29T01:00:00Z")),
+            utc("2026-11-29T01:00:00Z")
+        );
+        assert_eq!(
+            window.next_open(&Tz::UTC, utc("2026-11-29T03:00:00Z")),
+            utc("2026-11-29T22:00:00Z")
+        );
+    }
+}

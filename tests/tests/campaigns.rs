@@ -610,3 +610,105 @@ async fn runs_can_be_watched_cancelled_and_refuse_impossible_changes() {
         .into_inner();
     assert_eq!(after.state, RunState::Cancelled as i32);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_send_window_defers_the_send_to_its_opening() {
+    use tidings_client::DeliveryServiceClient;
+    use tidings_client::v1::{
+        DeliveryFilter, DeliveryStatus, Event, EventTrigger, ListDeliveriesRequest, PublishRequest,
+        SendWindow,
+    };
+    let receiver = Receiver::start().await.expect("receiver");
+    let options = NodeOptions {
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut webhooks = node.webhooks().await.expect("client");
+    let mut campaigns = node.campaigns().await.expect("client");
+    // Today's weekday in UTC (1 = Monday), and the day after.
+    let days_since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        / 86_400;
+    let today = ((days_since_epoch + 3) % 7 + 1) as u32; // 1970-01-01 was a Thursday.
+    let tomorrow = today % 7 + 1;
+    let windows =
+        [("open", vec![], "00:00", "23:59"), ("closed", vec![tomorrow], "00:00", "23:59")];
+    for (id, days, start, end) in windows {
+        webhooks
+            .create_webhook(CreateWebhookRequest {
+                webhook_id: id.into(),
+                webhook: Some(Webhook {
+                    url: receiver.url(&format!("/{id}")),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("webhook");
+        let campaign = Campaign {
+            webhook_id: id.into(),
+            trigger: Some(Trigger {
+                kind: Some(Kind::Event(EventTrigger {
+                    event_type: "ping".into(),
+                    filter: String::new(),
+                })),
+            }),
+            send_window: Some(SendWindow { days, start: start.into(), end: end.into() }),
+            ..Default::default()
+        };
+        campaigns
+            .create_campaign(CreateCampaignRequest {
+                campaign_id: id.into(),
+                campaign: Some(campaign),
+            })
+            .await
+            .expect("campaign");
+        campaigns
+            .activate_campaign(ActivateCampaignRequest { id: id.into() })
+            .await
+            .expect("activate");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut events = node.events().await.expect("client");
+    events
+        .publish(PublishRequest {
+            event: Some(Event {
+                r#type: "ping".into(),
+                contact_id: "u1".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("publish");
+    receiver.wait_for(1, Duration::from_secs(10)).await.expect("the open window sends");
+    let mut deliveries = DeliveryServiceClient::connect(node.url()).await.expect("client");
+    let deferred = wait_until("the deferred delivery", Duration::from_secs(10), || {
+        let mut deliveries = deliveries.clone();
+        async move {
+            let filter = DeliveryFilter { campaign_id: "closed".into(), ..Default::default() };
+            let list = deliveries
+                .list_deliveries(ListDeliveriesRequest {
+                    filter: Some(filter),
+                    page_size: 10,
+                    page_token: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            list.deliveries.into_iter().next()
+        }
+    })
+    .await
+    .expect("deferred");
+    assert_eq!(deferred.status, DeliveryStatus::Pending as i32);
+    let next = deferred.next_attempt_time.expect("next attempt").seconds;
+    assert_eq!(next % 86_400, 0, "it waits for midnight UTC, when tomorrow's window opens");
+    assert!(next as u64 / 86_400 == days_since_epoch + 1);
+    let _ = &mut deliveries;
+    assert!(
+        receiver.received().iter().all(|r| r.path == "/open"),
+        "nothing sent outside the window"
+    );
+}

@@ -311,12 +311,7 @@ impl CampaignApi {
                 across_campaigns: cap.across_campaigns,
             }
         });
-        if proto.send_window.is_some() {
-            v.add(
-                "campaign.send_window",
-                "send windows are not supported by this version yet; leave it unset",
-            );
-        }
+
         if !proto.capture.is_empty() {
             v.add(
                 "campaign.capture",
