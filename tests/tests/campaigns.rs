@@ -712,3 +712,73 @@ async fn a_closed_send_window_defers_the_send_to_its_opening() {
         "nothing sent outside the window"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_cycle_is_refused() {
+    use tidings_client::prost_types::{Duration as PbDuration, FieldMask};
+    use tidings_client::v1::{EventTrigger, FollowUpTrigger, UpdateCampaignRequest};
+    let node = NodeProcess::start(NodeOptions::default()).await.expect("node");
+    let mut webhooks = node.webhooks().await.expect("client");
+    webhooks
+        .create_webhook(CreateWebhookRequest {
+            webhook_id: "w".into(),
+            webhook: Some(Webhook { url: "https://example.com/w".into(), ..Default::default() }),
+        })
+        .await
+        .expect("webhook");
+    let mut campaigns = node.campaigns().await.expect("client");
+    let follow = |after: &str| {
+        Some(Trigger {
+            kind: Some(Kind::FollowUp(FollowUpTrigger {
+                after_campaign_id: after.into(),
+                on_status: vec![],
+                delay: Some(PbDuration { seconds: 60, nanos: 0 }),
+                unless_interactions: vec![],
+            })),
+        })
+    };
+    let first = Campaign {
+        webhook_id: "w".into(),
+        trigger: Some(Trigger {
+            kind: Some(Kind::Event(EventTrigger { event_type: "e".into(), filter: String::new() })),
+        }),
+        ..Default::default()
+    };
+    campaigns
+        .create_campaign(CreateCampaignRequest { campaign_id: "a".into(), campaign: Some(first) })
+        .await
+        .expect("a");
+    campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "b".into(),
+            campaign: Some(Campaign {
+                webhook_id: "w".into(),
+                trigger: follow("a"),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("b");
+    let missing = campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "c".into(),
+            campaign: Some(Campaign {
+                webhook_id: "w".into(),
+                trigger: follow("nope"),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("unknown campaign followed");
+    assert_eq!(fields(&missing), vec!["campaign.trigger.follow_up.after_campaign_id".to_string()]);
+    let cycle = campaigns
+        .update_campaign(UpdateCampaignRequest {
+            campaign: Some(Campaign { id: "a".into(), trigger: follow("b"), ..Default::default() }),
+            update_mask: Some(FieldMask { paths: vec!["trigger".into()] }),
+            etag: String::new(),
+        })
+        .await
+        .expect_err("cycle");
+    assert_eq!(fields(&cycle), vec!["campaign.trigger.follow_up.after_campaign_id".to_string()]);
+    assert!(cycle.message().contains("cycle"), "{}", cycle.message());
+}
