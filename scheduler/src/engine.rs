@@ -96,6 +96,10 @@ pub trait Engine: Send + Sync + 'static {
     async fn on_outcome(&self, _partition: PartitionId, _outcome: Outcome, _effects: &mut Effects) {
     }
 
+    /// Called when this node starts working on `partition` (after a claim): state cached from
+    /// an earlier ownership may have changed since.
+    fn on_claim(&self, _partition: PartitionId) {}
+
     /// Starts an attempt whose dispatch was committed; its outcome goes to `reply`.
     fn dispatch(&self, _job: Job, _reply: mpsc::UnboundedSender<Outcome>) {}
 }
@@ -122,10 +126,12 @@ pub struct CampaignEngine {
     dispatcher: Dispatcher,
     partitions: u32,
     retention_ms: i64,
-    /// Run shard counters by key, as last written by this node. Only a partition's owner
-    /// writes its shards, so within one ownership this copy is the truth, and several outcomes
-    /// of one batch add up instead of overwriting each other.
+    /// Run shard counters and contacts' standings by key, as last written by this node. Only a
+    /// partition's owner writes them, so within one ownership this copy is the truth: reads
+    /// skip the store, and several outcomes of one batch add up instead of overwriting each
+    /// other. A claim drops the partition's entries (another owner may have written since).
     shards: std::sync::Mutex<std::collections::HashMap<String, crate::campaign::Shard>>,
+    statuses: std::sync::Mutex<std::collections::HashMap<String, crate::status::CampaignStatus>>,
 }
 
 impl std::fmt::Debug for CampaignEngine {
@@ -174,6 +180,7 @@ impl CampaignEngine {
             partitions,
             retention_ms: retention.as_millis() as i64,
             shards: Default::default(),
+            statuses: Default::default(),
         }
     }
 
@@ -385,10 +392,32 @@ impl CampaignEngine {
         contact: &str,
         campaign: &str,
     ) -> crate::status::CampaignStatus {
-        read(self.store.as_ref(), &crate::status::key(partition, contact, campaign))
+        let key = crate::status::key(partition, contact, campaign);
+        if let Some(status) = self.statuses.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return status.clone();
+        }
+        read(self.store.as_ref(), &key)
             .await
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()
+    }
+
+    /// Writes a contact's standing in a campaign, and keeps it in the cache.
+    fn save_status(
+        &self,
+        partition: PartitionId,
+        contact: &str,
+        campaign: &str,
+        status: crate::status::CampaignStatus,
+        effects: &mut Effects,
+    ) {
+        let key = crate::status::key(partition, contact, campaign);
+        effects.ops.push(Op::put(key.clone(), serde_json::to_vec(&status).unwrap_or_default()));
+        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        if statuses.len() > 200_000 {
+            statuses.clear();
+        }
+        statuses.insert(key, status);
     }
 
     /// Records a finished delivery in the contact's standing and starts the waits of the
@@ -400,10 +429,7 @@ impl CampaignEngine {
         status.last_delivery = delivery.id.clone();
         status.last_at_ms = delivery.updated_ms;
         status.sends += 1;
-        effects.ops.push(Op::put(
-            crate::status::key(partition, &delivery.contact_id, &delivery.campaign_id),
-            serde_json::to_vec(&status).unwrap_or_default(),
-        ));
+        self.save_status(partition, &delivery.contact_id, &delivery.campaign_id, status, effects);
         for (id, campaign) in self.campaigns.all() {
             let Trigger::FollowUp { after_campaign_id, on_status, delay_ms, .. } =
                 &campaign.trigger
@@ -496,10 +522,7 @@ impl CampaignEngine {
             return false;
         }
         status.sent_at_ms.push(now);
-        effects.ops.push(Op::put(
-            crate::status::key(partition, contact, id),
-            serde_json::to_vec(&status).unwrap_or_default(),
-        ));
+        self.save_status(partition, contact, id, status, effects);
         true
     }
 
@@ -586,10 +609,7 @@ impl Engine for CampaignEngine {
             if campaign.exit_events.contains(&event.kind) {
                 let mut status = self.status(partition, &event.contact_id, &id).await;
                 status.exited_at_ms = Some(now);
-                effects.ops.push(Op::put(
-                    crate::status::key(partition, &event.contact_id, &id),
-                    serde_json::to_vec(&status).unwrap_or_default(),
-                ));
+                self.save_status(partition, &event.contact_id, &id, status, effects);
             }
         }
         let mut matching: Vec<(String, Arc<Campaign>)> = self
@@ -887,10 +907,7 @@ impl Engine for CampaignEngine {
         let latest = status.interactions.entry(kind.to_string()).or_insert(at_ms);
         *latest = (*latest).max(at_ms);
         tracing::debug!(%contact, %campaign, kind, "interaction recorded");
-        effects.ops.push(Op::put(
-            crate::status::key(partition, &contact, &campaign),
-            serde_json::to_vec(&status).unwrap_or_default(),
-        ));
+        self.save_status(partition, &contact, &campaign, status, effects);
     }
 
     async fn on_redeliver(&self, partition: PartitionId, id: &str, effects: &mut Effects) {
@@ -991,5 +1008,18 @@ impl Engine for CampaignEngine {
 
     fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
         self.dispatcher.submit(job, reply);
+    }
+
+    fn on_claim(&self, partition: PartitionId) {
+        let status_prefix = format!("p/{partition:04}/");
+        let shard_suffix = format!("/{partition:04}");
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| !k.starts_with(&status_prefix));
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| !k.ends_with(&shard_suffix));
     }
 }

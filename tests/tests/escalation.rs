@@ -75,8 +75,10 @@ async fn email_then_sms_then_call_unless_the_contact_acts() {
         ("sms", follow_up("email", "clicked")),
         ("call", follow_up("sms", "actioned")),
     ] {
+        // A short timeout keeps the visibility timer of an attempt lost in the kill short.
         let webhook = Webhook {
             url: receiver.url(&format!("/{id}?c={{{{ contact.id }}}}")),
+            timeout: Some(PbDuration { seconds: 2, nanos: 0 }),
             ..Default::default()
         };
         webhooks

@@ -160,6 +160,7 @@ impl Worker {
         &self,
         cancel: &CancellationToken,
     ) -> Result<std::convert::Infallible, Exit> {
+        self.engine.on_claim(self.partition);
         let mut index = self.load_timers(cancel).await?;
         let (mut pending, mut loaded, mut stream) = self.load_inbox(cancel).await?;
         info!(
