@@ -243,24 +243,8 @@ impl CampaignEngine {
         let now = crate::now_ms();
         let id = record::new_id(partition);
         context.delivery = serde_json::json!({ "id": id });
-        let mut delivery = Delivery {
-            id: id.clone(),
-            partition,
-            webhook_id: webhook_id.to_string(),
-            campaign_id: campaign_id.to_string(),
-            run_id: run_id.to_string(),
-            contact_id: contact_id.to_string(),
-            event_id: event_id.to_string(),
-            status: Status::Pending,
-            reason: String::new(),
-            request: None,
-            attempts: Vec::new(),
-            retry_index: 0,
-            dispatch_seq: 0,
-            next_attempt_ms: None,
-            created_ms: now,
-            updated_ms: now,
-        };
+        let origin = record::Origin { webhook_id, campaign_id, run_id, contact_id, event_id };
+        let mut delivery = Delivery::new(id.clone(), partition, origin, now);
         match self.render(webhook, &context) {
             Ok(request) => {
                 delivery.request = Some(request);

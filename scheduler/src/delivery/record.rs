@@ -138,6 +138,45 @@ pub fn key(partition: PartitionId, id: &str) -> String {
     format!("p/{partition:04}/deliveries/{id}")
 }
 
+/// Who and what a new delivery is for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Origin<'a> {
+    /// Webhook called.
+    pub webhook_id: &'a str,
+    /// Campaign, if any.
+    pub campaign_id: &'a str,
+    /// Run, if any.
+    pub run_id: &'a str,
+    /// Contact.
+    pub contact_id: &'a str,
+    /// Triggering event, if any.
+    pub event_id: &'a str,
+}
+
+impl Delivery {
+    /// Returns a pending delivery with no request and no attempt yet.
+    pub fn new(id: String, partition: PartitionId, origin: Origin<'_>, now_ms: i64) -> Self {
+        Self {
+            id,
+            partition,
+            webhook_id: origin.webhook_id.to_string(),
+            campaign_id: origin.campaign_id.to_string(),
+            run_id: origin.run_id.to_string(),
+            contact_id: origin.contact_id.to_string(),
+            event_id: origin.event_id.to_string(),
+            status: Status::Pending,
+            reason: String::new(),
+            request: None,
+            attempts: Vec::new(),
+            retry_index: 0,
+            dispatch_seq: 0,
+            next_attempt_ms: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+        }
+    }
+}
+
 impl StoredRequest {
     /// Seals the secret headers of a rendered request for storage.
     pub fn seal(rendered: &Rendered, cipher: &crate::secrets::Cipher) -> Self {

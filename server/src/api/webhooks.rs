@@ -19,7 +19,7 @@ use tracing::{info, instrument};
 use super::convert::{duration, duration_ms, struct_to_json, timestamp};
 use super::{ApiError, Violations, check_id, invalid, new_id, parse_etag};
 use tidings_scheduler::delivery::dispatch::Dispatcher;
-use tidings_scheduler::delivery::record::{Delivery, Status as DeliveryStatus};
+use tidings_scheduler::delivery::record::{Delivery, Origin};
 use tidings_scheduler::delivery::render::{self, Context};
 
 const MAX_URL: usize = 2048;
@@ -121,24 +121,12 @@ impl WebhookApi {
         };
         let now = tidings_scheduler::now_ms();
         let rendered = render::request(&self.templates, &self.cipher, &webhook.value, &context);
-        let mut delivery = Delivery {
-            id,
-            partition: 0,
-            webhook_id: request.id.clone(),
-            campaign_id: String::new(),
-            run_id: String::new(),
-            contact_id: contact["id"].as_str().unwrap_or_default().to_string(),
-            event_id: String::new(),
-            status: DeliveryStatus::Pending,
-            reason: String::new(),
-            request: None,
-            attempts: Vec::new(),
-            retry_index: 0,
-            dispatch_seq: 0,
-            next_attempt_ms: None,
-            created_ms: now,
-            updated_ms: now,
+        let origin = Origin {
+            webhook_id: &request.id,
+            contact_id: contact["id"].as_str().unwrap_or_default(),
+            ..Default::default()
         };
+        let mut delivery = Delivery::new(id, 0, origin, now);
         match rendered {
             Ok(request) => delivery.request = Some(request),
             Err(reason) => delivery.reason = reason,
