@@ -426,11 +426,13 @@ impl CampaignEngine {
             {
                 continue;
             }
-            let since_ms = delivery.updated_ms;
+            // Interactions count from the start of the attempt that delivered: a receiver can
+            // report a click before the outcome of that attempt is even recorded.
+            let since_ms = delivery.attempts.last().map_or(delivery.updated_ms, |a| a.start_ms);
             tracing::debug!(campaign = %id, contact = %delivery.contact_id, delay_ms, "follow-up wait started");
             effects.timers.push(Timer {
                 id: format!("f-{id}-{}", delivery.id),
-                due_ms: since_ms + *delay_ms as i64,
+                due_ms: delivery.updated_ms + *delay_ms as i64,
                 kind: TimerKind::FollowUp {
                     campaign: id.clone(),
                     contact: delivery.contact_id.clone(),

@@ -24,6 +24,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Sending webhooks.
     pub delivery: DeliveryConfig,
+    /// Accepting events.
+    pub events: EventsConfig,
     /// etcd, for cluster mode.
     pub etcd: EtcdConfig,
     /// Encryption of secrets at rest.
@@ -86,6 +88,15 @@ pub struct DeliveryConfig {
     /// How long finished deliveries are kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+}
+
+/// The `[events]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// How long idempotency keys are remembered.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_retention: Duration,
 }
 
 /// The `[etcd]` section.

@@ -124,8 +124,16 @@ impl Node {
             templates.clone(),
             dispatcher.clone(),
         );
-        let events = EventApi::new(store.clone(), cluster.partitions());
+        let events =
+            EventApi::new(store.clone(), cluster.partitions(), config.events.idempotency_retention);
         let cluster_api = ClusterApi::new(cluster.clone());
+        // Stops with the definition caches, after the API.
+        tokio::spawn(crate::api::sweep_idempotency_keys(
+            store.clone(),
+            cluster.clone(),
+            config.events.idempotency_retention,
+            caches_stop.clone(),
+        ));
         let campaigns = CampaignApi::new(
             store.clone(),
             cluster.partitions(),

@@ -120,3 +120,35 @@ async fn a_batch_with_idempotency_keys_accepts_each_key_once() {
     );
     assert!(second[2].duplicate);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_expire_and_are_swept() {
+    use tidings_scheduler::store::Store;
+    let etcd = tidings_tests::Etcd::start().await.expect("etcd");
+    let prefix = tidings_tests::unique_prefix();
+    let options = NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(prefix.clone()),
+        env: vec![("TIDINGS_EVENTS__IDEMPOTENCY_RETENTION".into(), "1s".into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut api = node.events().await.expect("client");
+    let keyed = Event { idempotency_key: "once".into(), ..event("u1") };
+    let first = api
+        .publish(PublishRequest { event: Some(keyed.clone()) })
+        .await
+        .expect("first")
+        .into_inner();
+    let store = etcd.store_at(&prefix).await.expect("store");
+    assert!(store.get(b"idem/once").await.expect("read").is_some());
+    wait_until("the expired key to be swept", Duration::from_secs(20), || async {
+        store.get(b"idem/once").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .expect("swept");
+    let again =
+        api.publish(PublishRequest { event: Some(keyed) }).await.expect("again").into_inner();
+    assert!(!again.duplicate, "past the retention the key is new again");
+    assert_ne!(again.event_id, first.event_id);
+}

@@ -17,8 +17,6 @@ use super::{ApiError, Violations, invalid, new_id};
 const MAX_BATCH: usize = 1000;
 /// Largest event data, encoded as JSON.
 const MAX_DATA: usize = 64 * 1024;
-/// How long an idempotency key is remembered.
-pub(crate) const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// Store operations per transaction when writing a batch.
 const OPS_PER_TXN: usize = 120;
 
@@ -26,6 +24,8 @@ const OPS_PER_TXN: usize = 120;
 pub(crate) struct EventApi {
     store: Arc<dyn Store>,
     partitions: u32,
+    /// How long an idempotency key is remembered, in milliseconds.
+    retention_ms: i64,
 }
 
 /// An event ready to write.
@@ -35,8 +35,12 @@ struct Accepted {
 }
 
 impl EventApi {
-    pub(crate) fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
-        Self { store, partitions }
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        partitions: u32,
+        retention: std::time::Duration,
+    ) -> Self {
+        Self { store, partitions, retention_ms: retention.as_millis() as i64 }
     }
 
     /// Validates one event; `field` prefixes the names in violations.
@@ -139,7 +143,7 @@ impl EventApi {
             let existing: Option<IdempotencyRecord> = serde_json::from_slice(&kv.value).ok();
             match existing {
                 Some(first)
-                    if accepted.event.accepted_ms - first.created_ms < IDEMPOTENCY_RETENTION_MS =>
+                    if accepted.event.accepted_ms - first.created_ms < self.retention_ms =>
                 {
                     return Ok((first.event_id, true));
                 }
@@ -298,5 +302,61 @@ impl EventService for EventApi {
             }
         }
         Ok(Response::new(pb::PublishBatchResponse { results }))
+    }
+}
+
+/// Deletes idempotency records past the retention, while this node owns partition 0 (one node
+/// at a time does it). Each delete compares the record's revision, so a key reused meanwhile
+/// is kept. Runs until `stop` is cancelled.
+pub(crate) async fn sweep_idempotency_keys(
+    store: Arc<dyn Store>,
+    cluster: tidings_scheduler::cluster::Cluster,
+    retention: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let retention_ms = retention.as_millis() as i64;
+    let every = (retention / 24).max(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if !cluster.owned().contains(&0) {
+            continue;
+        }
+        let now = tidings_scheduler::now_ms();
+        let end = tidings_scheduler::store::prefix_end(b"idem/");
+        let mut start = b"idem/".to_vec();
+        let mut deleted = 0;
+        loop {
+            let Ok(page) = store.range(&start, &end, 500).await else { break };
+            for kv in &page.kvs {
+                let expired = serde_json::from_slice::<IdempotencyRecord>(&kv.value)
+                    .is_ok_and(|r| now - r.created_ms >= retention_ms);
+                if !expired {
+                    continue;
+                }
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        kv.key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision,
+                    )])
+                    .and_then([Op::delete(kv.key.clone())]);
+                if store.txn(txn).await.is_ok_and(|r| r.succeeded) {
+                    deleted += 1;
+                }
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "expired idempotency keys removed");
+        }
     }
 }

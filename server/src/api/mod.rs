@@ -13,7 +13,7 @@ pub(crate) use campaigns::CampaignApi;
 pub(crate) use cluster::ClusterApi;
 pub(crate) use contacts::ContactApi;
 pub(crate) use deliveries::DeliveryApi;
-pub(crate) use events::EventApi;
+pub(crate) use events::{EventApi, sweep_idempotency_keys};
 pub(crate) use webhooks::WebhookApi;
 
 use base64::Engine;
