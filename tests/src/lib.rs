@@ -10,6 +10,7 @@ pub mod conformance;
 mod etcd;
 mod node;
 mod receiver;
+pub mod setup;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@ use tidings_client::v1::{
     RunCampaignRequest, RunState, Segment, Trigger, UpsertContactRequest, Webhook, trigger::Kind,
 };
 use tidings_client::{ContactServiceClient, SegmentServiceClient};
-use tidings_tests::{NodeOptions, NodeProcess, Receiver, wait_until};
+use tidings_tests::{NodeOptions, NodeProcess, Receiver, setup, wait_until};
 use tonic_types::StatusExt;
 
 fn attributes(plan: &str, n: i64) -> Struct {
@@ -149,17 +149,7 @@ async fn a_run_reaches_every_member_of_its_segment_once() {
         trigger: Some(Trigger { kind: Some(Kind::OnDemand(OnDemandTrigger {})) }),
         ..Default::default()
     };
-    campaigns
-        .create_campaign(CreateCampaignRequest {
-            campaign_id: "promo".into(),
-            campaign: Some(campaign),
-        })
-        .await
-        .expect("campaign");
-    campaigns
-        .activate_campaign(ActivateCampaignRequest { id: "promo".into() })
-        .await
-        .expect("activate");
+    setup::active_campaign(&node, "promo", campaign).await;
     // A dry run: the audience and the exact requests, with nothing sent.
     let preview = campaigns
         .preview_campaign(tidings_client::v1::PreviewCampaignRequest {
@@ -264,7 +254,6 @@ async fn the_chatbot_case_caps_and_exit_events() {
         .expect("contact");
 
     let mut webhooks = node.webhooks().await.expect("client");
-    let mut campaigns = node.campaigns().await.expect("client");
     let hook = |path: &str, body: &str| Webhook {
         url: receiver.url(path),
         body: body.into(),
@@ -330,17 +319,7 @@ async fn the_chatbot_case_caps_and_exit_events() {
             exit_events: exits,
             ..Default::default()
         };
-        campaigns
-            .create_campaign(CreateCampaignRequest {
-                campaign_id: id.into(),
-                campaign: Some(campaign),
-            })
-            .await
-            .expect("campaign");
-        campaigns
-            .activate_campaign(ActivateCampaignRequest { id: id.into() })
-            .await
-            .expect("activate");
+        setup::active_campaign(&node, id, campaign).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut events = node.events().await.expect("client");
@@ -546,17 +525,7 @@ async fn runs_can_be_watched_cancelled_and_refuse_impossible_changes() {
         trigger: Some(Trigger { kind: Some(Kind::OnDemand(OnDemandTrigger {})) }),
         ..Default::default()
     };
-    campaigns
-        .create_campaign(CreateCampaignRequest {
-            campaign_id: "blast".into(),
-            campaign: Some(campaign),
-        })
-        .await
-        .expect("campaign");
-    campaigns
-        .activate_campaign(ActivateCampaignRequest { id: "blast".into() })
-        .await
-        .expect("activate");
+    setup::active_campaign(&node, "blast", campaign).await;
 
     // Watch a run to its end.
     let run = campaigns
@@ -625,7 +594,7 @@ async fn a_closed_send_window_defers_the_send_to_its_opening() {
     };
     let node = NodeProcess::start(options).await.expect("node");
     let mut webhooks = node.webhooks().await.expect("client");
-    let mut campaigns = node.campaigns().await.expect("client");
+    let _campaigns = node.campaigns().await.expect("client");
     // Today's weekday in UTC (1 = Monday), and the day after.
     let days_since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -658,17 +627,7 @@ async fn a_closed_send_window_defers_the_send_to_its_opening() {
             send_window: Some(SendWindow { days, start: start.into(), end: end.into() }),
             ..Default::default()
         };
-        campaigns
-            .create_campaign(CreateCampaignRequest {
-                campaign_id: id.into(),
-                campaign: Some(campaign),
-            })
-            .await
-            .expect("campaign");
-        campaigns
-            .activate_campaign(ActivateCampaignRequest { id: id.into() })
-            .await
-            .expect("activate");
+        setup::active_campaign(&node, id, campaign).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut events = node.events().await.expect("client");

@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use tidings_client::prost_types::Duration as PbDuration;
 use tidings_client::v1::{
-    ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest, Event,
-    EventTrigger, PublishBatchRequest, PublishRequest, RetryPolicy, Trigger, Webhook,
-    trigger::Kind,
+    Campaign, CreateWebhookRequest, Event, EventTrigger, PublishBatchRequest, PublishRequest,
+    RetryPolicy, Trigger, Webhook, trigger::Kind,
 };
 use tidings_scheduler::store::Store;
-use tidings_tests::{Etcd, NodeOptions, NodeProcess, Receiver, Reply, unique_prefix, wait_until};
+use tidings_tests::{
+    Etcd, NodeOptions, NodeProcess, Receiver, Reply, setup, unique_prefix, wait_until,
+};
 
 fn options(etcd: &Etcd, prefix: &str, id: &str, extra: &[(&str, &str)]) -> NodeOptions {
     let mut env = vec![
@@ -34,7 +35,6 @@ async fn setup(node: &NodeProcess, webhook: Webhook) {
         .create_webhook(CreateWebhookRequest { webhook_id: "hook".into(), webhook: Some(webhook) })
         .await
         .expect("webhook");
-    let mut campaigns = node.campaigns().await.expect("client");
     let campaign = Campaign {
         webhook_id: "hook".into(),
         trigger: Some(Trigger {
@@ -45,17 +45,7 @@ async fn setup(node: &NodeProcess, webhook: Webhook) {
         }),
         ..Default::default()
     };
-    campaigns
-        .create_campaign(CreateCampaignRequest {
-            campaign_id: "c".into(),
-            campaign: Some(campaign),
-        })
-        .await
-        .expect("campaign");
-    campaigns
-        .activate_campaign(ActivateCampaignRequest { id: "c".into() })
-        .await
-        .expect("activate");
+    setup::active_campaign(node, "c", campaign).await;
     // The nodes' definition caches follow the store through a watch.
     tokio::time::sleep(Duration::from_millis(300)).await;
 }

@@ -7,12 +7,11 @@ use std::time::Duration;
 use tidings_client::EventServiceClient;
 use tidings_client::prost_types::Duration as PbDuration;
 use tidings_client::v1::{
-    ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest, DeliveryStatus,
-    Event, EventTrigger, FollowUpTrigger, PublishRequest, RecordInteractionRequest, Trigger,
-    Webhook, trigger::Kind,
+    Campaign, DeliveryStatus, Event, EventTrigger, FollowUpTrigger, PublishRequest,
+    RecordInteractionRequest, Webhook, trigger::Kind,
 };
 use tidings_scheduler::store::Store;
-use tidings_tests::{Etcd, NodeOptions, NodeProcess, Receiver, unique_prefix, wait_until};
+use tidings_tests::{Etcd, NodeOptions, NodeProcess, Receiver, setup, unique_prefix, wait_until};
 
 const WAIT_SECONDS: i64 = 3;
 
@@ -65,8 +64,7 @@ async fn email_then_sms_then_call_unless_the_contact_acts() {
     }
     let receiver = Receiver::start().await.expect("receiver");
     let node = nodes[2].as_ref().expect("node");
-    let mut webhooks = node.webhooks().await.expect("client");
-    let mut campaigns = node.campaigns().await.expect("client");
+
     for (id, kind) in [
         (
             "email",
@@ -81,26 +79,10 @@ async fn email_then_sms_then_call_unless_the_contact_acts() {
             timeout: Some(PbDuration { seconds: 2, nanos: 0 }),
             ..Default::default()
         };
-        webhooks
-            .create_webhook(CreateWebhookRequest { webhook_id: id.into(), webhook: Some(webhook) })
-            .await
-            .expect("webhook");
-        let campaign = Campaign {
-            webhook_id: id.into(),
-            trigger: Some(Trigger { kind: Some(kind) }),
-            ..Default::default()
-        };
-        campaigns
-            .create_campaign(CreateCampaignRequest {
-                campaign_id: id.into(),
-                campaign: Some(campaign),
-            })
-            .await
-            .expect("campaign");
-        campaigns
-            .activate_campaign(ActivateCampaignRequest { id: id.into() })
-            .await
-            .expect("activate");
+        setup::webhook(node, id, webhook).await;
+        let campaign =
+            Campaign { webhook_id: id.into(), trigger: setup::trigger(kind), ..Default::default() };
+        setup::active_campaign(node, id, campaign).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut events = EventServiceClient::connect(node.url()).await.expect("client");

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tidings_client::prost_types::{Duration as PbDuration, Timestamp};
 use tidings_client::v1::{
-    ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest, Event,
-    IntervalTrigger, ListRunsRequest, MisfirePolicy, OnDemandTrigger, PublishBatchRequest, Run,
-    RunCampaignRequest, RunState, Trigger, Webhook, trigger::Kind,
+    Campaign, CreateWebhookRequest, Event, IntervalTrigger, ListRunsRequest, MisfirePolicy,
+    OnDemandTrigger, PublishBatchRequest, Run, RunCampaignRequest, RunState, Webhook,
+    trigger::Kind,
 };
 use tidings_scheduler::store::{EventKind, Store};
-use tidings_tests::{Etcd, NodeOptions, NodeProcess, unique_prefix, wait_until};
+use tidings_tests::{Etcd, NodeOptions, NodeProcess, setup, unique_prefix, wait_until};
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -118,20 +118,10 @@ async fn timers_and_events_survive_kills_and_an_etcd_restart() {
     for (id, kind) in [("tick", interval), ("later", Kind::OnDemand(OnDemandTrigger {}))] {
         let campaign = Campaign {
             webhook_id: "hook".into(),
-            trigger: Some(Trigger { kind: Some(kind) }),
+            trigger: setup::trigger(kind),
             ..Default::default()
         };
-        campaigns
-            .create_campaign(CreateCampaignRequest {
-                campaign_id: id.into(),
-                campaign: Some(campaign),
-            })
-            .await
-            .expect("create");
-        campaigns
-            .activate_campaign(ActivateCampaignRequest { id: id.into() })
-            .await
-            .expect("activate");
+        setup::active_campaign(node, id, campaign).await;
     }
     let activated = now_ms();
 
