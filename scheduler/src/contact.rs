@@ -1,10 +1,16 @@
 //! The contact record, kept in its partition under `p/{p}/contacts/{id}`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::PartitionId;
+use crate::store::{EventKind, Store};
 
 /// A contact as stored.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -35,5 +41,175 @@ impl Contact {
             "timezone": if self.timezone.is_empty() { "UTC" } else { self.timezone.as_str() },
             "unsubscribed": self.unsubscribed,
         })
+    }
+}
+
+/// The contacts of the partitions this node owns, each kept in memory by its owner: a run
+/// evaluates its audience from here instead of reading every contact from the store.
+///
+/// A partition's copy is loaded when the partition is claimed and kept fresh by a watch from
+/// the revision of that load, so it trails the store by the watch's delay; until it is loaded
+/// (and while it reloads after a broken watch) callers read the store instead. Values are kept
+/// as their stored JSON bytes, the most compact form at hand, and decoded when used.
+#[derive(Default)]
+pub struct ContactCache {
+    parts: std::sync::RwLock<std::collections::HashMap<PartitionId, Arc<Part>>>,
+}
+
+impl std::fmt::Debug for ContactCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContactCache").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Part {
+    ready: AtomicBool,
+    contacts: std::sync::RwLock<BTreeMap<Box<str>, Box<[u8]>>>,
+}
+
+/// A page of cached contacts, in key order.
+#[derive(Debug)]
+pub struct CachedPage {
+    /// Contact ids and records.
+    pub contacts: Vec<(String, Contact)>,
+    /// Whether more contacts follow the last one.
+    pub more: bool,
+}
+
+impl ContactCache {
+    fn part(&self, partition: PartitionId) -> Option<Arc<Part>> {
+        let parts = self.parts.read().unwrap_or_else(|p| p.into_inner());
+        parts.get(&partition).filter(|p| p.ready.load(Ordering::Acquire)).cloned()
+    }
+
+    /// Returns the contact when the partition's copy is loaded: `Some(None)` when it does not
+    /// exist, `None` when the caller must read the store.
+    pub fn get(&self, partition: PartitionId, id: &str) -> Option<Option<Contact>> {
+        let part = self.part(partition)?;
+        let contacts = part.contacts.read().unwrap_or_else(|p| p.into_inner());
+        Some(contacts.get(id).and_then(|bytes| serde_json::from_slice(bytes).ok()))
+    }
+
+    /// Returns up to `limit` contacts whose ids sort after `after` ("" for the first page),
+    /// or `None` when the partition's copy is not loaded.
+    pub fn page(&self, partition: PartitionId, after: &str, limit: usize) -> Option<CachedPage> {
+        use std::ops::Bound;
+        let part = self.part(partition)?;
+        let contacts = part.contacts.read().unwrap_or_else(|p| p.into_inner());
+        let lower = if after.is_empty() { Bound::Unbounded } else { Bound::Excluded(after) };
+        let mut range = contacts.range::<str, _>((lower, Bound::Unbounded));
+        let mut page = Vec::with_capacity(limit);
+        for (id, bytes) in range.by_ref().take(limit) {
+            if let Ok(contact) = serde_json::from_slice(bytes) {
+                page.push((id.to_string(), contact));
+            }
+        }
+        Some(CachedPage { contacts: page, more: range.next().is_some() })
+    }
+
+    /// Returns how many contacts are cached, over every partition.
+    pub fn len(&self) -> usize {
+        let parts = self.parts.read().unwrap_or_else(|p| p.into_inner());
+        parts.values().map(|p| p.contacts.read().unwrap_or_else(|p| p.into_inner()).len()).sum()
+    }
+
+    /// Returns whether no contact is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Loads `partition`'s contacts and follows their changes until `cancel`, then forgets them.
+    pub fn follow(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        partition: PartitionId,
+        cancel: CancellationToken,
+    ) {
+        let part = Arc::new(Part::default());
+        self.parts.write().unwrap_or_else(|p| p.into_inner()).insert(partition, part.clone());
+        let cache = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = follow(store.as_ref(), partition, &part) => {}
+            }
+            let mut parts = cache.parts.write().unwrap_or_else(|p| p.into_inner());
+            if parts.get(&partition).is_some_and(|p| Arc::ptr_eq(p, &part)) {
+                parts.remove(&partition);
+            }
+        });
+    }
+}
+
+/// Loads a partition's contacts into `part` and applies their changes, reloading when the
+/// watch breaks. Returns only if the store shuts down.
+async fn follow(store: &dyn Store, partition: PartitionId, part: &Part) {
+    let prefix = format!("p/{partition:04}/contacts/");
+    let mut pause = Duration::from_millis(100);
+    loop {
+        part.ready.store(false, Ordering::Release);
+        let loaded = async {
+            let revision = store.revision().await?;
+            let stream = store.watch(prefix.as_bytes(), revision + 1).await?;
+            let mut contacts = BTreeMap::new();
+            let end = crate::store::prefix_end(prefix.as_bytes());
+            let mut start = prefix.clone().into_bytes();
+            loop {
+                let page = store.range(&start, &end, 10_000).await?;
+                for kv in &page.kvs {
+                    let id = String::from_utf8_lossy(&kv.key[prefix.len()..]);
+                    contacts.insert(id.into(), kv.value.clone().into_boxed_slice());
+                }
+                match page.kvs.last() {
+                    Some(last) if page.more => {
+                        start = last.key.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
+            Ok::<_, crate::store::StoreError>((contacts, stream))
+        }
+        .await;
+        let mut stream = match loaded {
+            Ok((contacts, stream)) => {
+                let count = contacts.len();
+                *part.contacts.write().unwrap_or_else(|p| p.into_inner()) = contacts;
+                part.ready.store(true, Ordering::Release);
+                tracing::debug!(partition, contacts = count, "contacts cached");
+                pause = Duration::from_millis(100);
+                stream
+            }
+            Err(error) => {
+                tracing::debug!(partition, %error, "cannot load contacts; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            match stream.next().await {
+                Some(Ok(batch)) => {
+                    let mut contacts = part.contacts.write().unwrap_or_else(|p| p.into_inner());
+                    for event in batch.events {
+                        let id = String::from_utf8_lossy(&event.kv.key[prefix.len()..]);
+                        match event.kind {
+                            EventKind::Put => {
+                                contacts.insert(id.into(), event.kv.value.into_boxed_slice());
+                            }
+                            EventKind::Delete => {
+                                contacts.remove(id.as_ref());
+                            }
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(partition, %error, "contact watch ended; reloading");
+                    break;
+                }
+                None => return,
+            }
+        }
     }
 }

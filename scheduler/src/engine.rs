@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::campaign::{Campaign, CampaignState, Run, RunState, Trigger, interval_run_id, run_key};
 use crate::cluster::PartitionId;
-use crate::contact::Contact;
+use crate::contact::{Contact, ContactCache};
 use crate::defs::Cache;
 use crate::delivery::dispatch::{Dispatcher, Job, Outcome};
 use crate::delivery::record::{self, Attempt, Delivery, ErrorClass, Status, StoredRequest};
@@ -28,8 +28,12 @@ use crate::template::Templates;
 use crate::timers::{Timer, TimerKind};
 use crate::webhook::Webhook;
 
-/// Contacts evaluated per batch of a run shard: each may add two writes to the batch.
-const RUN_PAGE: usize = 40;
+/// Writes a batch of a run shard may add (each send takes two or three), leaving room in the
+/// transaction for the shard's own bookkeeping.
+const RUN_OPS: usize = 100;
+
+/// Contacts read per batch of a run shard: most may fall outside the audience.
+const EVAL_PAGE: usize = 1000;
 
 /// Extra time after an attempt's timeout before the attempt counts as lost.
 const VISIBILITY_MARGIN_MS: i64 = 5_000;
@@ -97,8 +101,9 @@ pub trait Engine: Send + Sync + 'static {
     }
 
     /// Called when this node starts working on `partition` (after a claim): state cached from
-    /// an earlier ownership may have changed since.
-    fn on_claim(&self, _partition: PartitionId) {}
+    /// an earlier ownership may have changed since. `owned` is cancelled when the ownership
+    /// ends.
+    fn on_claim(&self, _partition: PartitionId, _owned: &tokio_util::sync::CancellationToken) {}
 
     /// Starts an attempt whose dispatch was committed; its outcome goes to `reply`.
     fn dispatch(&self, _job: Job, _reply: mpsc::UnboundedSender<Outcome>) {}
@@ -131,7 +136,9 @@ pub struct CampaignEngine {
     /// skip the store, and several outcomes of one batch add up instead of overwriting each
     /// other. A claim drops the partition's entries (another owner may have written since).
     shards: std::sync::Mutex<std::collections::HashMap<String, crate::campaign::Shard>>,
-    statuses: std::sync::Mutex<std::collections::HashMap<String, crate::status::CampaignStatus>>,
+    statuses: std::sync::Mutex<std::collections::BTreeMap<String, crate::status::CampaignStatus>>,
+    /// The contacts of the owned partitions.
+    contacts: Arc<ContactCache>,
 }
 
 impl std::fmt::Debug for CampaignEngine {
@@ -181,7 +188,13 @@ impl CampaignEngine {
             retention_ms: retention.as_millis() as i64,
             shards: Default::default(),
             statuses: Default::default(),
+            contacts: Default::default(),
         }
+    }
+
+    /// Returns the cache of the owned partitions' contacts.
+    pub fn contact_cache(&self) -> &Arc<ContactCache> {
+        &self.contacts
     }
 
     async fn shard(&self, key: &str) -> crate::campaign::Shard {
@@ -213,12 +226,21 @@ impl CampaignEngine {
         });
     }
 
-    async fn contact(&self, partition: PartitionId, id: &str) -> serde_json::Value {
-        let contact = read(self.store.as_ref(), &crate::contact::key(partition, id))
+    /// Reads a contact from the store: an event must see the contact as it was when the event
+    /// was published, which the cache (trailing the store by its watch) does not promise.
+    async fn fresh_contact(&self, partition: PartitionId, id: &str) -> Contact {
+        read(self.store.as_ref(), &crate::contact::key(partition, id))
             .await
             .and_then(|bytes| serde_json::from_slice::<Contact>(&bytes).ok())
-            .unwrap_or_default();
-        contact.view(id)
+            .unwrap_or_default()
+    }
+
+    /// Returns a contact from the owner's cache, or from the store while the cache loads.
+    async fn cached_contact(&self, partition: PartitionId, id: &str) -> Contact {
+        match self.contacts.get(partition, id) {
+            Some(found) => found.unwrap_or_default(),
+            None => self.fresh_contact(partition, id).await,
+        }
     }
 
     fn render(&self, webhook: &Webhook, context: &Context) -> Result<StoredRequest, String> {
@@ -473,23 +495,65 @@ impl CampaignEngine {
         if campaign.rules.is_empty() {
             return true;
         }
-        let prefix = format!("p/{partition:04}/status/{contact_id}/");
-        let mut standings = serde_json::Map::new();
-        if let Ok(page) = self.store.range_prefix(prefix.as_bytes(), 0).await {
-            for kv in page.kvs {
-                let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-                if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&kv.value) {
-                    standings.insert(id, value);
-                }
-            }
-        }
+        let standings = self
+            .standings(partition, contact_id)
+            .await
+            .into_iter()
+            .map(|(id, status)| (id, serde_json::to_value(status).unwrap_or_default()))
+            .collect();
         let campaigns = serde_json::Value::Object(standings);
         let vars = [("contact", contact), ("event", event), ("campaigns", &campaigns)];
         campaign.rules.iter().all(|rule| self.programs.evaluate(rule, &vars).unwrap_or(false))
     }
 
-    /// Returns false (and records nothing) when the campaign's frequency cap is reached for the
-    /// contact; otherwise records this send in the contact's standing and returns true.
+    /// Returns the contact's standing in every campaign it has one in, by campaign id: the
+    /// store's copy overlaid with this owner's newer writes.
+    async fn standings(
+        &self,
+        partition: PartitionId,
+        contact: &str,
+    ) -> std::collections::BTreeMap<String, crate::status::CampaignStatus> {
+        let prefix = format!("p/{partition:04}/status/{contact}/");
+        let mut standings = std::collections::BTreeMap::new();
+        let mut pause = std::time::Duration::from_millis(50);
+        for _ in 0..20 {
+            match self.store.range_prefix(prefix.as_bytes(), 0).await {
+                Ok(page) => {
+                    for kv in page.kvs {
+                        let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                        if let Ok(status) = serde_json::from_slice(&kv.value) {
+                            standings.insert(id, status);
+                        }
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "reading standings failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+        let cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, status) in cached.range(prefix.clone()..crate::store::prefix_end_string(&prefix))
+        {
+            standings.insert(key[prefix.len()..].to_string(), status.clone());
+        }
+        standings
+    }
+
+    /// Returns whether any active campaign caps sends across campaigns: then every send is
+    /// recorded in the contact's standing, so that the cap can count it.
+    fn across_caps(&self) -> bool {
+        self.campaigns.all().iter().any(|(_, c)| {
+            c.state == CampaignState::Active
+                && c.frequency_cap.as_ref().is_some_and(|cap| cap.across_campaigns)
+        })
+    }
+
+    /// Returns false (and records nothing) when a frequency cap is reached for the contact:
+    /// the campaign's own, or one counting the sends of every campaign. Otherwise records this
+    /// send in the contact's standing when some cap needs it, and returns true.
     async fn within_cap(
         &self,
         partition: PartitionId,
@@ -498,18 +562,75 @@ impl CampaignEngine {
         campaign: &Campaign,
         effects: &mut Effects,
     ) -> bool {
-        let Some(cap) = campaign.frequency_cap.as_ref().filter(|c| c.max_sends > 0) else {
+        let cap = campaign.frequency_cap.as_ref().filter(|c| c.max_sends > 0);
+        let record = cap.is_some() || self.across_caps();
+        if !record {
             return true;
-        };
-        let now = crate::now_ms();
-        let mut status = self.status(partition, contact, id).await;
-        status.sent_at_ms.retain(|at| now - at < cap.period_ms as i64);
-        if status.sent_at_ms.len() >= cap.max_sends as usize {
-            return false;
         }
+        let now = crate::now_ms();
+        if let Some(cap) = cap {
+            let since = now - cap.period_ms as i64;
+            let sends = if cap.across_campaigns {
+                let standings = self.standings(partition, contact).await;
+                standings.values().flat_map(|s| &s.sent_at_ms).filter(|at| **at > since).count()
+            } else {
+                let own = self.status(partition, contact, id).await;
+                own.sent_at_ms.iter().filter(|at| **at > since).count()
+            };
+            if sends >= cap.max_sends as usize {
+                return false;
+            }
+        }
+        let mut status = self.status(partition, contact, id).await;
+        status.sent_at_ms.retain(|at| now - at < crate::status::SEND_HISTORY_MS);
+        let excess = status.sent_at_ms.len().saturating_sub(crate::status::SEND_HISTORY - 1);
+        status.sent_at_ms.drain(..excess);
         status.sent_at_ms.push(now);
         self.save_status(partition, contact, id, status, effects);
         true
+    }
+
+    /// Copies the fields the campaign captures from a 2xx JSON response into the contact's
+    /// attributes. A response that is not JSON, or lacks a field, leaves that attribute as it
+    /// was.
+    async fn capture(
+        &self,
+        partition: PartitionId,
+        delivery: &Delivery,
+        body: &[u8],
+        effects: &mut Effects,
+    ) {
+        if delivery.campaign_id.is_empty() || delivery.contact_id.is_empty() {
+            return;
+        }
+        let Some(campaign) = self.campaigns.get(&delivery.campaign_id) else { return };
+        if campaign.capture.is_empty() {
+            return;
+        }
+        let Ok(response) = serde_json::from_slice::<serde_json::Value>(body) else {
+            tracing::debug!(delivery = %delivery.id, "response is not JSON; nothing captured");
+            return;
+        };
+        let captured: Vec<(&String, &serde_json::Value)> = campaign
+            .capture
+            .iter()
+            .filter_map(|(name, pointer)| Some((name, response.pointer(pointer)?)))
+            .collect();
+        if captured.is_empty() {
+            return;
+        }
+        let key = crate::contact::key(partition, &delivery.contact_id);
+        let Some(bytes) = read(self.store.as_ref(), &key).await else {
+            tracing::debug!(delivery = %delivery.id, "contact deleted; nothing captured");
+            return;
+        };
+        let Ok(mut contact) = serde_json::from_slice::<Contact>(&bytes) else { return };
+        for (name, value) in captured {
+            contact.attributes.insert(name.clone(), value.clone());
+        }
+        contact.updated_ms = crate::now_ms();
+        tracing::debug!(delivery = %delivery.id, contact = %delivery.contact_id, "response captured");
+        effects.ops.push(Op::put(key, serde_json::to_vec(&contact).unwrap_or_default()));
     }
 
     /// Ends a follow-up's wait: sends unless the contact interacted first.
@@ -540,7 +661,7 @@ impl CampaignEngine {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up cancelled by an exit event");
             return;
         }
-        let contact = self.contact(partition, contact_id).await;
+        let contact = self.cached_contact(partition, contact_id).await.view(contact_id);
         if contact["unsubscribed"] == serde_json::Value::Bool(true) {
             return;
         }
@@ -613,7 +734,8 @@ impl Engine for CampaignEngine {
             return;
         }
         matching.sort_by(|a, b| a.0.cmp(&b.0));
-        let contact = self.contact(partition, &event.contact_id).await;
+        let contact =
+            self.fresh_contact(partition, &event.contact_id).await.view(&event.contact_id);
         let event_view = serde_json::json!({
             "id": event.id,
             "type": event.kind,
@@ -779,25 +901,52 @@ impl Engine for CampaignEngine {
                 .unwrap_or_else(|| "false".into())
         };
         let prefix = format!("p/{partition:04}/contacts/");
-        let start = if after.is_empty() {
-            prefix.clone().into_bytes()
-        } else {
-            let mut key = after.as_bytes().to_vec();
-            key.push(0);
-            key
-        };
-        let end = crate::store::prefix_end(prefix.as_bytes());
-        let Ok(page) = self.store.range(&start, &end, RUN_PAGE).await else {
-            // Leave the shard queued as it is: the next attempt reads again.
-            effects.ops.extend(crate::campaign::fan_out_one(campaign_id, run_id, partition, after));
-            return;
+        let after_id = after.strip_prefix(&prefix).unwrap_or_default();
+        let page = match self.contacts.page(partition, after_id, EVAL_PAGE) {
+            Some(page) => page,
+            None => {
+                let mut start = prefix.clone().into_bytes();
+                if !after_id.is_empty() {
+                    start = after.as_bytes().to_vec();
+                    start.push(0);
+                }
+                let end = crate::store::prefix_end(prefix.as_bytes());
+                let Ok(page) = self.store.range(&start, &end, EVAL_PAGE).await else {
+                    // Leave the shard queued as it is: the next attempt reads again.
+                    effects.ops.extend(crate::campaign::fan_out_one(
+                        campaign_id,
+                        run_id,
+                        partition,
+                        after,
+                    ));
+                    return;
+                };
+                let contacts = page
+                    .kvs
+                    .iter()
+                    .filter_map(|kv| {
+                        let id = String::from_utf8_lossy(kv.key.get(prefix.len()..)?);
+                        Some((id.into_owned(), serde_json::from_slice(&kv.value).ok()?))
+                    })
+                    .collect();
+                crate::contact::CachedPage { contacts, more: page.more }
+            }
         };
         let active = campaign.state == CampaignState::Active
             && run.as_ref().is_some_and(|r| r.state == RunState::Running);
-        for kv in &page.kvs {
-            let key = String::from_utf8_lossy(&kv.key).into_owned();
-            let Some(contact_id) = key.strip_prefix(&prefix) else { continue };
-            let Ok(contact) = serde_json::from_slice::<Contact>(&kv.value) else { continue };
+        let run_view = serde_json::json!({ "id": run_id, "data": run_data });
+        let campaign_view = serde_json::json!({ "id": campaign_id, "data": campaign.data });
+        let mut last = None;
+        let mut more = page.more;
+        for (i, (contact_id, contact)) in page.contacts.iter().enumerate() {
+            // Each send adds a few writes to the batch: stop at a page of sends and go on
+            // from here in the next entry.
+            if effects.op_count() + 3 > RUN_OPS {
+                more = true;
+                break;
+            }
+            last = Some(i);
+            let contact_id = contact_id.as_str();
             let view = contact.view(contact_id);
             let vars = [("contact", &view)];
             let inside = |source: &str| {
@@ -832,8 +981,8 @@ impl Engine for CampaignEngine {
             let context = Context {
                 contact: view.clone(),
                 event: serde_json::Value::Null,
-                campaign: serde_json::json!({ "id": campaign_id, "data": campaign.data }),
-                run: serde_json::json!({ "id": run_id, "data": run_data }),
+                campaign: campaign_view.clone(),
+                run: run_view.clone(),
                 delivery: serde_json::Value::Null,
             };
             shard.queued += 1;
@@ -850,14 +999,13 @@ impl Engine for CampaignEngine {
                 effects,
             );
         }
-        match page.kvs.last() {
-            Some(last) if page.more => {
-                let last = String::from_utf8_lossy(&last.key).into_owned();
+        match last.map(|i| &page.contacts[i].0) {
+            Some(last) if more => {
                 effects.ops.extend(crate::campaign::fan_out_one(
                     campaign_id,
                     run_id,
                     partition,
-                    &last,
+                    &format!("{prefix}{last}"),
                 ));
             }
             _ => shard.done = true,
@@ -933,6 +1081,7 @@ impl Engine for CampaignEngine {
                 delivery.status = Status::Delivered;
                 delivery.reason.clear();
                 tracing::debug!(delivery = %delivery.id, attempt = number, status = attempt.status_code, "delivered");
+                self.capture(partition, &delivery, &attempt.response_body, effects).await;
             }
             Verdict::Retry(asked) => {
                 let policy = self
@@ -996,7 +1145,8 @@ impl Engine for CampaignEngine {
         self.dispatcher.submit(job, reply);
     }
 
-    fn on_claim(&self, partition: PartitionId) {
+    fn on_claim(&self, partition: PartitionId, owned: &tokio_util::sync::CancellationToken) {
+        self.contacts.follow(self.store.clone(), partition, owned.clone());
         let status_prefix = format!("p/{partition:04}/");
         let shard_suffix = format!("/{partition:04}");
         self.statuses

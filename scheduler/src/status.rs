@@ -24,10 +24,17 @@ pub struct CampaignStatus {
     /// When an exit event last arrived for the contact, ending its pending follow-ups.
     #[serde(default)]
     pub exited_at_ms: Option<i64>,
-    /// When the latest sends were queued (kept for campaigns with a frequency cap).
+    /// When the latest sends were queued, at most [`SEND_HISTORY`] within [`SEND_HISTORY_MS`]
+    /// (kept while a frequency cap needs them).
     #[serde(default)]
     pub sent_at_ms: Vec<i64>,
 }
+
+/// Most send times kept per contact and campaign: frequency caps allow at most this many sends.
+pub const SEND_HISTORY: usize = 100;
+
+/// How long send times are kept: the longest frequency cap period.
+pub const SEND_HISTORY_MS: i64 = 365 * 24 * 3600 * 1000;
 
 /// Returns the key of a contact's standing in a campaign.
 pub fn key(partition: PartitionId, contact: &str, campaign: &str) -> String {

@@ -43,6 +43,8 @@ pub enum Reply {
     WithHeaders(u16, Vec<(String, String)>),
     /// Wait, then this status (a slow or hanging endpoint).
     Delay(Duration, u16),
+    /// 200 with this JSON body.
+    Json(String),
 }
 
 #[derive(Default)]
@@ -88,16 +90,19 @@ async fn handle(
         });
         shared.script.pop_front().or_else(|| shared.default.clone()).unwrap_or(Reply::Status(200))
     };
-    let (status, headers) = match reply {
-        Reply::Status(status) => (status, Vec::new()),
-        Reply::WithHeaders(status, headers) => (status, headers),
+    let (status, headers, body) = match reply {
+        Reply::Status(status) => (status, Vec::new(), "ok".to_string()),
+        Reply::WithHeaders(status, headers) => (status, headers, "ok".to_string()),
         Reply::Delay(wait, status) => {
             tokio::time::sleep(wait).await;
-            (status, Vec::new())
+            (status, Vec::new(), "ok".to_string())
+        }
+        Reply::Json(body) => {
+            (200, vec![("content-type".to_string(), "application/json".to_string())], body)
         }
     };
     let mut response =
-        (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), "ok").into_response();
+        (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body).into_response();
     for (name, value) in headers {
         if let (Ok(name), Ok(value)) = (
             axum::http::HeaderName::from_bytes(name.as_bytes()),

@@ -741,3 +741,130 @@ async fn a_follow_up_cycle_is_refused() {
     assert_eq!(fields(&cycle), vec!["campaign.trigger.follow_up.after_campaign_id".to_string()]);
     assert!(cycle.message().contains("cycle"), "{}", cycle.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_captured_and_caps_count_every_campaign() {
+    use tidings_client::prost_types::Duration as PbDuration;
+    use tidings_client::v1::{Event, EventTrigger, FrequencyCap, PublishRequest};
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.default_reply(tidings_tests::Reply::Json(
+        r#"{"ticket": {"id": "T-42"}, "queue": "billing"}"#.into(),
+    ));
+    let options = NodeOptions {
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut contacts = ContactServiceClient::connect(node.url()).await.expect("client");
+    contacts
+        .upsert_contact(UpsertContactRequest {
+            contact: Some(Contact { id: "ada".into(), ..Default::default() }),
+            etag: String::new(),
+        })
+        .await
+        .expect("contact");
+    let event_campaign = |kind: &str| Campaign {
+        webhook_id: kind.replace('.', "-"),
+        trigger: setup::trigger(Kind::Event(EventTrigger {
+            event_type: kind.into(),
+            filter: String::new(),
+        })),
+        ..Default::default()
+    };
+    let hook = |path: &str, body: &str| Webhook {
+        url: receiver.url(path),
+        body: body.into(),
+        ..Default::default()
+    };
+
+    setup::webhook(&node, "support-request", hook("/open", "{}")).await;
+
+    // Bad input names the field.
+    let mut campaigns = node.campaigns().await.expect("client");
+    let mut bad = event_campaign("support.request");
+    bad.capture = [("ticket_id".to_string(), "ticket.id".to_string())].into();
+    bad.frequency_cap = Some(FrequencyCap {
+        max_sends: 1000,
+        period: Some(PbDuration { seconds: 60, nanos: 0 }),
+        across_campaigns: true,
+    });
+    let refused = campaigns
+        .create_campaign(CreateCampaignRequest { campaign_id: "bad".into(), campaign: Some(bad) })
+        .await
+        .expect_err("bad capture and cap");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let mut named = fields(&refused);
+    named.sort();
+    assert_eq!(named, ["campaign.capture[ticket_id]", "campaign.frequency_cap.max_sends"]);
+
+    // Capture: the ticket id from the first response reaches the contact's attributes, and a
+    // later campaign's template reads it.
+    setup::webhook(
+        &node,
+        "support-reply",
+        hook("/reply", r#"{"ticket": "{{ contact.attributes.ticket_id }}"}"#),
+    )
+    .await;
+    let mut open = event_campaign("support.request");
+    open.capture = [
+        ("ticket_id".to_string(), "/ticket/id".to_string()),
+        ("queue".to_string(), "/queue".to_string()),
+        ("absent".to_string(), "/not/there".to_string()),
+    ]
+    .into();
+    setup::active_campaign(&node, "open-ticket", open).await;
+    setup::active_campaign(&node, "ticket-reply", event_campaign("support.reply")).await;
+
+    // Caps across campaigns: two promotions of "promo-a" count towards "promo-b"'s cap of 2.
+    setup::webhook(&node, "promo-a", hook("/promo-a", "{}")).await;
+    setup::webhook(&node, "promo-b", hook("/promo-b", "{}")).await;
+    setup::active_campaign(&node, "promo-a", event_campaign("promo.a")).await;
+    let mut capped = event_campaign("promo.b");
+    capped.frequency_cap = Some(FrequencyCap {
+        max_sends: 2,
+        period: Some(PbDuration { seconds: 3600, nanos: 0 }),
+        across_campaigns: true,
+    });
+    setup::active_campaign(&node, "promo-b", capped).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut events = node.events().await.expect("client");
+    let publish = |kind: &str| PublishRequest {
+        event: Some(Event { r#type: kind.into(), contact_id: "ada".into(), ..Default::default() }),
+    };
+    events.publish(publish("support.request")).await.expect("publish");
+    let captured = wait_until("the captured attributes", Duration::from_secs(10), || {
+        let mut contacts = contacts.clone();
+        async move {
+            let contact = contacts
+                .get_contact(GetContactRequest { id: "ada".into() })
+                .await
+                .ok()?
+                .into_inner();
+            let attributes = contact.attributes?.fields;
+            attributes.contains_key("ticket_id").then_some(attributes)
+        }
+    })
+    .await
+    .expect("capture");
+    let text = |name: &str| match captured.get(name).and_then(|v| v.kind.clone()) {
+        Some(ValueKind::StringValue(s)) => s,
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(text("ticket_id"), "T-42");
+    assert_eq!(text("queue"), "billing");
+    assert!(!captured.contains_key("absent"));
+    events.publish(publish("support.reply")).await.expect("publish");
+    let arrived = receiver.wait_for(2, Duration::from_secs(10)).await.expect("reply");
+    let reply = arrived.iter().find(|r| r.path == "/reply").expect("reply arrived");
+    assert_eq!(&reply.body[..], br#"{"ticket": "T-42"}"#);
+
+    events.publish(publish("promo.a")).await.expect("publish");
+    events.publish(publish("promo.a")).await.expect("publish");
+    receiver.wait_for(4, Duration::from_secs(10)).await.expect("promotions");
+    events.publish(publish("promo.b")).await.expect("publish");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paths: Vec<String> = receiver.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths.iter().filter(|p| *p == "/promo-a").count(), 2, "{paths:?}");
+    assert_eq!(paths.iter().filter(|p| *p == "/promo-b").count(), 0, "capped: {paths:?}");
+}

@@ -160,7 +160,10 @@ impl Worker {
         &self,
         cancel: &CancellationToken,
     ) -> Result<std::convert::Infallible, Exit> {
-        self.engine.on_claim(self.partition);
+        // Cancelled when this function returns, however it does.
+        let owned = cancel.child_token();
+        let _owned = owned.clone().drop_guard();
+        self.engine.on_claim(self.partition, &owned);
         let mut index = self.load_timers(cancel).await?;
         let (mut pending, mut loaded, mut stream) = self.load_inbox(cancel).await?;
         info!(
@@ -286,52 +289,67 @@ impl Worker {
     ) -> Result<(), Exit> {
         let mut batch = Batch::default();
         let mut taken = 0;
+        let mut carried = None;
         while let Some((key, value)) = pending.get(taken) {
-            let mut effects = Effects::default();
-            match serde_json::from_slice::<InboxEntry>(value) {
-                Ok(InboxEntry::Event(event)) => {
-                    self.engine.on_event(self.partition, &event, &mut effects).await
-                }
-                Ok(InboxEntry::Schedule(timer)) => effects.timers.push(timer),
-                Ok(InboxEntry::Redeliver { delivery }) => {
-                    self.engine.on_redeliver(self.partition, &delivery, &mut effects).await
-                }
-                Ok(InboxEntry::Interaction { contact, campaign, delivery, kind, at_ms }) => {
-                    self.engine
-                        .on_interaction(
-                            self.partition,
-                            &contact,
-                            &campaign,
-                            &delivery,
-                            &kind,
-                            at_ms,
-                            &mut effects,
-                        )
-                        .await
-                }
-                Ok(InboxEntry::RunShard { campaign, run, after }) => {
-                    self.engine
-                        .on_run_shard(self.partition, &campaign, &run, &after, &mut effects)
-                        .await
-                }
-                Err(error) => warn!(
-                    partition = self.partition,
-                    key = %String::from_utf8_lossy(key),
-                    %error,
-                    "dropping an unreadable inbox entry"
-                ),
-            }
+            let key = key.clone();
+            let effects = self.entry_effects(&key, value).await;
+            // The engine may have cached what these effects write, so they are never dropped:
+            // when they do not fit, they go in a transaction of their own right after.
             if taken > 0 && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
+                carried = Some((key, effects));
                 break;
             }
-            batch.witness.get_or_insert_with(|| String::from_utf8_lossy(key).into_owned());
-            batch.ops.push(Op::delete(key.clone()));
-            batch.add(self.partition, effects);
+            batch.consume(key, effects, self.partition);
             taken += 1;
         }
         self.commit_batch(batch, index, cancel, reply).await?;
         pending.drain(..taken);
+        if let Some((key, effects)) = carried {
+            let mut batch = Batch::default();
+            batch.consume(key, effects, self.partition);
+            self.commit_batch(batch, index, cancel, reply).await?;
+            pending.pop_front();
+        }
         Ok(())
+    }
+
+    /// Asks the engine what an inbox entry means.
+    async fn entry_effects(&self, key: &[u8], value: &[u8]) -> Effects {
+        let mut effects = Effects::default();
+        match serde_json::from_slice::<InboxEntry>(value) {
+            Ok(InboxEntry::Event(event)) => {
+                self.engine.on_event(self.partition, &event, &mut effects).await
+            }
+            Ok(InboxEntry::Schedule(timer)) => effects.timers.push(timer),
+            Ok(InboxEntry::Redeliver { delivery }) => {
+                self.engine.on_redeliver(self.partition, &delivery, &mut effects).await
+            }
+            Ok(InboxEntry::Interaction { contact, campaign, delivery, kind, at_ms }) => {
+                self.engine
+                    .on_interaction(
+                        self.partition,
+                        &contact,
+                        &campaign,
+                        &delivery,
+                        &kind,
+                        at_ms,
+                        &mut effects,
+                    )
+                    .await
+            }
+            Ok(InboxEntry::RunShard { campaign, run, after }) => {
+                self.engine
+                    .on_run_shard(self.partition, &campaign, &run, &after, &mut effects)
+                    .await
+            }
+            Err(error) => warn!(
+                partition = self.partition,
+                key = %String::from_utf8_lossy(key),
+                %error,
+                "dropping an unreadable inbox entry"
+            ),
+        }
+        effects
     }
 
     /// Records attempt outcomes, as many as are waiting, in one transaction.
@@ -410,6 +428,7 @@ impl Worker {
             return Ok(());
         }
         let mut batch = Batch::default();
+        let mut carried = None;
         for kv in &page.kvs {
             let mut effects = Effects::default();
             match serde_json::from_slice::<Timer>(&kv.value) {
@@ -421,15 +440,20 @@ impl Worker {
                     "dropping an unreadable timer"
                 ),
             }
+            // As with inbox entries, effects that do not fit go in a transaction of their own.
             if !batch.ops.is_empty() && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
+                carried = Some((kv, effects));
                 break;
             }
-            batch.witness.get_or_insert_with(|| String::from_utf8_lossy(&kv.key).into_owned());
-            batch.ops.push(Op::delete(kv.key.clone()));
-            batch.removed.push(keys::parse_timer_due(&kv.key).unwrap_or(now));
-            batch.add(self.partition, effects);
+            batch.consume_timer(&kv.key, effects, self.partition, now);
         }
-        self.commit_batch(batch, index, cancel, reply).await
+        self.commit_batch(batch, index, cancel, reply).await?;
+        if let Some((kv, effects)) = carried {
+            let mut batch = Batch::default();
+            batch.consume_timer(&kv.key, effects, self.partition, now);
+            self.commit_batch(batch, index, cancel, reply).await?;
+        }
+        Ok(())
     }
 }
 
@@ -446,6 +470,21 @@ struct Batch {
 }
 
 impl Batch {
+    /// Adds the removal of an inbox entry and the effects it had.
+    fn consume(&mut self, key: Vec<u8>, effects: Effects, partition: PartitionId) {
+        self.witness.get_or_insert_with(|| String::from_utf8_lossy(&key).into_owned());
+        self.ops.push(Op::delete(key));
+        self.add(partition, effects);
+    }
+
+    /// Adds the removal of a fired timer and the effects it had.
+    fn consume_timer(&mut self, key: &[u8], effects: Effects, partition: PartitionId, now: i64) {
+        self.witness.get_or_insert_with(|| String::from_utf8_lossy(key).into_owned());
+        self.ops.push(Op::delete(key.to_vec()));
+        self.removed.push(keys::parse_timer_due(key).unwrap_or(now));
+        self.add(partition, effects);
+    }
+
     fn add(&mut self, partition: PartitionId, effects: Effects) {
         self.ops.extend(effects.ops);
         for timer in effects.timers {

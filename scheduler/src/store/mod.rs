@@ -371,6 +371,12 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Returns the first string after every string that starts with `prefix`, for ASCII prefixes
+/// (ranges over in-memory maps keyed like the store).
+pub fn prefix_end_string(prefix: &str) -> String {
+    String::from_utf8_lossy(&prefix_end(prefix.as_bytes())).into_owned()
+}
+
 /// The contract both backends implement; see the module documentation.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -311,18 +311,18 @@ impl CampaignApi {
                 across_campaigns: cap.across_campaigns,
             }
         });
-
-        if !proto.capture.is_empty() {
+        if proto
+            .frequency_cap
+            .as_ref()
+            .is_some_and(|c| c.max_sends as usize > tidings_scheduler::status::SEND_HISTORY)
+        {
             v.add(
-                "campaign.capture",
-                "response capture is not supported by this version yet; leave it empty",
+                "campaign.frequency_cap.max_sends",
+                format!("must be at most {}", tidings_scheduler::status::SEND_HISTORY),
             );
         }
-        if proto.frequency_cap.as_ref().is_some_and(|c| c.across_campaigns) {
-            v.add(
-                "campaign.frequency_cap.across_campaigns",
-                "caps across campaigns are not supported by this version yet",
-            );
+        if proto.capture.len() > 32 {
+            v.add("campaign.capture", "must have at most 32 entries");
         }
         let send_window = proto.send_window.as_ref().map(|w| {
             for (i, day) in w.days.iter().enumerate() {
