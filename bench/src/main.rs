@@ -5,6 +5,7 @@
 //! cargo run --release -p tidings-bench -- publish [--store embedded|etcd] [--seconds S]
 //! cargo run --release -p tidings-bench -- deliver [--store embedded|etcd] [--count N]
 //! cargo run --release -p tidings-bench -- latency [--store embedded|etcd] [--rate R] [--seconds S]
+//! cargo run --release -p tidings-bench -- fanout  [--store embedded|etcd] [--count N]
 //! cargo run --release -p tidings-bench -- ceiling [--seconds S]
 //! cargo run --release -p tidings-bench -- failover [--lease-ttl SECONDS]
 //! cargo run --release -p tidings-bench -- all

@@ -99,14 +99,19 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
             publish(store, args.seconds).await?;
         }
     }
+    if all || args.scenario == "fanout" {
+        for store in stores(&args) {
+            fanout(store, args.count).await?;
+        }
+    }
     if all || args.scenario == "failover" {
         failover(args.lease_ttl).await?;
     }
-    if !["all", "timers", "publish", "failover", "deliver", "latency", "ceiling"]
+    if !["all", "timers", "publish", "failover", "deliver", "latency", "ceiling", "fanout"]
         .contains(&args.scenario.as_str())
     {
         bail!(
-            "unknown scenario {}; one of deliver, latency, timers, publish, failover, ceiling, all",
+            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, ceiling, all",
             args.scenario
         );
     }
@@ -677,6 +682,182 @@ async fn latency(kind: &str, rate: u64, seconds: u64) -> anyhow::Result<()> {
         ms(percentile(&latencies, 0.99)),
         ms(latencies.last().copied().unwrap_or(0)),
         latencies.len()
+    );
+    println!();
+    Ok(())
+}
+
+/// Imports `count` contacts through BatchUpsertContacts streams, 1,000 per message.
+async fn import_contacts(node: &NodeProcess, count: u64) -> anyhow::Result<f64> {
+    use tidings_client::prost_types::{Struct, Value, value::Kind as V};
+    use tidings_client::v1::{BatchUpsertContactsRequest, Contact};
+    let began = Instant::now();
+    let streams = 4u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in 0..streams {
+        let url = node.url();
+        tasks.spawn(async move {
+            let mut api = tidings_client::ContactServiceClient::connect(url).await?;
+            let ids: Vec<u64> = (stream..count).step_by(streams as usize).collect();
+            let messages: Vec<BatchUpsertContactsRequest> = ids
+                .chunks(1000)
+                .map(|chunk| BatchUpsertContactsRequest {
+                    contacts: chunk
+                        .iter()
+                        .map(|i| Contact {
+                            id: format!("c{i:07}"),
+                            attributes: Some(Struct {
+                                fields: [
+                                    (
+                                        "plan".to_string(),
+                                        Value {
+                                            kind: Some(V::StringValue(
+                                                if i % 2 == 0 { "pro" } else { "free" }.into(),
+                                            )),
+                                        },
+                                    ),
+                                    (
+                                        "score".to_string(),
+                                        Value { kind: Some(V::NumberValue((i % 100) as f64)) },
+                                    ),
+                                ]
+                                .into(),
+                            }),
+                            timezone: "Europe/Paris".into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                })
+                .collect();
+            let done = api.batch_upsert_contacts(tokio_stream::iter(messages)).await?.into_inner();
+            anyhow::ensure!(done.rejected_count == 0, "{} contacts rejected", done.rejected_count);
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(began.elapsed().as_secs_f64())
+}
+
+/// Creates an on-demand campaign over the contacts matching `filter`, runs it, and waits for
+/// every partition to finish evaluating and `expected` deliveries to arrive. Returns the
+/// seconds until evaluation ended and until the last delivery arrived.
+async fn run_campaign(
+    node: &NodeProcess,
+    id: &str,
+    filter: &str,
+    expected: u64,
+    arrivals: &crate::receiver::Arrivals,
+) -> anyhow::Result<(f64, f64, tidings_client::v1::Run)> {
+    use tidings_client::v1::{
+        ActivateCampaignRequest, Audience, Campaign, CreateCampaignRequest, GetRunRequest,
+        OnDemandTrigger, RunCampaignRequest, Trigger, trigger::Kind,
+    };
+    let mut campaigns = tidings_client::CampaignServiceClient::connect(node.url()).await?;
+    let campaign = Campaign {
+        webhook_id: "fanout".into(),
+        audience: Some(Audience { segment_id: String::new(), filter: filter.into() }),
+        trigger: Some(Trigger { kind: Some(Kind::OnDemand(OnDemandTrigger {})) }),
+        ..Default::default()
+    };
+    campaigns
+        .create_campaign(CreateCampaignRequest { campaign_id: id.into(), campaign: Some(campaign) })
+        .await?;
+    campaigns.activate_campaign(ActivateCampaignRequest { id: id.into() }).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = arrivals.count.load(Ordering::Relaxed);
+    let began = Instant::now();
+    let run = campaigns
+        .run_campaign(RunCampaignRequest { id: id.into(), ..Default::default() })
+        .await?
+        .into_inner();
+    let mut evaluated = None;
+    loop {
+        let current = campaigns
+            .get_run(GetRunRequest { campaign_id: id.into(), run_id: run.id.clone() })
+            .await?
+            .into_inner();
+        if evaluated.is_none() && current.partitions_done == current.partitions {
+            evaluated = Some(began.elapsed().as_secs_f64());
+        }
+        let arrived = arrivals.count.load(Ordering::Relaxed) - before;
+        if let Some(evaluated) = evaluated
+            && arrived >= expected
+            && current.delivered + current.failed >= expected
+        {
+            return Ok((evaluated, began.elapsed().as_secs_f64(), current));
+        }
+        anyhow::ensure!(
+            began.elapsed() < Duration::from_secs(1800),
+            "run stalled: {current:?}, {arrived} arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn fanout(kind: &str, count: u64) -> anyhow::Result<()> {
+    use tidings_client::v1::{CreateWebhookRequest, Webhook};
+    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
+    let pid = node_pid(&node)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss_empty, _) = memory(pid);
+    let import_secs = import_contacts(&node, count).await?;
+    // The owner's cache follows the import through its watch; give it a moment to settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss_cached, _) = memory(pid);
+
+    let (url, arrivals) = crate::receiver::start().await?;
+    let mut webhooks = tidings_client::WebhookServiceClient::connect(node.url()).await?;
+    let webhook = Webhook {
+        url,
+        body: r#"{"contact": "{{ contact.id }}", "plan": "{{ contact.attributes.plan }}"}"#.into(),
+        max_in_flight: 256,
+        ..Default::default()
+    };
+    webhooks
+        .create_webhook(CreateWebhookRequest {
+            webhook_id: "fanout".into(),
+            webhook: Some(webhook),
+        })
+        .await?;
+
+    // Evaluation alone: an audience no contact is in.
+    let (eval_secs, _, _) =
+        run_campaign(&node, "nobody", "contact.attributes.score > 1000.0", 0, &arrivals).await?;
+    // The whole run: every contact evaluated, sent to, and the outcome recorded.
+    let cpu_before = cpu_seconds(pid);
+    let (evaluated, delivered, run) =
+        run_campaign(&node, "everyone", "contact.attributes.score >= 0.0", count, &arrivals)
+            .await?;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let (_, peak) = memory(pid);
+    anyhow::ensure!(run.delivered == count, "delivered {} of {count}: {run:?}", run.delivered);
+
+    println!("fanout ({kind} store, node process, 64 partitions, {count} contacts, on-demand run)");
+    println!(
+        "  import (BatchUpsert, 4 streams):{:>9.0} contacts/s ({import_secs:.1} s)",
+        count as f64 / import_secs
+    );
+    println!(
+        "  memory for the cached contacts:{:>10} ({} node RSS after the import, {:.0} bytes per contact)",
+        mib(rss_cached.saturating_sub(rss_empty)),
+        mib(rss_cached),
+        rss_cached.saturating_sub(rss_empty) as f64 / count as f64
+    );
+    println!(
+        "  audience evaluation alone:     {:>10.0} contacts/s ({eval_secs:.1} s, nobody matches)",
+        count as f64 / eval_secs
+    );
+    println!(
+        "  run over everyone:             {delivered:>10.1} s to deliver all ({evaluated:.1} s to evaluate and queue); {:.0} deliveries/s",
+        count as f64 / delivered
+    );
+    println!(
+        "  node CPU during the run:       {:>10.0} % of one core; peak memory {}",
+        cpu / delivered * 100.0,
+        mib(peak)
     );
     println!();
     Ok(())

@@ -100,6 +100,13 @@ pub trait Engine: Send + Sync + 'static {
     async fn on_outcome(&self, _partition: PartitionId, _outcome: Outcome, _effects: &mut Effects) {
     }
 
+    /// Reads ahead, in as few store round trips as possible, what handling these events will
+    /// read. Called before each batch of inbox entries.
+    async fn prefetch_events(&self, _partition: PartitionId, _events: &[&Event]) {}
+
+    /// Reads ahead what recording these outcomes will read.
+    async fn prefetch_outcomes(&self, _partition: PartitionId, _outcomes: &[Outcome]) {}
+
     /// Called when this node starts working on `partition` (after a claim): state cached from
     /// an earlier ownership may have changed since. `owned` is cancelled when the ownership
     /// ends.
@@ -139,6 +146,11 @@ pub struct CampaignEngine {
     statuses: std::sync::Mutex<std::collections::BTreeMap<String, crate::status::CampaignStatus>>,
     /// The contacts of the owned partitions.
     contacts: Arc<ContactCache>,
+    /// Contacts read ahead for the batch of events a partition is handling, by partition and
+    /// contact id (`None` when absent). Each batch replaces its partition's entry.
+    prefetched: std::sync::Mutex<
+        std::collections::HashMap<PartitionId, std::collections::HashMap<String, Option<Contact>>>,
+    >,
 }
 
 impl std::fmt::Debug for CampaignEngine {
@@ -189,6 +201,7 @@ impl CampaignEngine {
             shards: Default::default(),
             statuses: Default::default(),
             contacts: Default::default(),
+            prefetched: Default::default(),
         }
     }
 
@@ -229,6 +242,13 @@ impl CampaignEngine {
     /// Reads a contact from the store: an event must see the contact as it was when the event
     /// was published, which the cache (trailing the store by its watch) does not promise.
     async fn fresh_contact(&self, partition: PartitionId, id: &str) -> Contact {
+        let ahead = {
+            let ahead = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+            ahead.get(&partition).and_then(|p| p.get(id)).cloned()
+        };
+        if let Some(found) = ahead {
+            return found.unwrap_or_default();
+        }
         read(self.store.as_ref(), &crate::contact::key(partition, id))
             .await
             .and_then(|bytes| serde_json::from_slice::<Contact>(&bytes).ok())
@@ -357,13 +377,20 @@ impl CampaignEngine {
         let now = crate::now_ms();
         let firing = schedule.on_fire(occurrence_ms, now);
         for occurrence in &firing.fire {
-            let mut run = Run::new(RunState::Running, *occurrence, self.partitions);
-            run.started_ms = Some(now);
+            // The run starts through a timer due now, which fans it out in a transaction of
+            // its own: a firing that replays missed occurrences stays within the store's limit
+            // on writes per transaction.
+            let run = Run::new(RunState::Scheduled, *occurrence, self.partitions);
             let run_id = interval_run_id(*occurrence);
             tracing::info!(campaign = %id, run = %run_id, partition, lateness_ms = now - occurrence, "interval fired");
             effects
                 .ops
                 .push(Op::put(run_key(id, &run_id), serde_json::to_vec(&run).unwrap_or_default()));
+            effects.timers.push(Timer {
+                id: format!("r-{id}-{run_id}"),
+                due_ms: now,
+                kind: TimerKind::Run { campaign: id.to_string(), run: run_id },
+            });
         }
         if let Some(next) = firing.next {
             effects.timers.push(Timer {
@@ -1141,12 +1168,58 @@ impl Engine for CampaignEngine {
         self.finish(&delivery, effects);
     }
 
+    async fn prefetch_events(&self, partition: PartitionId, events: &[&Event]) {
+        let mut ids: Vec<&str> = events.iter().map(|e| e.contact_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let keys: Vec<Vec<u8>> =
+            ids.iter().map(|id| crate::contact::key(partition, id).into_bytes()).collect();
+        // On an error the entry is simply absent, and each event reads its contact itself.
+        let found = self.store.get_many(&keys).await.unwrap_or_default();
+        let contacts = ids
+            .iter()
+            .zip(found)
+            .map(|(id, kv)| {
+                (id.to_string(), kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()))
+            })
+            .collect();
+        self.prefetched.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, contacts);
+    }
+
+    async fn prefetch_outcomes(&self, partition: PartitionId, outcomes: &[Outcome]) {
+        let mut keys: Vec<String> = {
+            let cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+            outcomes
+                .iter()
+                .map(|o| &o.job.delivery)
+                .filter(|d| !d.campaign_id.is_empty())
+                .map(|d| crate::status::key(partition, &d.contact_id, &d.campaign_id))
+                .filter(|key| !cached.contains_key(key))
+                .collect()
+        };
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return;
+        }
+        let raw: Vec<Vec<u8>> = keys.iter().map(|k| k.clone().into_bytes()).collect();
+        let Ok(found) = self.store.get_many(&raw).await else { return };
+        let mut cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, kv) in keys.into_iter().zip(found) {
+            let status =
+                kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
+            // This owner's own writes are newer than anything read here.
+            cached.entry(key).or_insert(status);
+        }
+    }
+
     fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
         self.dispatcher.submit(job, reply);
     }
 
     fn on_claim(&self, partition: PartitionId, owned: &tokio_util::sync::CancellationToken) {
         self.contacts.follow(self.store.clone(), partition, owned.clone());
+        self.prefetched.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
         let status_prefix = format!("p/{partition:04}/");
         let shard_suffix = format!("/{partition:04}");
         self.statuses

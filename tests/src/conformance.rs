@@ -192,6 +192,10 @@ pub async fn txn_limits(store: Arc<dyn Store>) {
     assert!(matches!(error, StoreError::InvalidRequest(_)), "{error:?}");
     let ops: Vec<Op> = (0..128).map(|i| Op::put(format!("k{i}"), "v")).collect();
     store.txn(Txn::new().and_then(ops)).await.expect("128 operations");
+    // etcd refuses a transaction that writes one key twice.
+    let twice = Txn::new().and_then([Op::put("dup", "1"), Op::delete("dup")]);
+    let error = store.txn(twice).await.expect_err("a key written twice");
+    assert!(matches!(error, StoreError::InvalidRequest(_)), "{error:?}");
 }
 
 /// A watch from a past revision replays history, then follows live changes, in order.

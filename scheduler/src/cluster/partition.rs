@@ -287,6 +287,19 @@ impl Worker {
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
+        // Read ahead the contacts of the events this batch will likely take.
+        let ahead: Vec<crate::inbox::Event> = pending
+            .iter()
+            .take(MAX_BATCH_OPS)
+            .filter_map(|(_, value)| match serde_json::from_slice::<InboxEntry>(value) {
+                Ok(InboxEntry::Event(event)) => Some(event),
+                _ => None,
+            })
+            .collect();
+        if !ahead.is_empty() {
+            let events: Vec<&crate::inbox::Event> = ahead.iter().collect();
+            self.engine.prefetch_events(self.partition, &events).await;
+        }
         let mut batch = Batch::default();
         let mut taken = 0;
         let mut carried = None;
@@ -361,10 +374,25 @@ impl Worker {
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
-        let mut next = Some(first);
-        while next.is_some() {
+        // Each outcome takes a handful of writes: take as many as one transaction holds.
+        const PER_BATCH: usize = MAX_BATCH_OPS / 8;
+        // A few transactions' worth at most, so the inbox and timers get their turn.
+        const ROUNDS: usize = 4;
+        let mut waiting = vec![first];
+        for round in 0.. {
+            while round < ROUNDS && waiting.len() < PER_BATCH {
+                match outcomes.try_recv() {
+                    Ok(outcome) => waiting.push(outcome),
+                    Err(_) => break,
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            self.engine.prefetch_outcomes(self.partition, &waiting).await;
             let mut batch = Batch::default();
-            while let Some(outcome) = next.take() {
+            let mut rest = std::mem::take(&mut waiting).into_iter();
+            for outcome in rest.by_ref() {
                 let key = crate::delivery::record::key(self.partition, &outcome.job.delivery.id);
                 let mut effects = Effects::default();
                 self.engine.on_outcome(self.partition, outcome, &mut effects).await;
@@ -373,12 +401,9 @@ impl Worker {
                 if batch.ops.len() + 8 > MAX_BATCH_OPS {
                     break;
                 }
-                next = outcomes.try_recv().ok();
             }
+            waiting.extend(rest);
             self.commit_batch(batch, index, cancel, reply).await?;
-            if next.is_none() {
-                next = outcomes.try_recv().ok();
-            }
         }
         Ok(())
     }
@@ -393,7 +418,7 @@ impl Worker {
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
         let Some(witness) = batch.witness else { return Ok(()) };
-        match self.commit(batch.ops, &witness, cancel).await? {
+        match self.commit(collapse(batch.ops), &witness, cancel).await? {
             Outcome_::Applied => {
                 for due in batch.removed {
                     index.remove(due);
@@ -457,6 +482,20 @@ impl Worker {
     }
 }
 
+/// Keeps only the last write to each key: etcd refuses a transaction that writes a key twice,
+/// and the last write is the one that would stand.
+fn collapse(ops: Vec<Op>) -> Vec<Op> {
+    let key = |op: &Op| match op {
+        Op::Put { key, .. } | Op::Delete { key } => Some(key.clone()),
+        _ => None,
+    };
+    let mut seen = HashSet::new();
+    let mut kept: Vec<Op> =
+        ops.into_iter().rev().filter(|op| key(op).is_none_or(|k| seen.insert(k))).collect();
+    kept.reverse();
+    kept
+}
+
 /// The writes of one transaction and what to do once it commits.
 #[derive(Default)]
 struct Batch {
@@ -498,5 +537,22 @@ impl Batch {
             self.removed.push(due);
         }
         self.dispatch.extend(effects.dispatch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collapse_keeps_the_last_write_of_each_key_in_order() {
+        let ops = vec![
+            Op::put("a", "1"),
+            Op::put("b", "1"),
+            Op::delete("a"),
+            Op::put("c", "1"),
+            Op::put("b", "2"),
+        ];
+        assert_eq!(collapse(ops), vec![Op::delete("a"), Op::put("c", "1"), Op::put("b", "2")]);
     }
 }

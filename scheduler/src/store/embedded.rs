@@ -561,6 +561,19 @@ impl Store for EmbeddedStore {
         kv.get(key).map_err(storage_error)?.map(|record| decode(key, record.value())).transpose()
     }
 
+    async fn get_many(&self, keys: &[Vec<u8>]) -> StoreResult<Vec<Option<KeyValue>>> {
+        let tx = self.inner.shared.db.begin_read().map_err(storage_error)?;
+        let kv = tx.open_table(KV).map_err(storage_error)?;
+        keys.iter()
+            .map(|key| {
+                kv.get(key.as_slice())
+                    .map_err(storage_error)?
+                    .map(|record| decode(key, record.value()))
+                    .transpose()
+            })
+            .collect()
+    }
+
     async fn range(&self, start: &[u8], end: &[u8], limit: usize) -> StoreResult<RangePage> {
         let shared = self.inner.shared.clone();
         let (start, end) = (start.to_vec(), end.to_vec());

@@ -283,6 +283,19 @@ impl Txn {
                 "transaction has {ops} operations; the limit is {MAX_TXN_OPS}"
             )));
         }
+        for branch in [&self.then, &self.otherwise] {
+            let mut written = std::collections::HashSet::new();
+            for op in branch.iter() {
+                if let Op::Put { key, .. } | Op::Delete { key } = op
+                    && !written.insert(key.as_slice())
+                {
+                    return Err(StoreError::InvalidRequest(format!(
+                        "transaction writes {} more than once",
+                        String::from_utf8_lossy(key)
+                    )));
+                }
+            }
+        }
         let size: usize = self.then.iter().chain(&self.otherwise).map(Op::size).sum::<usize>()
             + self.when.iter().map(|c| c.key.len()).sum::<usize>();
         if size > MAX_REQUEST_BYTES {
@@ -420,6 +433,26 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, key: &[u8]) -> StoreResult<bool> {
         let result = self.txn(Txn::new().and_then([Op::delete(key)])).await?;
         Ok(matches!(result.results.first(), Some(OpResult::Delete(n)) if *n > 0))
+    }
+
+    /// Returns the keys' values in order (`None` for an absent key), in as few round trips
+    /// as the store allows: one transaction of reads per [`MAX_TXN_OPS`] keys.
+    async fn get_many(&self, keys: &[Vec<u8>]) -> StoreResult<Vec<Option<KeyValue>>> {
+        let mut found = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_TXN_OPS) {
+            let result = self.txn(Txn::new().and_then(chunk.iter().cloned().map(Op::get))).await?;
+            for op in result.results {
+                match op {
+                    OpResult::Get(kv) => found.push(kv),
+                    other => {
+                        return Err(StoreError::InvalidRequest(format!(
+                            "a read returned {other:?}"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Returns how many keys start with `prefix`.
