@@ -21,6 +21,10 @@ mod scenarios;
 
 use std::process::ExitCode;
 
+// The same allocator as the `tidings` binary, since this binary also serves as the node.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("serve") {
         return tidings_server::cli::main();

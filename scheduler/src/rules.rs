@@ -53,15 +53,22 @@ impl Programs {
                 }
             }
         };
-        let mut context = cel::Context::default();
-        for (name, value) in variables {
-            context.add_variable(*name, *value).map_err(|e| e.to_string())?;
+        // The standard library's declarations take long to build: each thread builds them
+        // once, and each evaluation adds its variables in a scope of its own.
+        thread_local! {
+            static ROOT: cel::Context<'static, 'static> = cel::Context::default();
         }
-        match program.execute(&context) {
-            Ok(cel::Value::Bool(result)) => Ok(result),
-            Ok(other) => Err(format!("evaluated to {other:?}, not a boolean")),
-            Err(error) => Err(error.to_string()),
-        }
+        ROOT.with(|root| {
+            let mut context = root.new_inner_scope();
+            for (name, value) in variables {
+                context.add_variable(*name, *value).map_err(|e| e.to_string())?;
+            }
+            match program.execute(&context) {
+                Ok(cel::Value::Bool(result)) => Ok(result),
+                Ok(other) => Err(format!("evaluated to {other:?}, not a boolean")),
+                Err(error) => Err(error.to_string()),
+            }
+        })
     }
 }
 

@@ -3,6 +3,8 @@
 /// Parses and renders Liquid templates with the standard filters.
 pub struct Templates {
     parser: liquid::Parser,
+    /// Parsed templates by source: a webhook's templates are parsed once per node.
+    parsed: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<liquid::Template>>>,
 }
 
 impl std::fmt::Debug for Templates {
@@ -16,12 +18,23 @@ impl Templates {
     pub fn new() -> Self {
         // Building only fails for partials that do not parse, and there are none.
         let parser = liquid::ParserBuilder::with_stdlib().filter(Json).build().unwrap_or_default();
-        Self { parser }
+        Self { parser, parsed: Default::default() }
     }
 
     /// Parses a template.
-    pub(crate) fn parse(&self, source: &str) -> Result<liquid::Template, String> {
-        self.parser.parse(source).map_err(|error| first_line(&error.to_string()))
+    pub(crate) fn parse(&self, source: &str) -> Result<std::sync::Arc<liquid::Template>, String> {
+        if let Some(template) = self.parsed.lock().unwrap_or_else(|p| p.into_inner()).get(source) {
+            return Ok(template.clone());
+        }
+        let template = std::sync::Arc::new(
+            self.parser.parse(source).map_err(|error| first_line(&error.to_string()))?,
+        );
+        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        if parsed.len() >= 10_000 {
+            parsed.clear();
+        }
+        parsed.insert(source.to_string(), template.clone());
+        Ok(template)
     }
 
     /// Checks that `source` is a valid template; the error says where and why it is not.
