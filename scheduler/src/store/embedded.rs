@@ -55,6 +55,25 @@ fn encode(kv: &KeyValue) -> Vec<u8> {
     out
 }
 
+/// A record's revisions and lease, without its value.
+struct Header {
+    create_revision: Revision,
+    version: i64,
+    lease: LeaseId,
+}
+
+fn header(record: &[u8]) -> StoreResult<Header> {
+    if record.len() < HEADER {
+        return Err(storage_error("corrupt record: shorter than its header"));
+    }
+    let field = |i: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&record[i * 8..i * 8 + 8]);
+        i64::from_le_bytes(bytes)
+    };
+    Ok(Header { create_revision: field(0), version: field(2), lease: field(3) })
+}
+
 fn decode(key: &[u8], record: &[u8]) -> StoreResult<KeyValue> {
     if record.len() < HEADER {
         return Err(storage_error("corrupt record: shorter than its header"));
@@ -453,7 +472,11 @@ fn apply_txn(
         match op {
             Op::Get { key } => results.push(OpResult::Get(read(kv, key)?)),
             Op::Put { key, value, lease } => {
-                let old = read(kv, key)?;
+                // Only the old record's header matters here: its value is not copied out.
+                let old = match kv.get(key.as_slice()).map_err(storage_error)? {
+                    Some(record) => Some(header(record.value())?),
+                    None => None,
+                };
                 let new = KeyValue {
                     key: key.clone(),
                     value: value.clone(),
@@ -514,7 +537,7 @@ fn delete_key(
     let Some(record) = kv.remove(key).map_err(storage_error)? else {
         return Ok(false);
     };
-    let old = decode(key, record.value())?;
+    let old = header(record.value())?;
     drop(record);
     if old.lease != 0 {
         applied.lease_changes.push((old.lease, key.to_vec(), false));
