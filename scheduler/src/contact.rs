@@ -47,13 +47,15 @@ impl Contact {
 /// The contacts of the partitions this node owns, each kept in memory by its owner: a run
 /// evaluates its audience from here instead of reading every contact from the store.
 ///
-/// A partition's copy is loaded when the partition is claimed and kept fresh by a watch from
-/// the revision of that load, so it trails the store by the watch's delay; until it is loaded
+/// A partition's copy is loaded the first time its owner needs it (a run or a follow-up) and
+/// kept fresh by a watch from the revision of that load, so it trails the store by the watch's delay; until it is loaded
 /// (and while it reloads after a broken watch) callers read the store instead. Values are kept
 /// as their stored JSON bytes, the most compact form at hand, and decoded when used.
 #[derive(Default)]
 pub struct ContactCache {
     parts: std::sync::RwLock<std::collections::HashMap<PartitionId, Arc<Part>>>,
+    /// The owned partitions not followed yet, with what ends their ownership.
+    owned: std::sync::Mutex<std::collections::HashMap<PartitionId, CancellationToken>>,
 }
 
 impl std::fmt::Debug for ContactCache {
@@ -117,6 +119,24 @@ impl ContactCache {
     /// Returns whether no contact is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Records that this node owns `partition` until `owned` is cancelled. Its contacts are
+    /// loaded on first use ([`ContactCache::start`]): a partition that only ever handles events
+    /// never pays for a watch on its contacts.
+    pub fn own(&self, partition: PartitionId, owned: CancellationToken) {
+        let mut parts = self.parts.write().unwrap_or_else(|p| p.into_inner());
+        parts.remove(&partition);
+        self.owned.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, owned);
+    }
+
+    /// Starts loading and following `partition`'s contacts if this node owns it and does not
+    /// follow them yet.
+    pub fn start(self: &Arc<Self>, store: &Arc<dyn Store>, partition: PartitionId) {
+        let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
+        if let Some(owned) = owned.filter(|o| !o.is_cancelled()) {
+            self.follow(store.clone(), partition, owned);
+        }
     }
 
     /// Loads `partition`'s contacts and follows their changes until `cancel`, then forgets them.

@@ -257,6 +257,7 @@ impl CampaignEngine {
 
     /// Returns a contact from the owner's cache, or from the store while the cache loads.
     async fn cached_contact(&self, partition: PartitionId, id: &str) -> Contact {
+        self.contacts.start(&self.store, partition);
         match self.contacts.get(partition, id) {
             Some(found) => found.unwrap_or_default(),
             None => self.fresh_contact(partition, id).await,
@@ -929,6 +930,7 @@ impl Engine for CampaignEngine {
         };
         let prefix = format!("p/{partition:04}/contacts/");
         let after_id = after.strip_prefix(&prefix).unwrap_or_default();
+        self.contacts.start(&self.store, partition);
         let page = match self.contacts.page(partition, after_id, EVAL_PAGE) {
             Some(page) => page,
             None => {
@@ -1218,7 +1220,7 @@ impl Engine for CampaignEngine {
     }
 
     fn on_claim(&self, partition: PartitionId, owned: &tokio_util::sync::CancellationToken) {
-        self.contacts.follow(self.store.clone(), partition, owned.clone());
+        self.contacts.own(partition, owned.clone());
         self.prefetched.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
         let status_prefix = format!("p/{partition:04}/");
         let shard_suffix = format!("/{partition:04}");
