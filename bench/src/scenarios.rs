@@ -371,10 +371,12 @@ async fn publish(kind: &str, seconds: u64) -> anyhow::Result<()> {
     let batch = 500;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let accepted = Arc::new(AtomicU64::new(0));
+    let unavailable = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for client in 0..clients {
         let (url, accepted, latencies) = (node.url(), accepted.clone(), latencies.clone());
+        let unavailable = unavailable.clone();
         tasks.spawn(async move {
             let mut api = tidings_client::EventServiceClient::connect(url).await?;
             let mut round = 0u64;
@@ -387,8 +389,16 @@ async fn publish(kind: &str, seconds: u64) -> anyhow::Result<()> {
                     })
                     .collect();
                 let sent = Instant::now();
-                let response =
-                    api.publish_batch(PublishBatchRequest { events }).await?.into_inner();
+                // A store that does not answer in time makes the call UNAVAILABLE, with
+                // nothing written: a caller retries it; the bench counts it.
+                let response = match api.publish_batch(PublishBatchRequest { events }).await {
+                    Ok(response) => response.into_inner(),
+                    Err(status) if status.code() == tidings_client::tonic::Code::Unavailable => {
+                        unavailable.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(status) => return Err(status.into()),
+                };
                 latencies
                     .lock()
                     .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -441,6 +451,10 @@ async fn publish(kind: &str, seconds: u64) -> anyhow::Result<()> {
         mib(peak)
     );
     println!("  inbox drained after the load: {:>10.1} s", drained.elapsed().as_secs_f64());
+    println!(
+        "  batches refused UNAVAILABLE:  {:>10} (the store did not answer in time)",
+        unavailable.load(Ordering::Relaxed)
+    );
     println!();
     Ok(())
 }
