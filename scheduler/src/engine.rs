@@ -32,6 +32,9 @@ use crate::webhook::Webhook;
 /// transaction for the shard's own bookkeeping.
 const RUN_OPS: usize = 100;
 
+/// Interval runs started by one firing; more missed occurrences continue in the next one.
+const MAX_RUNS_PER_FIRING: usize = 40;
+
 /// Contacts read per batch of a run shard: most may fall outside the audience.
 const EVAL_PAGE: usize = 1000;
 
@@ -377,7 +380,10 @@ impl CampaignEngine {
         let Ok(schedule) = trigger.schedule(campaign.activated_at_ms) else { return };
         let now = crate::now_ms();
         let firing = schedule.on_fire(occurrence_ms, now);
-        for occurrence in &firing.fire {
+        // Each run takes two writes: a replay of many missed occurrences goes on from where
+        // this transaction's share ends, through the interval's own timer due at once.
+        let (fire, rest) = firing.fire.split_at(firing.fire.len().min(MAX_RUNS_PER_FIRING));
+        for occurrence in fire {
             // The run starts through a timer due now, which fans it out in a transaction of
             // its own: a firing that replays missed occurrences stays within the store's limit
             // on writes per transaction.
@@ -393,7 +399,7 @@ impl CampaignEngine {
                 kind: TimerKind::Run { campaign: id.to_string(), run: run_id },
             });
         }
-        if let Some(next) = firing.next {
+        if let Some(next) = rest.first().copied().or(firing.next) {
             effects.timers.push(Timer {
                 id: format!("{id}-{generation}"),
                 due_ms: next,

@@ -278,3 +278,89 @@ async fn invalid_schedules_name_the_field() {
         assert!(fields.contains(&field.to_string()), "{field}: {fields:?} {}", status.message());
     }
 }
+
+/// A replay of more missed occurrences than one transaction can start (each run takes two
+/// writes, and etcd allows 128 per transaction) goes on over several firings: every occurrence
+/// becomes a run, and the partition is never refused a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_many_missed_occurrences_fires_them_all() {
+    use tidings_scheduler::store::{Op, Store, Txn};
+    use tidings_scheduler::timers::{Timer, TimerKind};
+    let etcd = tidings_tests::Etcd::start().await.expect("etcd");
+    let prefix = tidings_tests::unique_prefix();
+    let store = etcd.store_at(&prefix).await.expect("store");
+    let options = NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(prefix.clone()),
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    webhook(&node).await;
+    // Every second, ending 5 s from now: its own chain fires a few times at most, and the
+    // planted timer below replays the 100 seconds before.
+    let mut api = node.campaigns().await.expect("client");
+    let kind = Kind::Interval(IntervalTrigger {
+        every: Some(PbDuration { seconds: 1, nanos: 0 }),
+        start_time: Some(at((now_ms() / 1000 - 200) * 1000)),
+        end_time: Some(at(now_ms() + 5_000)),
+        misfire_policy: MisfirePolicy::FireAll as i32,
+        misfire_limit: 1000,
+        ..Default::default()
+    });
+    api.create_campaign(CreateCampaignRequest {
+        campaign_id: "replay".into(),
+        campaign: Some(campaign(kind)),
+    })
+    .await
+    .expect("create");
+    api.activate_campaign(ActivateCampaignRequest { id: "replay".into() }).await.expect("activate");
+    let stored = store.get(b"defs/campaigns/replay").await.expect("read").expect("campaign");
+    let generation =
+        serde_json::from_slice::<serde_json::Value>(&stored.value).expect("json")["generation"]
+            .as_u64()
+            .expect("generation");
+
+    // The timer of an occurrence 100 s ago, as if no node had run for 100 s.
+    let due = (now_ms() / 1000 - 100) * 1000;
+    let timer = Timer {
+        id: format!("replay-{generation}"),
+        due_ms: due,
+        kind: TimerKind::Interval { campaign: "replay".into(), occurrence_ms: due, generation },
+    };
+    let key = tidings_scheduler::keys::timer(5, due, &timer.id);
+    store
+        .txn(Txn::new().and_then([Op::put(key, serde_json::to_vec(&timer).expect("timer"))]))
+        .await
+        .expect("plant the timer");
+    // An owner learns of timers it did not write when it loads the partition: stop the node
+    // (it hands its partitions back) and start another on the same store.
+    let mut node = node;
+    node.terminate().await.expect("stop");
+    let options = NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(prefix.clone()),
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node again");
+    let fired =
+        wait_until("every missed occurrence to start a run", Duration::from_secs(60), || {
+            let node = &node;
+            async move {
+                let runs = runs(node, "replay").await;
+                (runs.len() >= 101).then_some(runs)
+            }
+        })
+        .await
+        .expect("runs");
+    let mut times: Vec<i64> = fired.iter().map(|r| ms(&r.scheduled_time)).collect();
+    times.sort_unstable();
+    times.dedup();
+    assert!(times.len() >= 101, "{} distinct occurrences", times.len());
+    assert_eq!(times[0], due, "the replay starts at the planted occurrence");
+    assert!(
+        times.windows(2).all(|w| w[1] - w[0] == 1000),
+        "no occurrence skipped: {:?}",
+        &times[..times.len().min(5)]
+    );
+    assert!(!node.logs().contains("partition write refused"), "{}", node.logs());
+}
