@@ -32,6 +32,9 @@ use crate::webhook::Webhook;
 /// transaction for the shard's own bookkeeping.
 const RUN_OPS: usize = 100;
 
+/// Writes the campaigns of one event may add before the rest continue in a new inbox entry.
+const EVENT_OPS: usize = 100;
+
 /// Interval runs started by one firing; more missed occurrences continue in the next one.
 const MAX_RUNS_PER_FIRING: usize = 40;
 
@@ -747,7 +750,7 @@ impl Engine for CampaignEngine {
         let now = crate::now_ms();
         // Exit events end the contact's pending follow-ups of the campaigns that list them.
         for (id, campaign) in self.campaigns.all() {
-            if campaign.exit_events.contains(&event.kind) {
+            if event.resume_after.is_none() && campaign.exit_events.contains(&event.kind) {
                 let mut status = self.status(partition, &event.contact_id, &id).await;
                 status.exited_at_ms = Some(now);
                 self.save_status(partition, &event.contact_id, &id, status, effects);
@@ -768,6 +771,9 @@ impl Engine for CampaignEngine {
             return;
         }
         matching.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(after) = &event.resume_after {
+            matching.retain(|(id, _)| id > after);
+        }
         let contact =
             self.fresh_contact(partition, &event.contact_id).await.view(&event.contact_id);
         let event_view = serde_json::json!({
@@ -776,7 +782,25 @@ impl Engine for CampaignEngine {
             "data": event.data,
             "occurred_at": chrono::DateTime::from_timestamp_millis(event.occurred_ms).map(|t| t.to_rfc3339()),
         });
-        for (campaign_id, campaign) in matching {
+        let mut handled: Option<&str> = None;
+        for (campaign_id, campaign) in &matching {
+            // A send takes up to three writes; when the transaction is nearly full, the rest
+            // of the campaigns get the event again as a new inbox entry.
+            if let Some(last) = handled
+                && effects.op_count() + 4 > EVENT_OPS
+            {
+                let mut rest = event.clone();
+                rest.resume_after = Some(last.to_string());
+                let id = format!("{}-{}", event.id, campaign_id);
+                effects.ops.push(Op::put(
+                    keys::inbox_entry(partition, &id),
+                    serde_json::to_vec(&crate::inbox::InboxEntry::Event(rest)).unwrap_or_default(),
+                ));
+                tracing::debug!(event = %event.id, after = last, "event continues in a new entry");
+                return;
+            }
+            handled = Some(campaign_id);
+            let (campaign_id, campaign) = (campaign_id.clone(), campaign.clone());
             if contact["unsubscribed"] == serde_json::Value::Bool(true) {
                 continue;
             }

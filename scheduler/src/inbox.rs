@@ -28,6 +28,10 @@ pub struct Event {
     pub occurred_ms: i64,
     /// When Tidings accepted it, Unix milliseconds.
     pub accepted_ms: i64,
+    /// Set when the event's campaigns did not fit one transaction: the campaigns (by id, in
+    /// order) up to this one have already been handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_after: Option<String>,
 }
 
 /// One inbox entry.

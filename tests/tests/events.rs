@@ -152,3 +152,45 @@ async fn idempotency_keys_expire_and_are_swept() {
     assert!(!again.duplicate, "past the retention the key is new again");
     assert_ne!(again.event_id, first.event_id);
 }
+
+/// An event that more campaigns send for than one etcd transaction can hold (each send takes
+/// two or three writes, and etcd allows 128) is handled over several transactions: every
+/// campaign sends exactly once, and the partition is never refused a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_for_eighty_campaigns_sends_eighty_times() {
+    use tidings_client::v1::{Campaign, EventTrigger, Webhook, trigger::Kind as TriggerKind};
+    use tidings_tests::{Etcd, Receiver, setup, unique_prefix};
+    let etcd = Etcd::start().await.expect("etcd");
+    let options = NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(unique_prefix()),
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let receiver = Receiver::start().await.expect("receiver");
+    for i in 0..80 {
+        let id = format!("c{i:02}");
+        let hook = Webhook { url: receiver.url(&format!("/{id}")), ..Default::default() };
+        setup::webhook(&node, &id, hook).await;
+        let campaign = Campaign {
+            webhook_id: id.clone(),
+            trigger: setup::trigger(TriggerKind::Event(EventTrigger {
+                event_type: "order.shipped".into(),
+                filter: String::new(),
+            })),
+            ..Default::default()
+        };
+        setup::active_campaign(&node, &id, campaign).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut events = node.events().await.expect("client");
+    events.publish(PublishRequest { event: Some(event("u1")) }).await.expect("publish");
+    receiver.wait_for(80, Duration::from_secs(20)).await.expect("eighty deliveries");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut paths: Vec<String> = receiver.received().into_iter().map(|r| r.path).collect();
+    paths.sort();
+    let expected: Vec<String> = (0..80).map(|i| format!("/c{i:02}")).collect();
+    assert_eq!(paths, expected, "each campaign once");
+    assert!(!node.logs().contains("partition write refused"), "{}", node.logs());
+}

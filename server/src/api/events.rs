@@ -98,6 +98,7 @@ impl EventApi {
                 data: data.into_iter().collect(),
                 occurred_ms,
                 accepted_ms: now,
+                resume_after: None,
             },
             idempotency_key: proto.idempotency_key.clone(),
         })
