@@ -11,7 +11,8 @@ use chrono::{Timelike, Utc};
 use tidings_client::prost_types::{Duration as PbDuration, Struct, Timestamp, Value};
 use tidings_client::v1::{
     Audience, BatchUpsertContactsRequest, Campaign, Contact, CreateSegmentRequest, FrequencyCap,
-    IntervalTrigger, ListRunsRequest, Run, Segment, SendWindow, Webhook, trigger::Kind,
+    IntervalTrigger, ListRunsRequest, RetryPolicy, Run, Segment, SendWindow, Webhook,
+    trigger::Kind,
 };
 use tidings_client::{ContactServiceClient, SegmentServiceClient};
 use tidings_scheduler::store::Store;
@@ -139,6 +140,13 @@ async fn an_interval_campaign_over_100k_contacts_sends_once_per_firing() {
         Webhook {
             url: receiver.url("/bulk"),
             body: r#"{"contact": "{{ contact.id }}", "run": "{{ run.id }}"}"#.into(),
+            // A loaded test machine can slow the receiver down: generous time to answer, and
+            // quick retries, so that the figures measure the campaign rather than the backoff.
+            timeout: Some(PbDuration { seconds: 60, nanos: 0 }),
+            retry_policy: Some(RetryPolicy {
+                delays: (0..10).map(|_| PbDuration { seconds: 1, nanos: 0 }).collect(),
+                jitter: None,
+            }),
             ..Default::default()
         },
     )
@@ -204,14 +212,25 @@ async fn an_interval_campaign_over_100k_contacts_sends_once_per_firing() {
     nodes[2].kill();
     println!("killed n2 after {killed_at} arrivals");
 
-    let run = wait_until("the first run to deliver", Duration::from_secs(300), || async {
+    let first = wait_until("the first run to deliver", Duration::from_secs(300), || async {
         let runs = runs(&nodes[0]).await;
         let run = runs.first()?.clone();
         (run.partitions_done == run.partitions && run.delivered + run.failed >= expected as u64)
             .then_some(run)
     })
-    .await
-    .expect("first run");
+    .await;
+    let run = match first {
+        Ok(run) => run,
+        Err(error) => {
+            let logs: String = nodes[..2].iter().map(|n| n.logs()).collect::<Vec<_>>().join("\n");
+            let notable: Vec<&str> = logs
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .take(40)
+                .collect();
+            panic!("{error}: {:?}\n{}", runs(&nodes[0]).await, notable.join("\n"));
+        }
+    };
     let first_elapsed = Instant::now();
     println!("first run: {run:?} after {:?}", started.elapsed());
     assert_eq!(run.audience, MEMBERS as u64);
