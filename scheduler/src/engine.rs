@@ -167,12 +167,22 @@ impl std::fmt::Debug for CampaignEngine {
 
 /// Retries a store read a few times: dropping a timer or event over a blip would lose it.
 async fn read(store: &dyn Store, key: &str) -> Option<Vec<u8>> {
+    retrying(key, || store.get(key.as_bytes())).await.and_then(|found| found.map(|kv| kv.value))
+}
+
+/// Runs a store read, retrying it a few times with a growing pause; `None` if it never
+/// succeeds.
+async fn retrying<T, F, Fut>(what: &str, mut attempt: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::store::StoreResult<T>>,
+{
     let mut pause = std::time::Duration::from_millis(50);
     for _ in 0..20 {
-        match store.get(key.as_bytes()).await {
-            Ok(found) => return found.map(|kv| kv.value),
+        match attempt().await {
+            Ok(found) => return Some(found),
             Err(error) => {
-                tracing::debug!(key, %error, "read failed; retrying");
+                tracing::debug!(what, %error, "read failed; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(1));
             }
@@ -552,23 +562,11 @@ impl CampaignEngine {
     ) -> std::collections::BTreeMap<String, crate::status::CampaignStatus> {
         let prefix = format!("p/{partition:04}/status/{contact}/");
         let mut standings = std::collections::BTreeMap::new();
-        let mut pause = std::time::Duration::from_millis(50);
-        for _ in 0..20 {
-            match self.store.range_prefix(prefix.as_bytes(), 0).await {
-                Ok(page) => {
-                    for kv in page.kvs {
-                        let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-                        if let Ok(status) = serde_json::from_slice(&kv.value) {
-                            standings.insert(id, status);
-                        }
-                    }
-                    break;
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "reading standings failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
-                }
+        let page = retrying(&prefix, || self.store.range_prefix(prefix.as_bytes(), 0)).await;
+        for kv in page.map(|p| p.kvs).unwrap_or_default() {
+            let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+            if let Ok(status) = serde_json::from_slice(&kv.value) {
+                standings.insert(id, status);
             }
         }
         let cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
@@ -597,28 +595,27 @@ impl CampaignEngine {
         contact: &str,
         id: &str,
         campaign: &Campaign,
+        across_caps: bool,
         effects: &mut Effects,
     ) -> bool {
         let cap = campaign.frequency_cap.as_ref().filter(|c| c.max_sends > 0);
-        let record = cap.is_some() || self.across_caps();
-        if !record {
+        if cap.is_none() && !across_caps {
             return true;
         }
         let now = crate::now_ms();
+        let mut status = self.status(partition, contact, id).await;
         if let Some(cap) = cap {
             let since = now - cap.period_ms as i64;
             let sends = if cap.across_campaigns {
                 let standings = self.standings(partition, contact).await;
                 standings.values().flat_map(|s| &s.sent_at_ms).filter(|at| **at > since).count()
             } else {
-                let own = self.status(partition, contact, id).await;
-                own.sent_at_ms.iter().filter(|at| **at > since).count()
+                status.sent_at_ms.iter().filter(|at| **at > since).count()
             };
             if sends >= cap.max_sends as usize {
                 return false;
             }
         }
-        let mut status = self.status(partition, contact, id).await;
         status.sent_at_ms.retain(|at| now - at < crate::status::SEND_HISTORY_MS);
         let excess = status.sent_at_ms.len().saturating_sub(crate::status::SEND_HISTORY - 1);
         status.sent_at_ms.drain(..excess);
@@ -709,7 +706,8 @@ impl CampaignEngine {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: rule");
             return;
         }
-        if !self.within_cap(partition, contact_id, id, &campaign, effects).await {
+        let across = self.across_caps();
+        if !self.within_cap(partition, contact_id, id, &campaign, across, effects).await {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: frequency cap");
             return;
         }
@@ -782,6 +780,7 @@ impl Engine for CampaignEngine {
             "data": event.data,
             "occurred_at": chrono::DateTime::from_timestamp_millis(event.occurred_ms).map(|t| t.to_rfc3339()),
         });
+        let across = self.across_caps();
         let mut handled: Option<&str> = None;
         for (campaign_id, campaign) in &matching {
             // A send takes up to three writes; when the transaction is nearly full, the rest
@@ -824,7 +823,7 @@ impl Engine for CampaignEngine {
                 continue;
             }
             if !self
-                .within_cap(partition, &event.contact_id, &campaign_id, &campaign, effects)
+                .within_cap(partition, &event.contact_id, &campaign_id, &campaign, across, effects)
                 .await
             {
                 tracing::debug!(campaign = %campaign_id, contact = %event.contact_id, "skipped: frequency cap");
@@ -994,6 +993,7 @@ impl Engine for CampaignEngine {
         let active = campaign.state == CampaignState::Active
             && run.as_ref().is_some_and(|r| r.state == RunState::Running);
         let run_view = serde_json::json!({ "id": run_id, "data": run_data });
+        let across = self.across_caps();
         let campaign_view = serde_json::json!({ "id": campaign_id, "data": campaign.data });
         let mut last = None;
         let mut more = page.more;
@@ -1033,7 +1033,10 @@ impl Engine for CampaignEngine {
                 *shard.skipped.entry("rule".to_string()).or_default() += 1;
                 continue;
             }
-            if !self.within_cap(partition, contact_id, campaign_id, &campaign, effects).await {
+            if !self
+                .within_cap(partition, contact_id, campaign_id, &campaign, across, effects)
+                .await
+            {
                 *shard.skipped.entry("frequency_cap".to_string()).or_default() += 1;
                 continue;
             }

@@ -29,3 +29,19 @@ pub async fn active_campaign(node: &NodeProcess, id: &str, campaign: Campaign) {
 pub fn trigger(kind: Kind) -> Option<Trigger> {
     Some(Trigger { kind: Some(kind) })
 }
+
+/// Waits until all 64 partitions are owned and `nodes` distinct nodes own them.
+pub async fn settled(store: &dyn tidings_scheduler::store::Store, nodes: usize) {
+    crate::wait_until(
+        "partitions owned by every node",
+        std::time::Duration::from_secs(20),
+        || async {
+            let page = store.range_prefix(b"owners/", 0).await.ok()?;
+            let owners: std::collections::BTreeSet<Vec<u8>> =
+                page.kvs.iter().map(|kv| kv.value.clone()).collect();
+            (page.kvs.len() == 64 && owners.len() == nodes).then_some(())
+        },
+    )
+    .await
+    .expect("settled");
+}

@@ -88,14 +88,7 @@ async fn an_interval_campaign_over_100k_contacts_sends_once_per_firing() {
             NodeProcess::start(options(&etcd, &prefix, &format!("n{i}"))).await.expect("node"),
         );
     }
-    wait_until("partitions owned by every node", Duration::from_secs(20), || async {
-        let page = store.range_prefix(b"owners/", 0).await.ok()?;
-        let owners: std::collections::BTreeSet<Vec<u8>> =
-            page.kvs.iter().map(|kv| kv.value.clone()).collect();
-        (page.kvs.len() == 64 && owners.len() == 3).then_some(())
-    })
-    .await
-    .expect("settled");
+    setup::settled(&store, 3).await;
 
     let mut started = Instant::now();
     let mut imports = Vec::new();

@@ -50,17 +50,6 @@ async fn setup(node: &NodeProcess, webhook: Webhook) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-async fn settled(store: &dyn Store, nodes: usize) {
-    wait_until("partitions owned by every node", Duration::from_secs(20), || async {
-        let page = store.range_prefix(b"owners/", 0).await.ok()?;
-        let owners: std::collections::BTreeSet<Vec<u8>> =
-            page.kvs.iter().map(|kv| kv.value.clone()).collect();
-        (page.kvs.len() == 64 && owners.len() == nodes).then_some(())
-    })
-    .await
-    .expect("settled");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_holds_across_three_nodes() {
     let etcd = Etcd::start().await.expect("etcd");
@@ -72,7 +61,7 @@ async fn the_rate_limit_holds_across_three_nodes() {
             NodeProcess::start(options(&etcd, &prefix, &format!("n{i}"), &[])).await.expect("node"),
         );
     }
-    settled(&store, 3).await;
+    setup::settled(&store, 3).await;
     let receiver = Receiver::start().await.expect("receiver");
     let rate = 20.0;
     setup(
@@ -121,7 +110,7 @@ async fn an_attempt_in_flight_on_a_killed_node_is_retried_by_the_new_owner() {
             NodeProcess::start(options(&etcd, &prefix, &format!("n{i}"), &[])).await.expect("node"),
         ));
     }
-    settled(&store, 2).await;
+    setup::settled(&store, 2).await;
     let receiver = Receiver::start().await.expect("receiver");
     // The first request hangs until the node that sent it is dead; the next ones succeed.
     receiver.script([Reply::Delay(Duration::from_secs(30), 200)]);

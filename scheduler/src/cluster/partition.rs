@@ -287,25 +287,30 @@ impl Worker {
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
-        // Read ahead the contacts of the events this batch will likely take.
-        let ahead: Vec<crate::inbox::Event> = pending
+        // Each entry takes at least one write (its removal), so a batch holds at most
+        // MAX_BATCH_OPS entries, and one more may be carried into a transaction of its own.
+        let mut parsed: VecDeque<serde_json::Result<InboxEntry>> = pending
             .iter()
-            .take(MAX_BATCH_OPS)
-            .filter_map(|(_, value)| match serde_json::from_slice::<InboxEntry>(value) {
+            .take(MAX_BATCH_OPS + 1)
+            .map(|(_, value)| serde_json::from_slice(value))
+            .collect();
+        // Read ahead the contacts of the events this batch will likely take.
+        let events: Vec<&crate::inbox::Event> = parsed
+            .iter()
+            .filter_map(|entry| match entry {
                 Ok(InboxEntry::Event(event)) => Some(event),
                 _ => None,
             })
             .collect();
-        if !ahead.is_empty() {
-            let events: Vec<&crate::inbox::Event> = ahead.iter().collect();
+        if !events.is_empty() {
             self.engine.prefetch_events(self.partition, &events).await;
         }
         let mut batch = Batch::default();
         let mut taken = 0;
         let mut carried = None;
-        while let Some((key, value)) = pending.get(taken) {
-            let key = key.clone();
-            let effects = self.entry_effects(&key, value).await;
+        while let Some(entry) = parsed.pop_front() {
+            let key = pending[taken].0.clone();
+            let effects = self.entry_effects(&key, entry).await;
             // The engine may have cached what these effects write, so they are never dropped:
             // when they do not fit, they go in a transaction of their own right after.
             if taken > 0 && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
@@ -327,9 +332,9 @@ impl Worker {
     }
 
     /// Asks the engine what an inbox entry means.
-    async fn entry_effects(&self, key: &[u8], value: &[u8]) -> Effects {
+    async fn entry_effects(&self, key: &[u8], entry: serde_json::Result<InboxEntry>) -> Effects {
         let mut effects = Effects::default();
-        match serde_json::from_slice::<InboxEntry>(value) {
+        match entry {
             Ok(InboxEntry::Event(event)) => {
                 self.engine.on_event(self.partition, &event, &mut effects).await
             }

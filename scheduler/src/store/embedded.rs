@@ -58,6 +58,7 @@ fn encode(kv: &KeyValue) -> Vec<u8> {
 /// A record's revisions and lease, without its value.
 struct Header {
     create_revision: Revision,
+    mod_revision: Revision,
     version: i64,
     lease: LeaseId,
 }
@@ -71,24 +72,22 @@ fn header(record: &[u8]) -> StoreResult<Header> {
         bytes.copy_from_slice(&record[i * 8..i * 8 + 8]);
         i64::from_le_bytes(bytes)
     };
-    Ok(Header { create_revision: field(0), version: field(2), lease: field(3) })
-}
-
-fn decode(key: &[u8], record: &[u8]) -> StoreResult<KeyValue> {
-    if record.len() < HEADER {
-        return Err(storage_error("corrupt record: shorter than its header"));
-    }
-    let field = |i: usize| {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&record[i * 8..i * 8 + 8]);
-        i64::from_le_bytes(bytes)
-    };
-    Ok(KeyValue {
-        key: key.to_vec(),
+    Ok(Header {
         create_revision: field(0),
         mod_revision: field(1),
         version: field(2),
         lease: field(3),
+    })
+}
+
+fn decode(key: &[u8], record: &[u8]) -> StoreResult<KeyValue> {
+    let header = header(record)?;
+    Ok(KeyValue {
+        key: key.to_vec(),
+        create_revision: header.create_revision,
+        mod_revision: header.mod_revision,
+        version: header.version,
+        lease: header.lease,
         value: record[HEADER..].to_vec(),
     })
 }
