@@ -118,8 +118,24 @@ pub trait Engine: Send + Sync + 'static {
     /// ends.
     fn on_claim(&self, _partition: PartitionId, _owned: &tokio_util::sync::CancellationToken) {}
 
-    /// Starts an attempt whose dispatch was committed; its outcome goes to `reply`.
+    /// Starts an attempt of this partition; its outcome goes to `reply`.
     fn dispatch(&self, _job: Job, _reply: mpsc::UnboundedSender<Outcome>) {}
+
+    /// How often the worker calls [`Engine::sweep`]; `None` for never.
+    fn sweep_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Deletes a page of what has outlived its retention, scanning from after the key `after`
+    /// (empty for the start). Returns the key to go on from, or `None` when the pass is done.
+    async fn sweep(
+        &self,
+        _partition: PartitionId,
+        _after: &[u8],
+        _effects: &mut Effects,
+    ) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// An engine that consumes events and timers without consequences.
@@ -245,14 +261,9 @@ impl CampaignEngine {
         shards.insert(key, shard);
     }
 
-    /// Writes a finished delivery and the timer that ends its retention.
+    /// Writes a finished delivery. The partition's sweep deletes it once its retention ends.
     fn finish(&self, delivery: &Delivery, effects: &mut Effects) {
         effects.ops.push(put_delivery(delivery));
-        effects.timers.push(Timer {
-            id: format!("x-{}", delivery.id),
-            due_ms: delivery.updated_ms + self.retention_ms,
-            kind: TimerKind::Expire { delivery: delivery.id.clone() },
-        });
     }
 
     /// Reads a contact from the store: an event must see the contact as it was when the event
@@ -295,12 +306,13 @@ impl CampaignEngine {
         run_id: &str,
         contact_id: &str,
         event_id: &str,
+        cause: (i64, &str),
         defer_until: Option<i64>,
         mut context: Context,
         effects: &mut Effects,
     ) {
         let now = crate::now_ms();
-        let id = record::new_id(partition);
+        let id = record::derived_id(partition, cause.0, cause.1);
         context.delivery = serde_json::json!({ "id": id });
         let origin = record::Origin { webhook_id, campaign_id, run_id, contact_id, event_id };
         let mut delivery = Delivery::new(id.clone(), partition, origin, now);
@@ -728,6 +740,7 @@ impl CampaignEngine {
             "",
             contact_id,
             "",
+            (since_ms, &format!("f/{id}/{contact_id}/{after}/{since_ms}")),
             Self::window_opening(&campaign, &context.contact),
             context,
             effects,
@@ -844,6 +857,7 @@ impl Engine for CampaignEngine {
                 "",
                 &event.contact_id,
                 &event.id,
+                (event.accepted_ms, &format!("e/{}/{campaign_id}", event.id)),
                 Self::window_opening(&campaign, &context.contact),
                 context,
                 effects,
@@ -995,6 +1009,7 @@ impl Engine for CampaignEngine {
         let run_view = serde_json::json!({ "id": run_id, "data": run_data });
         let across = self.across_caps();
         let campaign_view = serde_json::json!({ "id": campaign_id, "data": campaign.data });
+        let run_time_ms = run.as_ref().map_or(0, |r| r.started_ms.unwrap_or(r.scheduled_ms));
         let mut last = None;
         let mut more = page.more;
         for (i, (contact_id, contact)) in page.contacts.iter().enumerate() {
@@ -1056,6 +1071,7 @@ impl Engine for CampaignEngine {
                 run_id,
                 contact_id,
                 "",
+                (run_time_ms, &format!("r/{run_id}/{contact_id}")),
                 Self::window_opening(&campaign, &context.contact),
                 context,
                 effects,
@@ -1250,6 +1266,48 @@ impl Engine for CampaignEngine {
 
     fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
         self.dispatcher.submit(job, reply);
+    }
+
+    fn sweep_every(&self) -> Option<std::time::Duration> {
+        let every = std::time::Duration::from_millis((self.retention_ms / 10).max(0) as u64);
+        Some(every.clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60)))
+    }
+
+    async fn sweep(
+        &self,
+        partition: PartitionId,
+        after: &[u8],
+        effects: &mut Effects,
+    ) -> Option<Vec<u8>> {
+        // Delivery ids sort by creation time, so the deliveries that may have outlived the
+        // retention all come before the id of one created a retention ago.
+        const PAGE: usize = 200;
+        let now = crate::now_ms();
+        let end = record::key(partition, &record::first_id_at(partition, now - self.retention_ms));
+        let start = if after.is_empty() {
+            record::key(partition, "").into_bytes()
+        } else {
+            let mut start = after.to_vec();
+            start.push(0);
+            start
+        };
+        let page =
+            retrying("sweep deliveries", || self.store.range(&start, end.as_bytes(), PAGE)).await?;
+        for kv in &page.kvs {
+            let Ok(found) = serde_json::from_slice::<Delivery>(&kv.value) else { continue };
+            let finished =
+                matches!(found.status, Status::Delivered | Status::Failed | Status::Skipped);
+            if finished && found.updated_ms + self.retention_ms <= now {
+                effects.ops.push(Op::delete(kv.key.clone()));
+                if effects.ops.len() >= 100 {
+                    return Some(kv.key.clone());
+                }
+            }
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => Some(last.key.clone()),
+            _ => None,
+        }
     }
 
     fn on_claim(&self, partition: PartitionId, owned: &tokio_util::sync::CancellationToken) {

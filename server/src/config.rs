@@ -59,7 +59,8 @@ pub struct GrpcConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Partition count of a new cluster.
+    /// Partition count of a new cluster; 0 for the mode's default
+    /// ([`ClusterConfig::partitions_for`]).
     pub partitions: u32,
     /// Node lease time to live.
     #[serde(with = "humantime_serde")]
@@ -211,9 +212,9 @@ impl Config {
                 )));
             }
         }
-        if !(1..=4096).contains(&self.cluster.partitions) {
+        if self.cluster.partitions > 4096 {
             return Err(ConfigError(format!(
-                "cluster.partitions: {} must be between 1 and 4096",
+                "cluster.partitions: {} must be between 1 and 4096, or 0 for the mode's default",
                 self.cluster.partitions
             )));
         }
@@ -254,6 +255,16 @@ impl Config {
     /// Returns whether the node runs on etcd (cluster mode).
     pub fn cluster_mode(&self) -> bool {
         !self.etcd.endpoints.is_empty()
+    }
+
+    /// Returns the partition count a new cluster gets: the configured one, or for 0, 64 on
+    /// etcd and 8 in embedded mode.
+    pub fn partitions(&self) -> u32 {
+        match self.cluster.partitions {
+            0 if self.cluster_mode() => 64,
+            0 => 8,
+            n => n,
+        }
     }
 
     /// Returns the configuration as TOML, with the secrets key redacted.

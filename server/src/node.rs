@@ -64,7 +64,7 @@ impl Node {
         let cluster_options = ClusterOptions {
             node_id: config.node.id.clone(),
             address: if advertise.is_empty() { addr.to_string() } else { advertise.clone() },
-            partitions: config.cluster.partitions,
+            partitions: config.partitions(),
             lease_ttl: config.cluster.lease_ttl,
             handoff_timeout: config.cluster.handoff_timeout,
             live_nodes: Arc::new(std::sync::atomic::AtomicUsize::new(1)),

@@ -32,6 +32,9 @@ use crate::timers::{Timer, TimerIndex};
 const MAX_BATCH_OPS: usize = 120;
 /// Timers read per firing round.
 const TIMER_BATCH: usize = 64;
+/// How long a batch waits for the attempts it started, to record their outcomes in its own
+/// transaction.
+const RECORD_WAIT: Duration = Duration::from_millis(20);
 
 /// Live figures of an owned partition, read by ListPartitions.
 #[derive(Debug, Default)]
@@ -176,6 +179,12 @@ impl Worker {
         // Outcomes of this worker's attempts come back here; when the worker stops, late
         // outcomes are dropped and the attempts' visibility timers take over.
         let (reply, mut outcomes) = mpsc::unbounded_channel();
+        let sweep_every = self.engine.sweep_every();
+        // Spread the partitions' sweeps over the interval.
+        let mut next_sweep = sweep_every.map(|every| {
+            tokio::time::Instant::now() + every.mul_f64(rand::random::<f64>().max(0.1))
+        });
+        let mut sweep_from = Vec::new();
         loop {
             self.stats.pending_timers.store(index.len(), Ordering::Relaxed);
             self.stats.inbox_backlog.store(pending.len() as u64, Ordering::Relaxed);
@@ -197,9 +206,34 @@ impl Worker {
                 self.fire_timers(&mut index, now, cancel, &reply).await?;
                 continue;
             }
+            if let (Some(at), Some(every)) = (next_sweep, sweep_every)
+                && at <= tokio::time::Instant::now()
+            {
+                let mut effects = Effects::default();
+                let more = self.engine.sweep(self.partition, &sweep_from, &mut effects).await;
+                if let Some(Op::Delete { key }) = effects.ops.first() {
+                    let mut batch = Batch {
+                        witness: Some(String::from_utf8_lossy(key).into_owned()),
+                        ..Default::default()
+                    };
+                    batch.add(self.partition, effects);
+                    self.commit_batch(batch, &mut index, cancel, &reply).await?;
+                }
+                // A pass that stopped at a full page goes on at once, after the other work.
+                next_sweep = Some(
+                    tokio::time::Instant::now()
+                        + if more.is_some() { Duration::ZERO } else { every },
+                );
+                sweep_from = more.unwrap_or_default();
+                continue;
+            }
             let sleep = index.next_due().map_or(Duration::from_secs(3600), |due| {
                 Duration::from_millis((due - now).max(0) as u64)
             });
+            let sleep = match next_sweep {
+                Some(at) => sleep.min(at.saturating_duration_since(tokio::time::Instant::now())),
+                None => sleep,
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 _ = tokio::time::sleep(sleep) => {}
@@ -413,17 +447,45 @@ impl Worker {
         Ok(())
     }
 
-    /// Commits a batch under the epoch guard, then updates the timer index and starts the
-    /// attempts it dispatched.
+    /// Starts the batch's attempts, commits the batch under the epoch guard, then updates the
+    /// timer index.
+    ///
+    /// The attempts go out before the commit and get up to [`RECORD_WAIT`] to finish: the
+    /// outcomes that arrive in time are written by the same transaction, in place of the
+    /// `sending` records and visibility timers, which are then never written. A crash before
+    /// the commit leaves the batch's inbox entries and timers in place, so the next owner sends
+    /// again, with the same delivery ids: the receiver sees a duplicate with the same
+    /// `webhook-id`, as with any attempt in flight when its owner died.
     async fn commit_batch(
         &self,
-        batch: Batch,
+        mut batch: Batch,
         index: &mut TimerIndex,
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
-        let Some(witness) = batch.witness else { return Ok(()) };
-        match self.commit(collapse(batch.ops), &witness, cancel).await? {
+        let Some(witness) = batch.witness.clone() else { return Ok(()) };
+        let overflow = if batch.dispatch.is_empty() {
+            Vec::new()
+        } else {
+            self.attempt(&mut batch, reply).await
+        };
+        self.apply(batch, &witness, index, cancel, reply).await?;
+        for batch in overflow {
+            let Some(witness) = batch.witness.clone() else { continue };
+            self.apply(batch, &witness, index, cancel, reply).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        batch: Batch,
+        witness: &str,
+        index: &mut TimerIndex,
+        cancel: &CancellationToken,
+        reply: &mpsc::UnboundedSender<Outcome>,
+    ) -> Result<(), Exit> {
+        match self.commit(collapse(batch.ops), witness, cancel).await? {
             Outcome_::Applied => {
                 for due in batch.removed {
                     index.remove(due);
@@ -438,6 +500,70 @@ impl Worker {
             }
             Outcome_::Fenced => Err(Exit::Fenced),
         }
+    }
+
+    /// Dispatches the batch's jobs and folds the outcomes that arrive within [`RECORD_WAIT`]
+    /// into it. Outcomes whose writes do not fit are returned as batches to commit right after;
+    /// later outcomes reach the worker the usual way.
+    async fn attempt(
+        &self,
+        batch: &mut Batch,
+        reply: &mpsc::UnboundedSender<Outcome>,
+    ) -> Vec<Batch> {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let mut waiting = batch.dispatch.len();
+        for job in batch.dispatch.drain(..) {
+            self.engine.dispatch(job, sender.clone());
+        }
+        drop(sender);
+        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+        let mut arrived = Vec::with_capacity(waiting);
+        while waiting > 0 {
+            match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(outcome)) => {
+                    arrived.push(outcome);
+                    waiting -= 1;
+                }
+                _ => break,
+            }
+        }
+        if waiting > 0 {
+            // The worker reads these only after this batch has committed.
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                while let Some(outcome) = receiver.recv().await {
+                    if reply.send(outcome).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        if arrived.is_empty() {
+            return Vec::new();
+        }
+        self.engine.prefetch_outcomes(self.partition, &arrived).await;
+        let mut overflow: Vec<Batch> = Vec::new();
+        for outcome in arrived {
+            let key = crate::delivery::record::key(self.partition, &outcome.job.delivery.id);
+            let mut effects = Effects::default();
+            self.engine.on_outcome(self.partition, outcome, &mut effects).await;
+            let effects = if overflow.is_empty() {
+                match batch.absorb(effects, self.partition) {
+                    Ok(()) => continue,
+                    Err(effects) => effects,
+                }
+            } else {
+                effects
+            };
+            if overflow.last().is_none_or(|b| b.ops.len() + effects.op_count() > MAX_BATCH_OPS) {
+                overflow.push(Batch::default());
+            }
+            if let Some(last) = overflow.last_mut() {
+                last.witness.get_or_insert(key);
+                last.add(self.partition, effects);
+            }
+        }
+        overflow
     }
 
     async fn fire_timers(
@@ -490,15 +616,22 @@ impl Worker {
 /// Keeps only the last write to each key: etcd refuses a transaction that writes a key twice,
 /// and the last write is the one that would stand.
 fn collapse(ops: Vec<Op>) -> Vec<Op> {
-    let key = |op: &Op| match op {
-        Op::Put { key, .. } | Op::Delete { key } => Some(key.clone()),
-        _ => None,
-    };
     let mut seen = HashSet::new();
-    let mut kept: Vec<Op> =
-        ops.into_iter().rev().filter(|op| key(op).is_none_or(|k| seen.insert(k))).collect();
+    let mut kept: Vec<Op> = ops
+        .into_iter()
+        .rev()
+        .filter(|op| op_key(op).is_none_or(|k| seen.insert(k.clone())))
+        .collect();
     kept.reverse();
     kept
+}
+
+/// The key an operation writes, if it writes one.
+fn op_key(op: &Op) -> Option<&Vec<u8>> {
+    match op {
+        Op::Put { key, .. } | Op::Delete { key } => Some(key),
+        _ => None,
+    }
 }
 
 /// The writes of one transaction and what to do once it commits.
@@ -527,6 +660,64 @@ impl Batch {
         self.ops.push(Op::delete(key.to_vec()));
         self.removed.push(keys::parse_timer_due(key).unwrap_or(now));
         self.add(partition, effects);
+    }
+
+    /// Adds the effects of an outcome of one of this batch's attempts: writes to keys the
+    /// batch already writes replace those, and the attempt's visibility timer, written by this
+    /// batch, is dropped instead of deleted. Gives the effects back, changing nothing, when the
+    /// result would not fit one transaction.
+    fn absorb(&mut self, effects: Effects, partition: PartitionId) -> Result<(), Effects> {
+        let last = |ops: &[Op], key: &[u8]| {
+            ops.iter().rposition(|op| op_key(op).is_some_and(|k| k.as_slice() == key))
+        };
+        let timers: Vec<(i64, Op)> = effects
+            .timers
+            .iter()
+            .map(|t| {
+                let key = keys::timer(partition, t.due_ms, &t.id);
+                (t.due_ms, Op::put(key, serde_json::to_vec(t).unwrap_or_default()))
+            })
+            .collect();
+        let added = effects
+            .ops
+            .iter()
+            .chain(timers.iter().map(|(_, op)| op))
+            .filter(|op| op_key(op).is_none_or(|k| last(&self.ops, k).is_none()))
+            .count();
+        let dropped = effects
+            .cancel_timers
+            .iter()
+            .filter(|(_, key)| last(&self.ops, key.as_bytes()).is_some())
+            .count();
+        let deleted = effects.cancel_timers.len() - dropped;
+        if self.ops.len() + added + deleted - dropped > MAX_BATCH_OPS {
+            return Err(effects);
+        }
+        for (due, key) in effects.cancel_timers {
+            match last(&self.ops, key.as_bytes()) {
+                Some(i) => {
+                    self.ops.remove(i);
+                    if let Some(j) = self.added.iter().position(|d| *d == due) {
+                        self.added.swap_remove(j);
+                    }
+                }
+                None => {
+                    self.ops.push(Op::delete(key));
+                    self.removed.push(due);
+                }
+            }
+        }
+        for (due, _) in &timers {
+            self.added.push(*due);
+        }
+        for op in effects.ops.into_iter().chain(timers.into_iter().map(|(_, op)| op)) {
+            match op_key(&op).and_then(|k| last(&self.ops, k)) {
+                Some(i) => self.ops[i] = op,
+                None => self.ops.push(op),
+            }
+        }
+        self.dispatch.extend(effects.dispatch);
+        Ok(())
     }
 
     fn add(&mut self, partition: PartitionId, effects: Effects) {
@@ -559,5 +750,53 @@ mod tests {
             Op::put("b", "2"),
         ];
         assert_eq!(collapse(ops), vec![Op::delete("a"), Op::put("c", "1"), Op::put("b", "2")]);
+    }
+
+    #[test]
+    fn an_absorbed_outcome_replaces_the_sending_record_and_drops_the_visibility_timer() {
+        let timer = |due_ms: i64| Timer {
+            id: "d1".into(),
+            due_ms,
+            kind: crate::timers::TimerKind::Attempt { delivery: "d1".into() },
+        };
+        let mut batch = Batch::default();
+        batch.consume(
+            b"p/0001/inbox/e1".to_vec(),
+            Effects {
+                ops: vec![Op::put("p/0001/deliveries/d1", "sending")],
+                timers: vec![timer(5_000)],
+                ..Default::default()
+            },
+            1,
+        );
+        assert_eq!((batch.ops.len(), batch.added.clone()), (3, vec![5_000]));
+        let outcome = Effects {
+            ops: vec![
+                Op::put("p/0001/deliveries/d1", "delivered"),
+                Op::put("p/0001/status/c", "s"),
+            ],
+            cancel_timers: vec![(5_000, keys::timer(1, 5_000, "d1"))],
+            ..Default::default()
+        };
+        assert!(batch.absorb(outcome, 1).is_ok());
+        assert_eq!(
+            batch.ops,
+            vec![
+                Op::delete("p/0001/inbox/e1"),
+                Op::put("p/0001/deliveries/d1", "delivered"),
+                Op::put("p/0001/status/c", "s"),
+            ]
+        );
+        assert!(batch.added.is_empty() && batch.removed.is_empty());
+
+        // An outcome that would not fit is given back untouched.
+        let mut full = Batch {
+            ops: (0..MAX_BATCH_OPS).map(|i| Op::put(format!("k{i}"), "v")).collect(),
+            ..Default::default()
+        };
+        let outcome = Effects { ops: vec![Op::put("other", "v")], ..Default::default() };
+        let back = full.absorb(outcome, 1).expect_err("does not fit");
+        assert_eq!(back.ops, vec![Op::put("other", "v")]);
+        assert_eq!(full.ops.len(), MAX_BATCH_OPS);
     }
 }

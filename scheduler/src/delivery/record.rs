@@ -128,6 +128,32 @@ pub fn new_id(partition: PartitionId) -> String {
     format!("msg_{partition:04}{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }
 
+/// Returns the id of the delivery that `seed` (what caused it: an event and a campaign, a run
+/// and a contact, a follow-up wait) makes at `origin_ms`. The same cause always gives the same
+/// id, so a cause handled again after a crash sends the same `webhook-id`, and ids still sort
+/// by time.
+pub fn derived_id(partition: PartitionId, origin_ms: i64, seed: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(seed.as_bytes());
+    let mut random = [0u8; 16];
+    random[6..].copy_from_slice(&digest[..10]);
+    let ulid = ulid::Ulid::from_parts(origin_ms.max(0) as u64, u128::from_be_bytes(random));
+    format!("msg_{partition:04}{}", ulid.to_string().to_ascii_lowercase())
+}
+
+/// Returns the lowest delivery id of `partition` created at `ms`: every delivery created
+/// before sorts before it.
+pub fn first_id_at(partition: PartitionId, ms: i64) -> String {
+    let ulid = ulid::Ulid::from_parts(ms.max(0) as u64, 0);
+    format!("msg_{partition:04}{}", ulid.to_string().to_ascii_lowercase())
+}
+
+/// Returns the time in a delivery id, Unix milliseconds.
+pub fn id_time_ms(id: &str) -> Option<i64> {
+    let ulid = ulid::Ulid::from_string(id.strip_prefix("msg_")?.get(4..)?).ok()?;
+    Some(ulid.timestamp_ms() as i64)
+}
+
 /// Returns the partition of a delivery id.
 pub fn partition_of_id(id: &str) -> Option<PartitionId> {
     id.strip_prefix("msg_")?.get(..4)?.parse().ok()
@@ -208,5 +234,18 @@ mod tests {
         let id = super::new_id(37);
         assert_eq!(super::partition_of_id(&id), Some(37));
         assert_eq!(super::partition_of_id("nope"), None);
+    }
+
+    #[test]
+    fn derived_ids_are_stable_distinct_and_time_ordered() {
+        let a = super::derived_id(5, 1_700_000_000_000, "e/evt_1/welcome");
+        assert_eq!(a, super::derived_id(5, 1_700_000_000_000, "e/evt_1/welcome"));
+        assert_ne!(a, super::derived_id(5, 1_700_000_000_000, "e/evt_1/other"));
+        assert_eq!(super::partition_of_id(&a), Some(5));
+        assert_eq!(super::id_time_ms(&a), Some(1_700_000_000_000));
+        assert!(a < super::derived_id(5, 1_700_000_000_001, "e/evt_0/welcome"));
+        assert_eq!(super::id_time_ms(&super::new_id(3)).map(|t| t > 0), Some(true));
+        assert!(super::first_id_at(5, 1_700_000_000_000) <= a);
+        assert!(super::first_id_at(5, 1_700_000_000_001) > a);
     }
 }
