@@ -83,6 +83,15 @@ pub async fn range_pages(store: Arc<dyn Store>) {
     assert!(all.revision > 0);
     let none = store.range_prefix(b"nothing/", 0).await.expect("range");
     assert!(none.kvs.is_empty());
+
+    // A read that must reflect a revision sees the write that made it, and pages the same way.
+    let last = store.put(b"items/999", b"new").await.expect("put");
+    let page = store.range_since(b"items/", &end, 30, last).await.expect("range since");
+    assert!(page.revision >= last);
+    assert_eq!(page.kvs.len(), 26);
+    assert_eq!(page.kvs.last().map(|kv| kv.value.clone()), Some(b"new".to_vec()));
+    let page = store.range_since(b"items/", &end, 10, last).await.expect("range since");
+    assert!(page.more && page.kvs.len() == 10);
 }
 
 /// Transactions compare value, mod_revision and create_revision, and apply all or nothing.

@@ -467,6 +467,7 @@ impl Manager {
                     epoch,
                     stats: stats.clone(),
                     signature: format!("{}/{epoch}", self.me()).into_bytes(),
+                    seen: std::sync::atomic::AtomicI64::new(epoch),
                 };
                 let token = cancel.clone();
                 let abort =

@@ -65,6 +65,9 @@ pub(crate) struct Worker {
     /// `{node}/{epoch}`, written to `p/{p}/applied` by every batch so that etcd's history
     /// shows who made each partition write.
     pub(crate) signature: Vec<u8>,
+    /// The newest store revision this worker knows of (its epoch, its last commit, the
+    /// inbox entries it has seen): its timer reads must reflect at least that much.
+    pub(crate) seen: std::sync::atomic::AtomicI64,
 }
 
 enum Outcome_ {
@@ -73,6 +76,14 @@ enum Outcome_ {
 }
 
 impl Worker {
+    fn saw(&self, revision: Revision) {
+        self.seen.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    fn seen(&self) -> Revision {
+        self.seen.load(Ordering::Relaxed)
+    }
+
     fn guard(&self) -> Compare {
         Compare::create_revision(keys::owner(self.partition), CompareOp::Equal, self.epoch)
     }
@@ -101,10 +112,15 @@ impl Worker {
                 txn.when.push(Compare::present(witness.to_string()));
             }
             match self.store.txn(txn).await {
-                Ok(result) if result.succeeded => return Ok(Outcome_::Applied),
+                Ok(result) if result.succeeded => {
+                    self.saw(result.revision);
+                    return Ok(Outcome_::Applied);
+                }
                 Ok(result) => {
                     let still_ours = matches!(result.results.first(),
                         Some(OpResult::Get(Some(kv))) if kv.create_revision == self.epoch);
+                    // Read after the earlier attempt committed, when it did.
+                    self.saw(result.revision);
                     return Ok(if still_ours && !first {
                         Outcome_::Applied
                     } else {
@@ -243,6 +259,7 @@ impl Worker {
                 batch = stream.next() => match batch {
                     Some(Ok(batch)) => {
                         for event in batch.events {
+                            self.saw(event.kv.mod_revision);
                             if event.kind != EventKind::Put || loaded.remove(&event.kv.key) {
                                 continue;
                             }
@@ -269,6 +286,7 @@ impl Worker {
         let mut start = prefix.clone().into_bytes();
         loop {
             let page = self.read(cancel, || self.store.range(&start, &end, 10_000)).await?;
+            self.saw(page.revision);
             for kv in &page.kvs {
                 if let Some(due) = keys::parse_timer_due(&kv.key) {
                     index.add(due);
@@ -305,6 +323,7 @@ impl Worker {
                 }
             };
             let page = self.read(cancel, || self.store.range_prefix(prefix.as_bytes(), 0)).await?;
+            self.saw(page.revision);
             let mut kvs = page.kvs;
             kvs.sort_by_key(|kv| kv.mod_revision);
             let loaded =
@@ -575,8 +594,12 @@ impl Worker {
     ) -> Result<(), Exit> {
         let start = keys::timers(self.partition);
         let end = keys::timers_until(self.partition, now);
+        // The index knows only timers this worker loaded or committed, all at or before
+        // `seen`, so a read reflecting `seen` finds every one of them.
         let page = self
-            .read(cancel, || self.store.range(start.as_bytes(), end.as_bytes(), TIMER_BATCH))
+            .read(cancel, || {
+                self.store.range_since(start.as_bytes(), end.as_bytes(), TIMER_BATCH, self.seen())
+            })
             .await?;
         if page.kvs.is_empty() {
             // Another writer removed them (a previous owner's last batch): forget them.

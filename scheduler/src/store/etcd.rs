@@ -225,6 +225,30 @@ impl Store for EtcdStore {
         })
     }
 
+    async fn range_since(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        at_least: Revision,
+    ) -> StoreResult<RangePage> {
+        let mut client = self.client.clone();
+        let mut options = GetOptions::new().with_range(self.full_end(end)).with_serializable();
+        if limit > 0 {
+            options = options.with_limit(limit as i64);
+        }
+        let response = self.call(client.get(self.full(start), Some(options))).await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        if revision < at_least {
+            return self.range(start, end, limit).await;
+        }
+        Ok(RangePage {
+            kvs: response.kvs().iter().map(|kv| self.key_value(kv)).collect(),
+            more: response.more(),
+            revision,
+        })
+    }
+
     async fn count(&self, start: &[u8], end: &[u8]) -> StoreResult<u64> {
         let mut client = self.client.clone();
         let options = GetOptions::new().with_range(self.full_end(end)).with_count_only();

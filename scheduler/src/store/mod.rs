@@ -455,6 +455,20 @@ pub trait Store: Send + Sync + 'static {
         Ok(found)
     }
 
+    /// Like [`Store::range`], but the answer may come from a replica's state as long as that
+    /// state includes revision `at_least`: on etcd such a read needs no round of consensus.
+    /// The embedded store is always current.
+    async fn range_since(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        at_least: Revision,
+    ) -> StoreResult<RangePage> {
+        let _ = at_least;
+        self.range(start, end, limit).await
+    }
+
     /// Returns how many keys start with `prefix`.
     async fn count_prefix(&self, prefix: &[u8]) -> StoreResult<u64> {
         self.count(prefix, &prefix_end(prefix)).await
