@@ -89,3 +89,40 @@ async fn calls_fail_as_unavailable_while_etcd_is_down() {
     let batch = batch.expect("stream open").expect("no error");
     assert_eq!(batch.events[0].kv.value, b"again");
 }
+
+/// The committer merges concurrent transactions, and each still gets its own answer: a member
+/// whose guard fails is refused alone, the others apply, and none is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_transactions_keep_their_own_guards() {
+    use tidings_scheduler::cluster::Committer;
+    use tidings_scheduler::store::{Compare, CompareOp};
+    let (store, _etcd) = fresh().await;
+    let ours = store.put(b"owners/0001", b"me").await.expect("put");
+    let theirs = store.put(b"owners/0002", b"other").await.expect("put");
+    let committer = Arc::new(Committer::start(store.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let committer = committer.clone();
+        tasks.spawn(async move {
+            // Odd transactions carry a stale epoch for partition 2.
+            let (owner, epoch) =
+                if i % 2 == 0 { ("owners/0001", ours) } else { ("owners/0002", theirs - 1) };
+            let txn = Txn::new()
+                .when([Compare::create_revision(owner, CompareOp::Equal, epoch)])
+                .and_then([Op::put(format!("k/{i:03}"), "v"), Op::put(format!("n/{i:03}"), "w")])
+                .or_else([Op::get(owner)]);
+            (i, committer.txn(txn).await.expect("answered"))
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (i, result) = done.expect("task");
+        assert_eq!(result.succeeded, i % 2 == 0, "transaction {i}");
+        if result.succeeded {
+            assert_eq!(result.results.len(), 2, "its own results only");
+        }
+    }
+    let written = store.range_prefix(b"k/", 0).await.expect("range").kvs;
+    assert_eq!(written.len(), 100);
+    assert!(written.iter().all(|kv| kv.version == 1), "each applied once");
+    assert_eq!(store.range_prefix(b"n/", 0).await.expect("range").kvs.len(), 100);
+}

@@ -15,7 +15,10 @@
 //!   keys go with it, and the same claim follows.
 
 pub mod assign;
+mod committer;
 mod partition;
+
+pub use committer::Committer;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -116,6 +119,8 @@ struct View {
 
 struct Shared {
     store: Arc<dyn Store>,
+    /// Sends the partition workers' transactions, merged where the store gains from it.
+    committer: Arc<committer::Committer>,
     options: ClusterOptions,
     partitions: u32,
     /// The latest view of members and owners, for status calls. Written only by the manager.
@@ -158,8 +163,13 @@ impl Cluster {
                 "the cluster keeps its partition count"
             );
         }
-        let shared =
-            Arc::new(Shared { store, options, partitions, view: Mutex::new(View::default()) });
+        let shared = Arc::new(Shared {
+            committer: Arc::new(committer::Committer::start(store.clone())),
+            store,
+            options,
+            partitions,
+            view: Mutex::new(View::default()),
+        });
         let manager = Manager {
             shared: shared.clone(),
             engine,
@@ -462,6 +472,7 @@ impl Manager {
                 let cancel = session.alive.child_token();
                 let worker = Worker {
                     store: self.shared.store.clone(),
+                    committer: self.shared.committer.clone(),
                     engine: self.engine.clone(),
                     partition,
                     epoch,

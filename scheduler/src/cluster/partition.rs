@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -58,6 +58,7 @@ pub(crate) enum Exit {
 
 pub(crate) struct Worker {
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) committer: Arc<super::committer::Committer>,
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) partition: PartitionId,
     pub(crate) epoch: Revision,
@@ -111,7 +112,7 @@ impl Worker {
                 // The previous attempt may have committed: require the witness to still exist.
                 txn.when.push(Compare::present(witness.to_string()));
             }
-            match self.store.txn(txn).await {
+            match self.committer.txn(txn).await {
                 Ok(result) if result.succeeded => {
                     self.saw(result.revision);
                     return Ok(Outcome_::Applied);
@@ -256,25 +257,35 @@ impl Worker {
                 Some(outcome) = outcomes.recv() => {
                     self.process_outcomes(outcome, &mut outcomes, &mut index, cancel, &reply).await?;
                 }
-                batch = stream.next() => match batch {
-                    Some(Ok(batch)) => {
-                        for event in batch.events {
-                            self.saw(event.kv.mod_revision);
-                            if event.kind != EventKind::Put || loaded.remove(&event.kv.key) {
-                                continue;
+                batch = stream.next() => {
+                    // Take every batch already received too, so a backlog is handled in full
+                    // transactions rather than one watch message at a time.
+                    let mut next = Some(batch);
+                    while let Some(batch) = next.take() {
+                        match batch {
+                            Some(Ok(batch)) => {
+                                for event in batch.events {
+                                    self.saw(event.kv.mod_revision);
+                                    if event.kind != EventKind::Put
+                                        || loaded.remove(&event.kv.key)
+                                    {
+                                        continue;
+                                    }
+                                    pending.push_back((event.kv.key, event.kv.value));
+                                }
+                                loaded.clear();
+                                next = stream.next().now_or_never();
                             }
-                            pending.push_back((event.kv.key, event.kv.value));
+                            Some(Err(error)) => {
+                                debug!(partition = self.partition, %error, "inbox watch ended; reloading");
+                                (pending, loaded, stream) = self.load_inbox(cancel).await?;
+                            }
+                            None => {
+                                (pending, loaded, stream) = self.load_inbox(cancel).await?;
+                            }
                         }
-                        loaded.clear();
                     }
-                    Some(Err(error)) => {
-                        debug!(partition = self.partition, %error, "inbox watch ended; reloading");
-                        (pending, loaded, stream) = self.load_inbox(cancel).await?;
-                    }
-                    None => {
-                        (pending, loaded, stream) = self.load_inbox(cancel).await?;
-                    }
-                },
+                }
             }
         }
     }

@@ -15,7 +15,7 @@ use etcd_client::{
     LeaseKeeper, PutOptions, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{Mutex, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
     Compare, CompareOp, CompareTarget, EventKind, KeyValue, LeaseId, Op, OpResult, RangePage,
@@ -51,6 +51,9 @@ impl Default for EtcdOptions {
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    /// A connection of its own for watches: a burst of watch events then cannot delay the
+    /// answers to reads and transactions behind HTTP/2 flow control on a shared connection.
+    watch_client: Client,
     prefix: Vec<u8>,
     timeout: Duration,
     /// Open keep-alive streams by lease. The lock is held across one renewal round trip so that
@@ -114,20 +117,25 @@ impl EtcdStore {
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
-        let client = tokio::time::timeout(
-            options.connect_timeout + options.request_timeout,
-            Client::connect(&options.endpoints, Some(connect)),
-        )
-        .await
-        .map_err(|_| {
-            StoreError::Unavailable(format!(
-                "etcd at {} did not answer",
-                options.endpoints.join(",")
-            ))
-        })?
-        .map_err(map_error)?;
+        let connect_one = || async {
+            tokio::time::timeout(
+                options.connect_timeout + options.request_timeout,
+                Client::connect(&options.endpoints, Some(connect.clone())),
+            )
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "etcd at {} did not answer",
+                    options.endpoints.join(",")
+                ))
+            })?
+            .map_err(map_error)
+        };
+        let client = connect_one().await?;
+        let watch_client = connect_one().await?;
         let store = Self {
             client,
+            watch_client,
             prefix: options.prefix.into_bytes(),
             timeout: options.request_timeout,
             keepers: Default::default(),
@@ -293,7 +301,10 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &[u8], start_revision: Revision) -> StoreResult<WatchStream> {
-        let (sender, receiver) = mpsc::channel(64);
+        // Unbounded: a consumer that falls behind must not stop this task from reading its
+        // stream, or the unread data would hold the connection's flow-control window and
+        // stall every other watch.
+        let (sender, receiver) = mpsc::unbounded_channel();
         let store = self.clone();
         let full_prefix = self.full(prefix);
         // Pin "from now" to a revision so a reconnect before the first event cannot skip any.
@@ -305,7 +316,7 @@ impl Store for EtcdStore {
         tokio::spawn(async move {
             store.pump_watch(full_prefix, start_revision, first, sender).await;
         });
-        Ok(Box::pin(ReceiverStream::new(receiver)))
+        Ok(Box::pin(UnboundedReceiverStream::new(receiver)))
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
@@ -396,7 +407,7 @@ impl EtcdStore {
         if start_revision > 0 {
             options = options.with_start_revision(start_revision);
         }
-        let mut client = self.client.clone();
+        let mut client = self.watch_client.clone();
         let mut stream = self.call(client.watch(prefix.to_vec(), Some(options))).await?;
         // The first response confirms creation; etcd reports a compacted start revision in a
         // message after it. A read at the start revision tells at once whether one is coming.
@@ -440,7 +451,7 @@ impl EtcdStore {
         prefix: Vec<u8>,
         start_revision: Revision,
         first: etcd_client::WatchStream,
-        sender: mpsc::Sender<StoreResult<WatchBatch>>,
+        sender: mpsc::UnboundedSender<StoreResult<WatchBatch>>,
     ) {
         let mut next = start_revision;
         let mut stream = Some(first);
@@ -459,7 +470,7 @@ impl EtcdStore {
                             current
                         }
                         Err(error @ StoreError::Compacted { .. }) => {
-                            let _ = sender.send(Err(error)).await;
+                            let _ = sender.send(Err(error));
                             return;
                         }
                         Err(error) => {
@@ -485,7 +496,7 @@ impl EtcdStore {
                 };
                 if response.compact_revision() > 0 {
                     let compact_revision = response.compact_revision();
-                    let _ = sender.send(Err(StoreError::Compacted { compact_revision })).await;
+                    let _ = sender.send(Err(StoreError::Compacted { compact_revision }));
                     return;
                 }
                 if response.canceled() {
@@ -507,7 +518,7 @@ impl EtcdStore {
                     continue;
                 };
                 next = last + 1;
-                if sender.send(Ok(WatchBatch { revision: last, events })).await.is_err() {
+                if sender.send(Ok(WatchBatch { revision: last, events })).is_err() {
                     return;
                 }
             }

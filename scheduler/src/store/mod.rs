@@ -455,6 +455,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(found)
     }
 
+    /// Whether the store already commits concurrent transactions together (one fsync for all
+    /// of them), so that merging them first gains nothing.
+    fn groups_commits(&self) -> bool {
+        false
+    }
+
     /// Like [`Store::range`], but the answer may come from a replica's state as long as that
     /// state includes revision `at_least`: on etcd such a read needs no round of consensus.
     /// The embedded store is always current.
