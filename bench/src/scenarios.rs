@@ -853,7 +853,17 @@ async fn fanout(kind: &str, count: u64) -> anyhow::Result<()> {
     let (_, peak) = memory(pid);
     anyhow::ensure!(run.delivered == count, "delivered {} of {count}: {run:?}", run.delivered);
 
-    println!("fanout ({kind} store, node process, 64 partitions, {count} contacts, on-demand run)");
+    let partitions = node
+        .cluster()
+        .await?
+        .list_partitions(ListPartitionsRequest {})
+        .await?
+        .into_inner()
+        .partitions
+        .len();
+    println!(
+        "fanout ({kind} store, node process, {partitions} partitions, {count} contacts, on-demand run)"
+    );
     println!(
         "  import (BatchUpsert, 4 streams):{:>9.0} contacts/s ({import_secs:.1} s)",
         count as f64 / import_secs
