@@ -108,10 +108,24 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Reads ahead, in as few store round trips as possible, what handling these events will
     /// read. Called before each batch of inbox entries.
-    async fn prefetch_events(&self, _partition: PartitionId, _events: &[&Event]) {}
+    /// `at_least` is a store revision the reads must reflect (see
+    /// [`crate::store::Store::get_many_since`]).
+    async fn prefetch_events(
+        &self,
+        _partition: PartitionId,
+        _events: &[&Event],
+        _at_least: crate::store::Revision,
+    ) {
+    }
 
     /// Reads ahead what recording these outcomes will read.
-    async fn prefetch_outcomes(&self, _partition: PartitionId, _outcomes: &[Outcome]) {}
+    async fn prefetch_outcomes(
+        &self,
+        _partition: PartitionId,
+        _outcomes: &[Outcome],
+        _at_least: crate::store::Revision,
+    ) {
+    }
 
     /// Called when this node starts working on `partition` (after a claim): state cached from
     /// an earlier ownership may have changed since. `owned` is cancelled when the ownership
@@ -1219,14 +1233,19 @@ impl Engine for CampaignEngine {
         self.finish(&delivery, effects);
     }
 
-    async fn prefetch_events(&self, partition: PartitionId, events: &[&Event]) {
+    async fn prefetch_events(
+        &self,
+        partition: PartitionId,
+        events: &[&Event],
+        at_least: crate::store::Revision,
+    ) {
         let mut ids: Vec<&str> = events.iter().map(|e| e.contact_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
         let keys: Vec<Vec<u8>> =
             ids.iter().map(|id| crate::contact::key(partition, id).into_bytes()).collect();
         // On an error the entry is simply absent, and each event reads its contact itself.
-        let found = self.store.get_many(&keys).await.unwrap_or_default();
+        let found = self.store.get_many_since(&keys, at_least).await.unwrap_or_default();
         let contacts = ids
             .iter()
             .zip(found)
@@ -1237,7 +1256,12 @@ impl Engine for CampaignEngine {
         self.prefetched.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, contacts);
     }
 
-    async fn prefetch_outcomes(&self, partition: PartitionId, outcomes: &[Outcome]) {
+    async fn prefetch_outcomes(
+        &self,
+        partition: PartitionId,
+        outcomes: &[Outcome],
+        at_least: crate::store::Revision,
+    ) {
         let mut keys: Vec<String> = {
             let cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
             outcomes
@@ -1254,7 +1278,7 @@ impl Engine for CampaignEngine {
             return;
         }
         let raw: Vec<Vec<u8>> = keys.iter().map(|k| k.clone().into_bytes()).collect();
-        let Ok(found) = self.store.get_many(&raw).await else { return };
+        let Ok(found) = self.store.get_many_since(&raw, at_least).await else { return };
         let mut cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
         for (key, kv) in keys.into_iter().zip(found) {
             let status =

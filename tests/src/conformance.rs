@@ -92,6 +92,20 @@ pub async fn range_pages(store: Arc<dyn Store>) {
     assert_eq!(page.kvs.last().map(|kv| kv.value.clone()), Some(b"new".to_vec()));
     let page = store.range_since(b"items/", &end, 10, last).await.expect("range since");
     assert!(page.more && page.kvs.len() == 10);
+    for count in [2, 20] {
+        let mut keys: Vec<Vec<u8>> =
+            (0..count - 1).map(|i| format!("items/{i:03}").into_bytes()).collect();
+        keys.push(b"items/999".to_vec());
+        keys.push(b"items/absent".to_vec());
+        let found = store.get_many_since(&keys, last).await.expect("get many since");
+        assert_eq!(found.len(), keys.len());
+        assert_eq!(
+            found[keys.len() - 2].as_ref().map(|kv| kv.value.clone()),
+            Some(b"new".to_vec())
+        );
+        assert!(found[keys.len() - 1].is_none());
+        assert!(found[..keys.len() - 2].iter().all(Option::is_some));
+    }
 }
 
 /// Transactions compare value, mod_revision and create_revision, and apply all or nothing.

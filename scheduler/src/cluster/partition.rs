@@ -67,7 +67,7 @@ pub(crate) struct Worker {
     /// shows who made each partition write.
     pub(crate) signature: Vec<u8>,
     /// The newest store revision this worker knows of (its epoch, its last commit, the
-    /// inbox entries it has seen): its timer reads must reflect at least that much.
+    /// inbox entries it has seen): its reads must reflect at least that much.
     pub(crate) seen: std::sync::atomic::AtomicI64,
 }
 
@@ -367,7 +367,7 @@ impl Worker {
             })
             .collect();
         if !events.is_empty() {
-            self.engine.prefetch_events(self.partition, &events).await;
+            self.engine.prefetch_events(self.partition, &events, self.seen()).await;
         }
         let mut batch = Batch::default();
         let mut taken = 0;
@@ -458,7 +458,7 @@ impl Worker {
             if waiting.is_empty() {
                 return Ok(());
             }
-            self.engine.prefetch_outcomes(self.partition, &waiting).await;
+            self.engine.prefetch_outcomes(self.partition, &waiting, self.seen()).await;
             let mut batch = Batch::default();
             let mut rest = std::mem::take(&mut waiting).into_iter();
             for outcome in rest.by_ref() {
@@ -571,7 +571,7 @@ impl Worker {
         if arrived.is_empty() {
             return Vec::new();
         }
-        self.engine.prefetch_outcomes(self.partition, &arrived).await;
+        self.engine.prefetch_outcomes(self.partition, &arrived, self.seen()).await;
         let mut overflow: Vec<Batch> = Vec::new();
         for outcome in arrived {
             let key = crate::delivery::record::key(self.partition, &outcome.job.delivery.id);

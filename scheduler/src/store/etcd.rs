@@ -233,6 +233,37 @@ impl Store for EtcdStore {
         })
     }
 
+    async fn get_many_since(
+        &self,
+        keys: &[Vec<u8>],
+        at_least: Revision,
+    ) -> StoreResult<Vec<Option<KeyValue>>> {
+        // A few keys: serializable reads in parallel, answered from the member's own state
+        // without a consensus round. Many keys: one linearizable transaction of reads costs
+        // etcd less than as many requests.
+        const PARALLEL: usize = 8;
+        if keys.len() > PARALLEL {
+            return self.get_many(keys).await;
+        }
+        let reads =
+            keys.iter().map(|key| {
+                let mut client = self.client.clone();
+                let key = self.full(key);
+                async move {
+                    self.call(client.get(key, Some(GetOptions::new().with_serializable()))).await
+                }
+            });
+        let mut found = Vec::with_capacity(keys.len());
+        for response in futures::future::join_all(reads).await {
+            let response = response?;
+            if response.header().map_or(0, |h| h.revision()) < at_least {
+                return self.get_many(keys).await;
+            }
+            found.push(response.kvs().first().map(|kv| self.key_value(kv)));
+        }
+        Ok(found)
+    }
+
     async fn range_since(
         &self,
         start: &[u8],

@@ -461,6 +461,17 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Like [`Store::get_many`], but the answer may come from a replica's state as long as
+    /// that state includes revision `at_least` (see [`Store::range_since`]).
+    async fn get_many_since(
+        &self,
+        keys: &[Vec<u8>],
+        at_least: Revision,
+    ) -> StoreResult<Vec<Option<KeyValue>>> {
+        let _ = at_least;
+        self.get_many(keys).await
+    }
+
     /// Like [`Store::range`], but the answer may come from a replica's state as long as that
     /// state includes revision `at_least`: on etcd such a read needs no round of consensus.
     /// The embedded store is always current.
