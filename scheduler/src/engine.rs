@@ -275,6 +275,12 @@ impl CampaignEngine {
         shards.insert(key, shard);
     }
 
+    /// Whether a delivery is finished and its retention has ended.
+    fn expired(&self, delivery: &Delivery, now: i64) -> bool {
+        matches!(delivery.status, Status::Delivered | Status::Failed | Status::Skipped)
+            && delivery.updated_ms + self.retention_ms <= now
+    }
+
     /// Writes a finished delivery. The partition's sweep deletes it once its retention ends.
     fn finish(&self, delivery: &Delivery, effects: &mut Effects) {
         effects.ops.push(put_delivery(delivery));
@@ -905,9 +911,7 @@ impl Engine for CampaignEngine {
             }
             TimerKind::Expire { delivery } => {
                 let Some(found) = self.read_delivery(partition, delivery).await else { return };
-                let finished =
-                    matches!(found.status, Status::Delivered | Status::Failed | Status::Skipped);
-                if finished && found.updated_ms + self.retention_ms <= crate::now_ms() {
+                if self.expired(&found, crate::now_ms()) {
                     effects.ops.push(Op::delete(record::key(partition, delivery)));
                 }
             }
@@ -1319,9 +1323,7 @@ impl Engine for CampaignEngine {
             retrying("sweep deliveries", || self.store.range(&start, end.as_bytes(), PAGE)).await?;
         for kv in &page.kvs {
             let Ok(found) = serde_json::from_slice::<Delivery>(&kv.value) else { continue };
-            let finished =
-                matches!(found.status, Status::Delivered | Status::Failed | Status::Skipped);
-            if finished && found.updated_ms + self.retention_ms <= now {
+            if self.expired(&found, now) {
                 effects.ops.push(Op::delete(kv.key.clone()));
                 if effects.ops.len() >= 100 {
                     return Some(kv.key.clone());

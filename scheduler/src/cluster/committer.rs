@@ -53,10 +53,7 @@ impl Committer {
 }
 
 fn written(txn: &Txn) -> impl Iterator<Item = &Vec<u8>> {
-    txn.then.iter().chain(&txn.otherwise).filter_map(|op| match op {
-        Op::Put { key, .. } | Op::Delete { key } => Some(key),
-        _ => None,
-    })
+    txn.then.iter().chain(&txn.otherwise).filter_map(Op::written_key)
 }
 
 async fn run(store: Arc<dyn Store>, mut requests: mpsc::UnboundedReceiver<Request>) {

@@ -654,18 +654,17 @@ fn collapse(ops: Vec<Op>) -> Vec<Op> {
     let mut kept: Vec<Op> = ops
         .into_iter()
         .rev()
-        .filter(|op| op_key(op).is_none_or(|k| seen.insert(k.clone())))
+        .filter(|op| op.written_key().is_none_or(|k| seen.insert(k.clone())))
         .collect();
     kept.reverse();
     kept
 }
 
-/// The key an operation writes, if it writes one.
-fn op_key(op: &Op) -> Option<&Vec<u8>> {
-    match op {
-        Op::Put { key, .. } | Op::Delete { key } => Some(key),
-        _ => None,
-    }
+/// The write that stores a timer.
+fn timer_op(partition: PartitionId, timer: &Timer) -> Op {
+    let key = keys::timer(partition, timer.due_ms, &timer.id);
+    // Timers are plain structs and always serialize.
+    Op::put(key, serde_json::to_vec(timer).unwrap_or_default())
 }
 
 /// The writes of one transaction and what to do once it commits.
@@ -702,21 +701,15 @@ impl Batch {
     /// result would not fit one transaction.
     fn absorb(&mut self, effects: Effects, partition: PartitionId) -> Result<(), Effects> {
         let last = |ops: &[Op], key: &[u8]| {
-            ops.iter().rposition(|op| op_key(op).is_some_and(|k| k.as_slice() == key))
+            ops.iter().rposition(|op| op.written_key().is_some_and(|k| k.as_slice() == key))
         };
-        let timers: Vec<(i64, Op)> = effects
-            .timers
-            .iter()
-            .map(|t| {
-                let key = keys::timer(partition, t.due_ms, &t.id);
-                (t.due_ms, Op::put(key, serde_json::to_vec(t).unwrap_or_default()))
-            })
-            .collect();
+        let timers: Vec<(i64, Op)> =
+            effects.timers.iter().map(|t| (t.due_ms, timer_op(partition, t))).collect();
         let added = effects
             .ops
             .iter()
             .chain(timers.iter().map(|(_, op)| op))
-            .filter(|op| op_key(op).is_none_or(|k| last(&self.ops, k).is_none()))
+            .filter(|op| op.written_key().is_none_or(|k| last(&self.ops, k).is_none()))
             .count();
         let dropped = effects
             .cancel_timers
@@ -745,7 +738,7 @@ impl Batch {
             self.added.push(*due);
         }
         for op in effects.ops.into_iter().chain(timers.into_iter().map(|(_, op)| op)) {
-            match op_key(&op).and_then(|k| last(&self.ops, k)) {
+            match op.written_key().and_then(|k| last(&self.ops, k)) {
                 Some(i) => self.ops[i] = op,
                 None => self.ops.push(op),
             }
@@ -757,9 +750,7 @@ impl Batch {
     fn add(&mut self, partition: PartitionId, effects: Effects) {
         self.ops.extend(effects.ops);
         for timer in effects.timers {
-            let key = keys::timer(partition, timer.due_ms, &timer.id);
-            // Timers are plain structs and always serialize.
-            self.ops.push(Op::put(key, serde_json::to_vec(&timer).unwrap_or_default()));
+            self.ops.push(timer_op(partition, &timer));
             self.added.push(timer.due_ms);
         }
         for (due, key) in effects.cancel_timers {

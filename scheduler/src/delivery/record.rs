@@ -125,7 +125,11 @@ pub const MAX_ATTEMPTS_KEPT: usize = 50;
 /// Returns a new delivery id in `partition`: the partition is readable from the id, so a
 /// delivery is found without an index.
 pub fn new_id(partition: PartitionId) -> String {
-    format!("msg_{partition:04}{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+    format_id(partition, ulid::Ulid::new())
+}
+
+fn format_id(partition: PartitionId, ulid: ulid::Ulid) -> String {
+    format!("msg_{partition:04}{}", ulid.to_string().to_ascii_lowercase())
 }
 
 /// Returns the id of the delivery that `seed` (what caused it: an event and a campaign, a run
@@ -137,15 +141,16 @@ pub fn derived_id(partition: PartitionId, origin_ms: i64, seed: &str) -> String 
     let digest = sha2::Sha256::digest(seed.as_bytes());
     let mut random = [0u8; 16];
     random[6..].copy_from_slice(&digest[..10]);
-    let ulid = ulid::Ulid::from_parts(origin_ms.max(0) as u64, u128::from_be_bytes(random));
-    format!("msg_{partition:04}{}", ulid.to_string().to_ascii_lowercase())
+    format_id(
+        partition,
+        ulid::Ulid::from_parts(origin_ms.max(0) as u64, u128::from_be_bytes(random)),
+    )
 }
 
 /// Returns the lowest delivery id of `partition` created at `ms`: every delivery created
 /// before sorts before it.
 pub fn first_id_at(partition: PartitionId, ms: i64) -> String {
-    let ulid = ulid::Ulid::from_parts(ms.max(0) as u64, 0);
-    format!("msg_{partition:04}{}", ulid.to_string().to_ascii_lowercase())
+    format_id(partition, ulid::Ulid::from_parts(ms.max(0) as u64, 0))
 }
 
 /// Returns the time in a delivery id, Unix milliseconds.

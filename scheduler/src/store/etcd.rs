@@ -156,6 +156,30 @@ impl EtcdStore {
             .map_err(map_error)
     }
 
+    /// Reads a range, linearizable or from the member's own state (`serializable`).
+    async fn read_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        serializable: bool,
+    ) -> StoreResult<RangePage> {
+        let mut client = self.client.clone();
+        let mut options = GetOptions::new().with_range(self.full_end(end));
+        if limit > 0 {
+            options = options.with_limit(limit as i64);
+        }
+        if serializable {
+            options = options.with_serializable();
+        }
+        let response = self.call(client.get(self.full(start), Some(options))).await?;
+        Ok(RangePage {
+            kvs: response.kvs().iter().map(|kv| self.key_value(kv)).collect(),
+            more: response.more(),
+            revision: response.header().map_or(0, |h| h.revision()),
+        })
+    }
+
     fn full(&self, key: &[u8]) -> Vec<u8> {
         let mut full = Vec::with_capacity(self.prefix.len() + key.len());
         full.extend_from_slice(&self.prefix);
@@ -220,17 +244,7 @@ impl Store for EtcdStore {
     }
 
     async fn range(&self, start: &[u8], end: &[u8], limit: usize) -> StoreResult<RangePage> {
-        let mut client = self.client.clone();
-        let mut options = GetOptions::new().with_range(self.full_end(end));
-        if limit > 0 {
-            options = options.with_limit(limit as i64);
-        }
-        let response = self.call(client.get(self.full(start), Some(options))).await?;
-        Ok(RangePage {
-            kvs: response.kvs().iter().map(|kv| self.key_value(kv)).collect(),
-            more: response.more(),
-            revision: response.header().map_or(0, |h| h.revision()),
-        })
+        self.read_range(start, end, limit, false).await
     }
 
     async fn get_many_since(
@@ -271,21 +285,11 @@ impl Store for EtcdStore {
         limit: usize,
         at_least: Revision,
     ) -> StoreResult<RangePage> {
-        let mut client = self.client.clone();
-        let mut options = GetOptions::new().with_range(self.full_end(end)).with_serializable();
-        if limit > 0 {
-            options = options.with_limit(limit as i64);
-        }
-        let response = self.call(client.get(self.full(start), Some(options))).await?;
-        let revision = response.header().map_or(0, |h| h.revision());
-        if revision < at_least {
+        let page = self.read_range(start, end, limit, true).await?;
+        if page.revision < at_least {
             return self.range(start, end, limit).await;
         }
-        Ok(RangePage {
-            kvs: response.kvs().iter().map(|kv| self.key_value(kv)).collect(),
-            more: response.more(),
-            revision,
-        })
+        Ok(page)
     }
 
     async fn count(&self, start: &[u8], end: &[u8]) -> StoreResult<u64> {

@@ -231,6 +231,14 @@ impl Op {
         Op::Get { key: key.into() }
     }
 
+    /// The single key this operation writes, if it writes one.
+    pub fn written_key(&self) -> Option<&Vec<u8>> {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => Some(key),
+            Op::Get { .. } | Op::DeletePrefix { .. } => None,
+        }
+    }
+
     fn size(&self) -> usize {
         match self {
             Op::Put { key, value, .. } => key.len() + value.len(),
@@ -286,7 +294,7 @@ impl Txn {
         for branch in [&self.then, &self.otherwise] {
             let mut written = std::collections::HashSet::new();
             for op in branch.iter() {
-                if let Op::Put { key, .. } | Op::Delete { key } = op
+                if let Some(key) = op.written_key()
                     && !written.insert(key.as_slice())
                 {
                     return Err(StoreError::InvalidRequest(format!(
