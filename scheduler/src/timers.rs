@@ -1,9 +1,10 @@
 //! Durable timers: what they are and the in-memory index an owner keeps of them.
 //!
 //! A timer is a key `p/{p}/timers/{due_ms}/{id}` whose value says what to do. Keys sort by due
-//! time, so the owner fetches every due timer of a partition with one range read; in memory it
-//! keeps only how many timers fall due at each millisecond, which tells it when to wake up at a
-//! few bytes per distinct due time.
+//! time, so the owner reads a partition's timers in due order with range reads. In memory it
+//! keeps how many timers fall due at each millisecond, which tells it when to wake up at a few
+//! bytes per distinct due time, and the stored timers of the next few seconds, read ahead while
+//! it is idle, so that firing a timer when it falls due takes no read.
 
 use std::collections::BTreeMap;
 
@@ -78,11 +79,18 @@ pub struct Timer {
     pub kind: TimerKind,
 }
 
-/// Counts of pending timers by due time, for one partition.
+/// The pending timers of one partition: counts by due time, and the stored timers read ahead.
+///
+/// Only the partition's owner writes its timers, so once a key range has been read, the owner's
+/// own writes (see [`TimerIndex::written`]) keep the copy of that range exact.
 #[derive(Debug, Default)]
 pub struct TimerIndex {
     due: BTreeMap<i64, u32>,
     total: u64,
+    /// Stored timers by key, holding every timer whose key sorts before `ahead_end`.
+    ahead: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The end of the key range read ahead; empty when nothing was read.
+    ahead_end: Vec<u8>,
 }
 
 impl TimerIndex {
@@ -125,6 +133,56 @@ impl TimerIndex {
         self.total -= dropped;
         self.due = later;
     }
+
+    /// Returns the end of the key range read ahead: every stored timer whose key sorts before
+    /// it is held. Empty when nothing was read.
+    pub fn ahead_end(&self) -> &[u8] {
+        &self.ahead_end
+    }
+
+    /// Returns how many stored timers are held.
+    pub fn ahead_len(&self) -> usize {
+        self.ahead.len()
+    }
+
+    /// Takes in a range read that started at [`TimerIndex::ahead_end`]: `kvs` are the stored
+    /// timers in the range, in key order, and `end` is where the range stopped (the key after
+    /// the last one returned, when the read stopped at its limit).
+    pub fn read_ahead(&mut self, kvs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>, end: Vec<u8>) {
+        self.ahead.extend(kvs);
+        self.ahead_end = self.ahead_end.clone().max(end);
+    }
+
+    /// Returns up to `limit` stored timers due at or before `now`, in due order, from those
+    /// read ahead.
+    pub fn due_ahead(&self, now: i64, limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.ahead
+            .iter()
+            .take_while(|(key, _)| crate::keys::parse_timer_due(key).is_none_or(|due| due <= now))
+            .take(limit)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect()
+    }
+
+    /// Keeps the timers read ahead in step with a committed write to this partition's timers:
+    /// `value` is the stored timer, or `None` for a delete.
+    pub fn written(&mut self, key: &[u8], value: Option<&[u8]>) {
+        match value {
+            Some(value) if key < self.ahead_end.as_slice() => {
+                self.ahead.insert(key.to_vec(), value.to_vec());
+            }
+            Some(_) => {}
+            None => {
+                self.ahead.remove(key);
+            }
+        }
+    }
+
+    /// Drops the timers read ahead; the next firing reads them again.
+    pub fn forget_ahead(&mut self) {
+        self.ahead.clear();
+        self.ahead_end.clear();
+    }
 }
 
 #[cfg(test)]
@@ -145,6 +203,32 @@ mod tests {
         index.clear_until(25);
         assert!(index.is_empty());
         assert_eq!(index.next_due(), None);
+    }
+
+    #[test]
+    fn timers_read_ahead_follow_the_owners_writes() {
+        let key = |due: i64, id: &str| crate::keys::timer(3, due, id).into_bytes();
+        let mut index = TimerIndex::default();
+        assert!(index.due_ahead(i64::MAX, 10).is_empty());
+        // A read that stopped at its limit after the timer due at 20.
+        let mut end = key(20, "b");
+        end.push(0);
+        index.read_ahead([(key(10, "a"), b"a".to_vec()), (key(20, "b"), b"b".to_vec())], end);
+        // Writes inside the range read are held; writes after it are left to the next read.
+        index.written(&key(15, "c"), Some(b"c"));
+        index.written(&key(30, "d"), Some(b"d"));
+        index.written(&key(10, "a"), None);
+        assert_eq!(index.ahead_len(), 2);
+        let due: Vec<_> = index.due_ahead(20, 10).into_iter().map(|(_, v)| v).collect();
+        assert_eq!(due, vec![b"c".to_vec(), b"b".to_vec()]);
+        assert_eq!(index.due_ahead(17, 10).len(), 1);
+        assert_eq!(index.due_ahead(20, 1).len(), 1);
+        // The next read goes on from where the last one stopped.
+        let until = crate::keys::timers_until(3, 40).into_bytes();
+        index.read_ahead([(key(30, "d"), b"d".to_vec())], until.clone());
+        assert_eq!((index.ahead_len(), index.ahead_end()), (3, until.as_slice()));
+        index.forget_ahead();
+        assert!(index.ahead_end().is_empty() && index.ahead_len() == 0);
     }
 
     #[test]

@@ -30,8 +30,14 @@ use crate::timers::{Timer, TimerIndex};
 
 /// Operations per transaction, below etcd's limit of 128 with room for the guard.
 const MAX_BATCH_OPS: usize = 120;
-/// Timers read per firing round.
+/// Timers fired per transaction.
 const TIMER_BATCH: usize = 64;
+/// How far ahead the worker reads stored timers while idle, in milliseconds.
+const READ_AHEAD_MS: i64 = 5_000;
+/// Stored timers read per read-ahead request.
+const READ_AHEAD_PAGE: usize = 512;
+/// The most stored timers a partition holds in memory: a read-ahead stops there.
+const READ_AHEAD_MAX: usize = 4_096;
 /// How long a batch waits for the attempts it started, to record their outcomes in its own
 /// transaction.
 const RECORD_WAIT: Duration = Duration::from_millis(20);
@@ -223,6 +229,14 @@ impl Worker {
                 self.fire_timers(&mut index, now, cancel, &reply).await?;
                 continue;
             }
+            // Idle: read the timers of the next seconds now, rather than when they fall due.
+            if index.next_due().is_some_and(|due| due <= now + READ_AHEAD_MS)
+                && !self.reads_ahead(&index, now + READ_AHEAD_MS / 2)
+                && index.ahead_len() < READ_AHEAD_MAX
+            {
+                self.read_ahead(&mut index, now, cancel).await?;
+                continue;
+            }
             if let (Some(at), Some(every)) = (next_sweep, sweep_every)
                 && at <= tokio::time::Instant::now()
             {
@@ -290,17 +304,30 @@ impl Worker {
         }
     }
 
+    /// Reads every timer of the partition into a new index, holding on to the stored timers of
+    /// the next seconds as a read-ahead would.
     async fn load_timers(&self, cancel: &CancellationToken) -> Result<TimerIndex, Exit> {
         let prefix = keys::timers(self.partition);
         let end = crate::store::prefix_end(prefix.as_bytes());
+        let horizon = keys::timers_until(self.partition, crate::now_ms() + READ_AHEAD_MS);
         let mut index = TimerIndex::default();
+        let mut ahead = Vec::new();
+        // Where the stored timers held stop: at the horizon, or at the first one not held.
+        let mut ahead_end = horizon.into_bytes();
         let mut start = prefix.clone().into_bytes();
         loop {
             let page = self.read(cancel, || self.store.range(&start, &end, 10_000)).await?;
             self.saw(page.revision);
-            for kv in &page.kvs {
+            for kv in page.kvs.iter() {
                 if let Some(due) = keys::parse_timer_due(&kv.key) {
                     index.add(due);
+                }
+                if kv.key < ahead_end {
+                    if ahead.len() < READ_AHEAD_MAX {
+                        ahead.push((kv.key.clone(), kv.value.clone()));
+                    } else {
+                        ahead_end = kv.key.clone();
+                    }
                 }
             }
             match page.kvs.last() {
@@ -308,9 +335,47 @@ impl Worker {
                     start = last.key.clone();
                     start.push(0);
                 }
-                _ => return Ok(index),
+                _ => {
+                    index.read_ahead(ahead, ahead_end);
+                    return Ok(index);
+                }
             }
         }
+    }
+
+    /// Returns whether the stored timers held cover every timer due at or before `due_ms`.
+    fn reads_ahead(&self, index: &TimerIndex, due_ms: i64) -> bool {
+        index.ahead_end() >= keys::timers_until(self.partition, due_ms).as_bytes()
+    }
+
+    /// Reads the stored timers due before `now` plus [`READ_AHEAD_MS`] that are not held yet,
+    /// a page at most.
+    async fn read_ahead(
+        &self,
+        index: &mut TimerIndex,
+        now: i64,
+        cancel: &CancellationToken,
+    ) -> Result<(), Exit> {
+        let start = match index.ahead_end() {
+            [] => keys::timers(self.partition).into_bytes(),
+            end => end.to_vec(),
+        };
+        let end = keys::timers_until(self.partition, now + READ_AHEAD_MS).into_bytes();
+        // The index knows only timers this worker loaded or committed, all at or before
+        // `seen`, so a read reflecting `seen` finds every one of them.
+        let page = self
+            .read(cancel, || self.store.range_since(&start, &end, READ_AHEAD_PAGE, self.seen()))
+            .await?;
+        let stop = match page.kvs.last() {
+            Some(last) if page.more => {
+                let mut key = last.key.clone();
+                key.push(0);
+                key
+            }
+            _ => end,
+        };
+        index.read_ahead(page.kvs.into_iter().map(|kv| (kv.key, kv.value)), stop);
+        Ok(())
     }
 
     /// Reads the inbox and opens a watch on it. Entries put between the read and the watch's
@@ -515,13 +580,37 @@ impl Worker {
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
-        match self.commit(collapse(batch.ops), witness, cancel).await? {
+        let ops = collapse(batch.ops);
+        let prefix = keys::timers(self.partition);
+        let timer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put { key, value, .. } if key.starts_with(prefix.as_bytes()) => {
+                    Some((key.clone(), Some(value.clone())))
+                }
+                Op::Delete { key } if key.starts_with(prefix.as_bytes()) => {
+                    Some((key.clone(), None))
+                }
+                _ => None,
+            })
+            .collect();
+        let clears_timers = ops.iter().any(|op| {
+            matches!(op, Op::DeletePrefix { prefix: cleared }
+                if cleared.starts_with(prefix.as_bytes()) || prefix.as_bytes().starts_with(cleared))
+        });
+        match self.commit(ops, witness, cancel).await? {
             Outcome_::Applied => {
                 for due in batch.removed {
                     index.remove(due);
                 }
                 for due in batch.added {
                     index.add(due);
+                }
+                for (key, value) in timer_writes {
+                    index.written(&key, value.as_deref());
+                }
+                if clears_timers {
+                    index.forget_ahead();
                 }
                 for job in batch.dispatch {
                     self.engine.dispatch(job, reply.clone());
@@ -603,44 +692,42 @@ impl Worker {
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
-        let start = keys::timers(self.partition);
-        let end = keys::timers_until(self.partition, now);
-        // The index knows only timers this worker loaded or committed, all at or before
-        // `seen`, so a read reflecting `seen` finds every one of them.
-        let page = self
-            .read(cancel, || {
-                self.store.range_since(start.as_bytes(), end.as_bytes(), TIMER_BATCH, self.seen())
-            })
-            .await?;
-        if page.kvs.is_empty() {
-            // Another writer removed them (a previous owner's last batch): forget them.
-            index.clear_until(now);
+        let mut due = index.due_ahead(now, TIMER_BATCH);
+        if due.is_empty() && !self.reads_ahead(index, now) {
+            self.read_ahead(index, now, cancel).await?;
+            due = index.due_ahead(now, TIMER_BATCH);
+        }
+        if due.is_empty() {
+            if self.reads_ahead(index, now) {
+                // Another writer removed them (a previous owner's last batch): forget them.
+                index.clear_until(now);
+            }
             return Ok(());
         }
         let mut batch = Batch::default();
         let mut carried = None;
-        for kv in &page.kvs {
+        for (key, value) in &due {
             let mut effects = Effects::default();
-            match serde_json::from_slice::<Timer>(&kv.value) {
+            match serde_json::from_slice::<Timer>(value) {
                 Ok(timer) => self.engine.on_timer(self.partition, &timer, &mut effects).await,
                 Err(error) => warn!(
                     partition = self.partition,
-                    key = %String::from_utf8_lossy(&kv.key),
+                    key = %String::from_utf8_lossy(key),
                     %error,
                     "dropping an unreadable timer"
                 ),
             }
             // As with inbox entries, effects that do not fit go in a transaction of their own.
             if !batch.ops.is_empty() && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
-                carried = Some((kv, effects));
+                carried = Some((key, effects));
                 break;
             }
-            batch.consume_timer(&kv.key, effects, self.partition, now);
+            batch.consume_timer(key, effects, self.partition, now);
         }
         self.commit_batch(batch, index, cancel, reply).await?;
-        if let Some((kv, effects)) = carried {
+        if let Some((key, effects)) = carried {
             let mut batch = Batch::default();
-            batch.consume_timer(&kv.key, effects, self.partition, now);
+            batch.consume_timer(key, effects, self.partition, now);
             self.commit_batch(batch, index, cancel, reply).await?;
         }
         Ok(())
