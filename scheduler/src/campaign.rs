@@ -277,20 +277,37 @@ pub fn fan_out_one(
     ))
 }
 
-/// Returns the inbox writes that fan a run out to every partition.
-pub fn fan_out(campaign: &str, run: &str, partitions: u32) -> Vec<crate::store::Op> {
-    (0..partitions)
-        .map(|p| {
-            let entry = crate::inbox::InboxEntry::RunShard {
-                campaign: campaign.to_string(),
-                run: run.to_string(),
-                after: String::new(),
-            };
-            let id = format!("run-{}-{}", ulid::Ulid::new().to_string().to_ascii_lowercase(), p);
-            crate::store::Op::put(
-                crate::keys::inbox_entry(p, &id),
-                serde_json::to_vec(&entry).unwrap_or_default(),
-            )
-        })
-        .collect()
+/// Shard entries written by one fan-out step: with the run's other writes, they stay within
+/// the store's limit of operations per transaction.
+pub const FAN_OUT_STEP: u32 = 96;
+
+/// Returns the inbox writes that fan a run out to partitions `from` and on: a shard entry to
+/// each of the next [`FAN_OUT_STEP`], and, when partitions remain, a [`InboxEntry::FanOut`]
+/// entry in partition `home` that goes on from there.
+///
+/// [`InboxEntry::FanOut`]: crate::inbox::InboxEntry::FanOut
+pub fn fan_out(
+    campaign: &str,
+    run: &str,
+    from: u32,
+    partitions: u32,
+    home: crate::cluster::PartitionId,
+) -> Vec<crate::store::Op> {
+    let until = from.saturating_add(FAN_OUT_STEP).min(partitions);
+    let mut ops: Vec<crate::store::Op> =
+        (from..until).filter_map(|p| fan_out_one(campaign, run, p, "")).collect();
+    if until < partitions {
+        let entry = crate::inbox::InboxEntry::FanOut {
+            campaign: campaign.to_string(),
+            run: run.to_string(),
+            from: until,
+        };
+        let id =
+            format!("fan-{}-{run}-{until}", ulid::Ulid::new().to_string().to_ascii_lowercase());
+        ops.push(crate::store::Op::put(
+            crate::keys::inbox_entry(home, &id),
+            serde_json::to_vec(&entry).unwrap_or_default(),
+        ));
+    }
+    ops
 }

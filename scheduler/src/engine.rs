@@ -84,6 +84,17 @@ pub trait Engine: Send + Sync + 'static {
     ) {
     }
 
+    /// Goes on fanning a run out, from partition `from`.
+    async fn on_fan_out(
+        &self,
+        _partition: PartitionId,
+        _campaign: &str,
+        _run: &str,
+        _from: u32,
+        _effects: &mut Effects,
+    ) {
+    }
+
     /// Records an interaction of a contact with a campaign's delivery.
     #[allow(clippy::too_many_arguments)]
     async fn on_interaction(
@@ -779,12 +790,40 @@ fn put_delivery(delivery: &Delivery) -> Op {
 impl Engine for CampaignEngine {
     async fn on_event(&self, partition: PartitionId, event: &Event, effects: &mut Effects) {
         let now = crate::now_ms();
-        // Exit events end the contact's pending follow-ups of the campaigns that list them.
-        for (id, campaign) in self.campaigns.all() {
-            if event.resume_after.is_none() && campaign.exit_events.contains(&event.kind) {
-                let mut status = self.status(partition, &event.contact_id, &id).await;
+        // Exit events end the contact's pending follow-ups of the campaigns that list them, in
+        // id order; when they do not all fit one transaction, the rest and the event's own
+        // campaigns continue in a new inbox entry.
+        if event.resume_after.is_none() {
+            let mut exits: Vec<String> = self
+                .campaigns
+                .all()
+                .into_iter()
+                .filter(|(id, campaign)| {
+                    campaign.exit_events.contains(&event.kind)
+                        && event.exits_after.as_ref().is_none_or(|after| id > after)
+                })
+                .map(|(id, _)| id)
+                .collect();
+            exits.sort();
+            let mut last: Option<&str> = None;
+            for id in &exits {
+                if let Some(last) = last
+                    && effects.op_count() + 2 > EVENT_OPS
+                {
+                    let mut rest = event.clone();
+                    rest.exits_after = Some(last.to_string());
+                    effects.ops.push(Op::put(
+                        keys::inbox_entry(partition, &format!("{}-exit-{id}", event.id)),
+                        serde_json::to_vec(&crate::inbox::InboxEntry::Event(rest))
+                            .unwrap_or_default(),
+                    ));
+                    tracing::debug!(event = %event.id, after = last, "exits continue in a new entry");
+                    return;
+                }
+                last = Some(id);
+                let mut status = self.status(partition, &event.contact_id, id).await;
                 status.exited_at_ms = Some(now);
-                self.save_status(partition, &event.contact_id, &id, status, effects);
+                self.save_status(partition, &event.contact_id, id, status, effects);
             }
         }
         let mut matching: Vec<(String, Arc<Campaign>)> = self
@@ -899,7 +938,13 @@ impl Engine for CampaignEngine {
                     record.started_ms = Some(crate::now_ms());
                     tracing::info!(campaign = %campaign, run = %run, partition, "scheduled run started");
                     effects.ops.push(Op::put(key, serde_json::to_vec(&record).unwrap_or_default()));
-                    effects.ops.extend(crate::campaign::fan_out(campaign, run, self.partitions));
+                    effects.ops.extend(crate::campaign::fan_out(
+                        campaign,
+                        run,
+                        0,
+                        self.partitions,
+                        partition,
+                    ));
                 }
             }
             TimerKind::RunShard { campaign, run, after } => {
@@ -933,6 +978,23 @@ impl Engine for CampaignEngine {
                 }
             }
         }
+    }
+
+    async fn on_fan_out(
+        &self,
+        partition: PartitionId,
+        campaign: &str,
+        run: &str,
+        from: u32,
+        effects: &mut Effects,
+    ) {
+        effects.ops.extend(crate::campaign::fan_out(
+            campaign,
+            run,
+            from,
+            self.partitions,
+            partition,
+        ));
     }
 
     async fn on_run_shard(

@@ -32,6 +32,10 @@ pub struct Event {
     /// order) up to this one have already been handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_after: Option<String>,
+    /// Set when the campaigns listing the event as an exit event did not fit one transaction:
+    /// those (by id, in order) up to this one have already been exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exits_after: Option<String>,
 }
 
 /// One inbox entry.
@@ -42,6 +46,16 @@ pub enum InboxEntry {
     Event(Event),
     /// A timer to add to the partition.
     Schedule(Timer),
+    /// Fan a run out to partitions `from` and on: a shard entry to each, as many as one
+    /// transaction holds, then this entry again for the rest.
+    FanOut {
+        /// Campaign id.
+        campaign: String,
+        /// Run id.
+        run: String,
+        /// The first partition still to get its shard.
+        from: u32,
+    },
     /// Evaluate a run's audience over this partition's contacts, from after `after` (a
     /// contact key; empty for the start). A shard re-queues itself with its progress until
     /// every contact is done, so a failover resumes where it stopped.

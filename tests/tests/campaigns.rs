@@ -868,3 +868,177 @@ async fn responses_are_captured_and_caps_count_every_campaign() {
     assert_eq!(paths.iter().filter(|p| *p == "/promo-a").count(), 2, "{paths:?}");
     assert_eq!(paths.iter().filter(|p| *p == "/promo-b").count(), 0, "capped: {paths:?}");
 }
+
+/// A run over more partitions, and an exit event listed by more campaigns, than one
+/// transaction's writes can hold: both go on in further transactions instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_and_exit_events_larger_than_one_transaction() {
+    use tidings_client::prost_types::Duration as PbDuration;
+    use tidings_client::v1::{
+        DeliveryStatus, Event, EventTrigger, FollowUpTrigger, PublishRequest,
+    };
+    let receiver = Receiver::start().await.expect("receiver");
+    let options = NodeOptions {
+        env: vec![
+            ("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into()),
+            ("TIDINGS_CLUSTER__PARTITIONS".into(), "300".into()),
+        ],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let mut contacts = ContactServiceClient::connect(node.url()).await.expect("client");
+    let all: Vec<Contact> = (0..20)
+        .map(|i| Contact {
+            id: format!("user-{i:02}"),
+            attributes: Some(attributes("pro", i)),
+            ..Default::default()
+        })
+        .collect();
+    contacts
+        .batch_upsert_contacts(tokio_stream::iter([BatchUpsertContactsRequest { contacts: all }]))
+        .await
+        .expect("import");
+    let mut segments = SegmentServiceClient::connect(node.url()).await.expect("client");
+    let everyone = Segment { filter: "contact.attributes.n >= 0".into(), ..Default::default() };
+    segments
+        .create_segment(CreateSegmentRequest { segment_id: "all".into(), segment: Some(everyone) })
+        .await
+        .expect("segment");
+    let mut webhooks = node.webhooks().await.expect("client");
+    for path in ["blast", "greet", "reminder"] {
+        let webhook = Webhook {
+            url: receiver.url(&format!("/{path}")),
+            body: r#"{"to": "{{ contact.id }}"}"#.into(),
+            ..Default::default()
+        };
+        webhooks
+            .create_webhook(CreateWebhookRequest {
+                webhook_id: path.into(),
+                webhook: Some(webhook),
+            })
+            .await
+            .expect("webhook");
+    }
+
+    // 300 partitions: the run's shards are written 96 at a time.
+    let blast = Campaign {
+        webhook_id: "blast".into(),
+        audience: Some(Audience { segment_id: "all".into(), filter: String::new() }),
+        trigger: Some(Trigger { kind: Some(Kind::OnDemand(OnDemandTrigger {})) }),
+        ..Default::default()
+    };
+    setup::active_campaign(&node, "blast", blast).await;
+    let mut campaigns = node.campaigns().await.expect("client");
+    let run = campaigns
+        .run_campaign(RunCampaignRequest { id: "blast".into(), ..Default::default() })
+        .await
+        .expect("run")
+        .into_inner();
+    let done = wait_until("the run to complete", Duration::from_secs(30), || {
+        let mut campaigns = campaigns.clone();
+        let id = run.id.clone();
+        async move {
+            let run = campaigns
+                .get_run(GetRunRequest { campaign_id: "blast".into(), run_id: id })
+                .await
+                .ok()?
+                .into_inner();
+            (run.state == RunState::Completed as i32).then_some(run)
+        }
+    })
+    .await
+    .expect("completed");
+    assert_eq!((done.partitions_done, done.partitions), (300, 300));
+    assert_eq!((done.audience, done.delivered), (20, 20));
+
+    // 130 campaigns list `stop` as an exit event, and so does the follow-up of `greet`, whose
+    // id sorts after theirs: its exit is written by a later transaction than the first ones.
+    for i in 0..130 {
+        let listing = Campaign {
+            webhook_id: "blast".into(),
+            trigger: Some(Trigger {
+                kind: Some(Kind::Event(EventTrigger {
+                    event_type: "never.sent".into(),
+                    filter: String::new(),
+                })),
+            }),
+            exit_events: vec!["stop".into()],
+            ..Default::default()
+        };
+        campaigns
+            .create_campaign(CreateCampaignRequest {
+                campaign_id: format!("listing-{i:03}"),
+                campaign: Some(listing),
+            })
+            .await
+            .expect("campaign");
+    }
+    let greet = Campaign {
+        webhook_id: "greet".into(),
+        trigger: Some(Trigger {
+            kind: Some(Kind::Event(EventTrigger {
+                event_type: "hello".into(),
+                filter: String::new(),
+            })),
+        }),
+        ..Default::default()
+    };
+    setup::active_campaign(&node, "greet", greet).await;
+    let reminder = Campaign {
+        webhook_id: "reminder".into(),
+        trigger: Some(Trigger {
+            kind: Some(Kind::FollowUp(FollowUpTrigger {
+                after_campaign_id: "greet".into(),
+                on_status: vec![DeliveryStatus::Delivered as i32],
+                delay: Some(PbDuration { seconds: 2, nanos: 0 }),
+                unless_interactions: vec![],
+            })),
+        }),
+        exit_events: vec!["stop".into()],
+        ..Default::default()
+    };
+    setup::active_campaign(&node, "zz-reminder", reminder.clone()).await;
+    // A delivery starts the waits of all its campaign's follow-ups in one transaction: a
+    // campaign may have 64, and the 65th is refused.
+    for i in 0..64 {
+        let created = campaigns
+            .create_campaign(CreateCampaignRequest {
+                campaign_id: format!("follow-{i:02}"),
+                campaign: Some(reminder.clone()),
+            })
+            .await;
+        if i < 63 {
+            created.expect("follow-up");
+        } else {
+            let refused = created.expect_err("one follow-up too many");
+            assert_eq!(fields(&refused), vec!["campaign.trigger.follow_up.after_campaign_id"]);
+            assert!(refused.message().contains("64"), "{}", refused.message());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut events = node.events().await.expect("client");
+    let publish = |kind: &str| PublishRequest {
+        event: Some(Event {
+            r#type: kind.into(),
+            contact_id: "user-01".into(),
+            ..Default::default()
+        }),
+    };
+    events.publish(publish("hello")).await.expect("hello");
+    receiver.wait_for(21, Duration::from_secs(10)).await.expect("greeted");
+    events.publish(publish("stop")).await.expect("stop");
+    // Past the follow-up's delay: it was ended by the exit event.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let paths = |received: &[tidings_tests::Received]| {
+        received.iter().map(|r| r.path.clone()).collect::<Vec<_>>()
+    };
+    assert!(
+        !paths(&receiver.received()).iter().any(|p| p == "/reminder"),
+        "the follow-up was exited"
+    );
+    // The partition went on past the stop event.
+    events.publish(publish("hello")).await.expect("hello again");
+    let received = receiver.wait_for(22, Duration::from_secs(10)).await.expect("greeted again");
+    assert_eq!(paths(&received).iter().filter(|p| *p == "/greet").count(), 2);
+}

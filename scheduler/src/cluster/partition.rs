@@ -484,6 +484,9 @@ impl Worker {
                     )
                     .await
             }
+            Ok(InboxEntry::FanOut { campaign, run, from }) => {
+                self.engine.on_fan_out(self.partition, &campaign, &run, from, &mut effects).await
+            }
             Ok(InboxEntry::RunShard { campaign, run, after }) => {
                 self.engine
                     .on_run_shard(self.partition, &campaign, &run, &after, &mut effects)

@@ -31,6 +31,9 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 const PAST_TOLERANCE_MS: i64 = 1000;
 /// Longest follow-up chain followed when looking for a cycle.
 const MAX_CHAIN: usize = 64;
+/// Follow-up campaigns one campaign may have: a delivery starts all their waits in one
+/// transaction, which holds at most 128 writes.
+const MAX_FOLLOW_UPS: usize = 64;
 const WRITABLE: [&str; 13] = [
     "description",
     "webhook_id",
@@ -591,6 +594,32 @@ impl CampaignApi {
                     Err(error) => return Err(error.into()),
                 }
             }
+            let mut siblings = 0;
+            let mut after: Option<String> = None;
+            loop {
+                let (page, more) = self.campaigns.list(after.as_deref(), 500).await?;
+                siblings += page
+                    .iter()
+                    .filter(|c| {
+                        c.id != id
+                            && matches!(&c.value.trigger,
+                                Trigger::FollowUp { after_campaign_id: a, .. } if a == after_campaign_id)
+                    })
+                    .count();
+                match page.last() {
+                    Some(last) if more => after = Some(last.id.clone()),
+                    _ => break,
+                }
+            }
+            if siblings >= MAX_FOLLOW_UPS {
+                v.add(
+                    field,
+                    format!(
+                        "campaign {after_campaign_id} already has {siblings} follow-ups, the most \
+                         one campaign may have ({MAX_FOLLOW_UPS})"
+                    ),
+                );
+            }
         }
         Ok(())
     }
@@ -794,7 +823,13 @@ impl CampaignApi {
         let key = run_key(&request.id, &run_id);
         let mut ops = vec![Op::put(key.clone(), serde_json::to_vec(&run).unwrap_or_default())];
         if !later {
-            ops.extend(tidings_scheduler::campaign::fan_out(&request.id, &run_id, self.partitions));
+            ops.extend(tidings_scheduler::campaign::fan_out(
+                &request.id,
+                &run_id,
+                0,
+                self.partitions,
+                tidings_scheduler::keys::partition_of(&request.id, self.partitions),
+            ));
         }
         if later {
             let timer = Timer {

@@ -99,6 +99,7 @@ impl EventApi {
                 occurred_ms,
                 accepted_ms: now,
                 resume_after: None,
+                exits_after: None,
             },
             idempotency_key: proto.idempotency_key.clone(),
         })
