@@ -331,12 +331,8 @@ impl CampaignEngine {
     fn deliver(
         &self,
         partition: PartitionId,
-        webhook_id: &str,
+        origin: record::Origin<'_>,
         webhook: &Webhook,
-        campaign_id: &str,
-        run_id: &str,
-        contact_id: &str,
-        event_id: &str,
         cause: (i64, &str),
         defer_until: Option<i64>,
         mut context: Context,
@@ -345,7 +341,7 @@ impl CampaignEngine {
         let now = crate::now_ms();
         let id = record::derived_id(partition, cause.0, cause.1);
         context.delivery = serde_json::json!({ "id": id });
-        let origin = record::Origin { webhook_id, campaign_id, run_id, contact_id, event_id };
+        let campaign_id = origin.campaign_id;
         let mut delivery = Delivery::new(id.clone(), partition, origin, now);
         match self.render(webhook, &context) {
             Ok(request) => {
@@ -763,14 +759,16 @@ impl CampaignEngine {
             delivery: serde_json::Value::Null,
         };
         tracing::info!(campaign = %id, contact = %contact_id, "follow-up sent");
+        let origin = record::Origin {
+            webhook_id: &campaign.webhook_id,
+            campaign_id: id,
+            contact_id,
+            ..Default::default()
+        };
         self.deliver(
             partition,
-            &campaign.webhook_id,
+            origin,
             &webhook,
-            id,
-            "",
-            contact_id,
-            "",
             (since_ms, &format!("f/{id}/{contact_id}/{after}/{since_ms}")),
             Self::window_opening(&campaign, &context.contact),
             context,
@@ -908,14 +906,18 @@ impl Engine for CampaignEngine {
                 run: serde_json::Value::Null,
                 delivery: serde_json::Value::Null,
             };
+            let origin = record::Origin {
+                webhook_id: &campaign.webhook_id,
+                campaign_id: &campaign_id,
+                contact_id: &event.contact_id,
+                event_id: &event.id,
+                traceparent: &event.traceparent,
+                ..Default::default()
+            };
             self.deliver(
                 partition,
-                &campaign.webhook_id,
+                origin,
                 &webhook,
-                &campaign_id,
-                "",
-                &event.contact_id,
-                &event.id,
                 (event.accepted_ms, &format!("e/{}/{campaign_id}", event.id)),
                 Self::window_opening(&campaign, &context.contact),
                 context,
@@ -1143,14 +1145,17 @@ impl Engine for CampaignEngine {
                 delivery: serde_json::Value::Null,
             };
             shard.queued += 1;
-            self.deliver(
-                partition,
-                &campaign.webhook_id,
-                &webhook,
+            let origin = record::Origin {
+                webhook_id: &campaign.webhook_id,
                 campaign_id,
                 run_id,
                 contact_id,
-                "",
+                ..Default::default()
+            };
+            self.deliver(
+                partition,
+                origin,
+                &webhook,
                 (run_time_ms, &format!("r/{run_id}/{contact_id}")),
                 Self::window_opening(&campaign, &context.contact),
                 context,

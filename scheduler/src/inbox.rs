@@ -36,6 +36,9 @@ pub struct Event {
     /// those (by id, in order) up to this one have already been exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exits_after: Option<String>,
+    /// The W3C trace context (`traceparent`) of the call that published it, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
 }
 
 /// One inbox entry.

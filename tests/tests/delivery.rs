@@ -143,13 +143,18 @@ async fn an_event_sends_the_rendered_request_signed() {
     })
     .await;
     on_event(&node, "ship-notice", "shipping", "order.shipped").await;
-    publish(
-        &node,
-        "order.shipped",
-        "user-7",
-        Some(data(&[("order_id", ValueKind::NumberValue(42.0))])),
-    )
-    .await;
+    // Published under a trace: the webhook continues it.
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut call = tidings_client::tonic::Request::new(PublishRequest {
+        event: Some(Event {
+            r#type: "order.shipped".into(),
+            contact_id: "user-7".into(),
+            data: Some(data(&[("order_id", ValueKind::NumberValue(42.0))])),
+            ..Default::default()
+        }),
+    });
+    call.metadata_mut().insert("traceparent", PARENT.parse().expect("metadata"));
+    node.events().await.expect("client").publish(call).await.expect("publish");
 
     let received = receiver.wait_for(1, Duration::from_secs(15)).await.expect("arrives");
     let request = &received[0];
@@ -160,7 +165,9 @@ async fn an_event_sends_the_rendered_request_signed() {
     assert_eq!(request.header("x-campaign"), Some("ship-notice"));
     assert_eq!(request.header("content-type"), Some("application/json"));
     assert!(request.header("user-agent").is_some_and(|ua| ua.starts_with("Tidings/")));
-    assert!(request.header("traceparent").is_some_and(|t| t.starts_with("00-") && t.len() == 55));
+    let trace = request.header("traceparent").expect("traceparent");
+    assert!(trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && trace.len() == 55);
+    assert!(!trace.contains("00f067aa0ba902b7"), "the attempt is a span of its own: {trace}");
     let id = request.header("webhook-id").expect("webhook-id").to_string();
     assert!(verify(request, SECRET), "the signature verifies with the standardwebhooks crate");
     assert!(

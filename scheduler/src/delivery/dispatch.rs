@@ -121,10 +121,37 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Returns a `traceparent` header value for a new trace.
-fn traceparent() -> String {
+/// Returns `value` if it is a W3C `traceparent` this node can continue: version `00`, a trace
+/// id and a parent id in lowercase hex and not all zeros, and flags.
+pub fn valid_traceparent(value: &str) -> Option<&str> {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    match parts.as_slice() {
+        ["00", trace, parent, flags]
+            if hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && nonzero(trace)
+                && nonzero(parent) =>
+        {
+            Some(value)
+        }
+        _ => None,
+    }
+}
+
+/// Returns the `traceparent` header of an attempt: a new span in the trace of `parent` (a
+/// stored, valid `traceparent`), or in a new sampled trace when there is none.
+fn traceparent(parent: &str) -> String {
     let mut rng = rand::rng();
-    format!("00-{:032x}-{:016x}-01", rng.random::<u128>() | 1, rng.random::<u64>() | 1)
+    let span = rng.random::<u64>() | 1;
+    match valid_traceparent(parent).map(|p| p.split('-').collect::<Vec<_>>()) {
+        Some(parts) => format!("00-{}-{span:016x}-{}", parts[1], parts[3]),
+        None => format!("00-{:032x}-{span:016x}-01", rng.random::<u128>() | 1),
+    }
 }
 
 impl Dispatcher {
@@ -338,7 +365,7 @@ impl Dispatcher {
             .header("webhook-id", &delivery.id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", sign(&secrets, &delivery.id, timestamp, &body))
-            .header("traceparent", traceparent());
+            .header("traceparent", traceparent(&delivery.traceparent));
         if method != reqwest::Method::GET {
             builder = builder.header("content-type", &request.content_type);
         }
@@ -531,4 +558,32 @@ fn describe(error: &reqwest::Error) -> String {
 
 fn humanize_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.to_rfc3339())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_continue_a_valid_trace_and_start_one_otherwise() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(valid_traceparent(parent), Some(parent));
+        let child = traceparent(parent);
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{child}");
+        assert!(child.ends_with("-01") && child.len() == 55, "{child}");
+        assert_ne!(&child[36..52], "00f067aa0ba902b7", "each attempt is a new span");
+        for invalid in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert_eq!(valid_traceparent(invalid), None, "{invalid}");
+            let fresh = traceparent(invalid);
+            assert!(fresh.starts_with("00-") && fresh.ends_with("-01") && fresh.len() == 55);
+            assert!(valid_traceparent(&fresh).is_some(), "{fresh}");
+        }
+    }
 }

@@ -117,6 +117,10 @@ pub struct Delivery {
     pub created_ms: i64,
     /// Last change.
     pub updated_ms: i64,
+    /// The W3C trace context of the call that caused it (a `traceparent` value), if it came
+    /// with one: its attempts continue that trace.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
 }
 
 /// Most attempts kept per delivery.
@@ -182,6 +186,8 @@ pub struct Origin<'a> {
     pub contact_id: &'a str,
     /// Triggering event, if any.
     pub event_id: &'a str,
+    /// The trace context the triggering event was published under, if any.
+    pub traceparent: &'a str,
 }
 
 impl Delivery {
@@ -204,6 +210,7 @@ impl Delivery {
             next_attempt_ms: None,
             created_ms: now_ms,
             updated_ms: now_ms,
+            traceparent: origin.traceparent.to_string(),
         }
     }
 }

@@ -48,6 +48,7 @@ impl EventApi {
         &self,
         proto: Option<&pb::Event>,
         field: &str,
+        traceparent: &str,
         violations: &mut Violations,
     ) -> Option<Accepted> {
         let Some(proto) = proto else {
@@ -100,6 +101,7 @@ impl EventApi {
                 accepted_ms: now,
                 resume_after: None,
                 exits_after: None,
+                traceparent: traceparent.to_string(),
             },
             idempotency_key: proto.idempotency_key.clone(),
         })
@@ -239,9 +241,10 @@ impl EventService for EventApi {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let traceparent = traceparent(&request);
         let request = request.into_inner();
         let mut violations = Violations::default();
-        let accepted = self.accept(request.event.as_ref(), "event", &mut violations);
+        let accepted = self.accept(request.event.as_ref(), "event", &traceparent, &mut violations);
         violations.check()?;
         let Some(accepted) = accepted else { return Err(invalid("event", "is required").into()) };
         let (event_id, duplicate) = self.write_one(&accepted).await?;
@@ -253,6 +256,7 @@ impl EventService for EventApi {
         &self,
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let traceparent = traceparent(&request);
         let request = request.into_inner();
         if request.events.is_empty() || request.events.len() > MAX_BATCH {
             return Err(invalid("events", format!("must hold 1 to {MAX_BATCH} events")).into());
@@ -261,7 +265,7 @@ impl EventService for EventApi {
         let mut accepted = Vec::with_capacity(request.events.len());
         for (i, event) in request.events.iter().enumerate() {
             let mut violations = Violations::default();
-            match self.accept(Some(event), &format!("events[{i}]"), &mut violations) {
+            match self.accept(Some(event), &format!("events[{i}]"), &traceparent, &mut violations) {
                 Some(a) => accepted.push((i, a)),
                 None => results[i].error = violations.describe(),
             }
@@ -361,4 +365,17 @@ pub(crate) async fn sweep_idempotency_keys(
             tracing::info!(deleted, "expired idempotency keys removed");
         }
     }
+}
+
+/// Returns the call's W3C trace context (its `traceparent` metadata) when it is valid, for the
+/// webhooks the call causes to continue; empty otherwise, as the W3C recommendation has an
+/// invalid one ignored.
+pub(crate) fn traceparent<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(tidings_scheduler::delivery::dispatch::valid_traceparent)
+        .unwrap_or_default()
+        .to_string()
 }

@@ -93,6 +93,7 @@ impl WebhookApi {
     async fn send_test(
         &self,
         request: pb::SendTestRequest,
+        traceparent: &str,
     ) -> Result<pb::SendTestResponse, ApiError> {
         let mut violations = Violations::default();
         check_id(&mut violations, "id", &request.id);
@@ -124,6 +125,7 @@ impl WebhookApi {
         let origin = Origin {
             webhook_id: &request.id,
             contact_id: contact["id"].as_str().unwrap_or_default(),
+            traceparent,
             ..Default::default()
         };
         let mut delivery = Delivery::new(id, 0, origin, now);
@@ -761,7 +763,8 @@ impl WebhookService for WebhookApi {
         &self,
         request: Request<pb::SendTestRequest>,
     ) -> Result<Response<pb::SendTestResponse>, Status> {
-        Ok(Response::new(self.send_test(request.into_inner()).await?))
+        let traceparent = super::events::traceparent(&request);
+        Ok(Response::new(self.send_test(request.into_inner(), &traceparent).await?))
     }
 
     #[instrument(skip_all, fields(webhook = %request.get_ref().id))]
