@@ -492,8 +492,57 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
         (owners.len() == 64 && counts.len() == 3 && counts.values().all(|c| *c <= 22)).then_some(())
     })
     .await?;
-    let victim =
-        owners(&store).await.unwrap_or_default().values().filter(|o| *o == "node-0").count();
+    // Load: events published at a steady rate through the survivors, each sending one
+    // webhook whose body is the event id.
+    let (url, arrivals) = crate::receiver::start().await?;
+    bench_campaign(&nodes[1], &url).await?;
+    arrivals.record.store(true, Ordering::Relaxed);
+    const RATE: u64 = 500;
+    let stop = CancellationToken::new();
+    let published: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
+    let clients = [
+        tidings_client::EventServiceClient::connect(nodes[1].url()).await?,
+        tidings_client::EventServiceClient::connect(nodes[2].url()).await?,
+    ];
+    let publisher = {
+        let (stop, published) = (stop.clone(), published.clone());
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let mut calls = tokio::task::JoinSet::new();
+            for i in 0u64.. {
+                let at = began + Duration::from_secs_f64(i as f64 / RATE as f64);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+                let mut api = clients[(i % 2) as usize].clone();
+                let published = published.clone();
+                calls.spawn(async move {
+                    let contact = format!("c{i}");
+                    let event = Event {
+                        r#type: "bench".into(),
+                        contact_id: contact.clone(),
+                        ..Default::default()
+                    };
+                    let request = tidings_client::v1::PublishRequest { event: Some(event) };
+                    if let Ok(response) = api.publish(request).await
+                        && let Ok(mut published) = published.lock()
+                    {
+                        published.push((response.into_inner().event_id, contact, Instant::now()));
+                    }
+                });
+            }
+            while calls.join_next().await.is_some() {}
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let before = owners(&store).await.unwrap_or_default();
+    let victims: std::collections::BTreeSet<u32> = before
+        .iter()
+        .filter(|(_, owner)| *owner == "node-0")
+        .filter_map(|(key, _)| String::from_utf8_lossy(key).rsplit('/').next()?.parse().ok())
+        .collect();
     nodes[0].kill();
     let killed = Instant::now();
     wait_until("the survivors to own every partition", Duration::from_secs(120), || async {
@@ -502,11 +551,66 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     })
     .await?;
     let failover = killed.elapsed();
-    println!("failover (3 node processes on etcd, 64 partitions, lease TTL {ttl} s)");
+    // Keep publishing a while after the takeover, then wait for every delivery.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.cancel();
+    publisher.await?;
+    let published =
+        std::mem::take(&mut *published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let all_arrived = || {
+        let at = arrivals.at.lock().ok()?;
+        published.iter().all(|(id, _, _)| at.contains_key(id.as_bytes())).then_some(())
+    };
+    let _ =
+        wait_until("every delivery to arrive", Duration::from_secs(60), || async { all_arrived() })
+            .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let arrived = arrivals.at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let lost = published.iter().filter(|(id, _, _)| !arrived.contains_key(id.as_bytes())).count();
+    let duplicates = arrivals.count.load(Ordering::Relaxed).saturating_sub(arrived.len() as u64);
+    // A killed node's partition delivers again when an event published after the kill for
+    // one of its contacts arrives; the figure is the last of its partitions to do so.
+    let mut first: BTreeMap<u32, Instant> = BTreeMap::new();
+    for (id, contact, at) in &published {
+        let partition = keys::partition_of(contact, 64);
+        if *at < killed || !victims.contains(&partition) {
+            continue;
+        }
+        if let Some(arrival) = arrived.get(id.as_bytes()) {
+            let entry = first.entry(partition).or_insert(*arrival);
+            *entry = (*entry).min(*arrival);
+        }
+    }
+    let delivering = (first.len() == victims.len())
+        .then(|| first.values().max().map(|last| last.duration_since(killed)))
+        .flatten();
+    let signed =
+        |secs: f64| if secs < 0.0 { format!("- {:.2}", -secs) } else { format!("+ {secs:.2}") };
     println!(
-        "  kill -9 of a node owning {victim} partitions: all owned again after {:.2} s (TTL + {:.2} s)",
+        "failover (3 node processes on etcd, 64 partitions, lease TTL {ttl} s, {RATE} events/s published through the 2 survivors)"
+    );
+    println!(
+        "  kill -9 of a node owning {} partitions: all owned again after {:.2} s (TTL {} s)",
+        victims.len(),
         failover.as_secs_f64(),
-        failover.as_secs_f64() - ttl as f64
+        signed(failover.as_secs_f64() - ttl as f64)
+    );
+    match delivering {
+        Some(after) => println!(
+            "  its partitions delivering again:  after {:.2} s (TTL {} s; the last of them to deliver an event published after the kill)",
+            after.as_secs_f64(),
+            signed(after.as_secs_f64() - ttl as f64)
+        ),
+        None => println!(
+            "  its partitions delivering again:  {} of {} delivered an event published after the kill",
+            first.len(),
+            victims.len()
+        ),
+    }
+    println!(
+        "  events published: {}; delivered: {}; lost: {lost}; duplicates: {duplicates}",
+        published.len(),
+        published.len() - lost
     );
     println!();
     Ok(())
