@@ -150,7 +150,9 @@ impl TimerIndex {
     /// the last one returned, when the read stopped at its limit).
     pub fn read_ahead(&mut self, kvs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>, end: Vec<u8>) {
         self.ahead.extend(kvs);
-        self.ahead_end = self.ahead_end.clone().max(end);
+        if end > self.ahead_end {
+            self.ahead_end = end;
+        }
     }
 
     /// Returns up to `limit` stored timers due at or before `now`, in due order, from those

@@ -31,6 +31,25 @@ fn fields(status: &tidings_client::tonic::Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Waits until a run is completed and returns it.
+async fn completed(
+    campaigns: &tidings_client::CampaignServiceClient<tidings_client::tonic::transport::Channel>,
+    campaign: &str,
+    run: &str,
+    within: Duration,
+) -> tidings_client::v1::Run {
+    wait_until("the run to complete", within, || {
+        let mut campaigns = campaigns.clone();
+        let request = GetRunRequest { campaign_id: campaign.into(), run_id: run.into() };
+        async move {
+            let run = campaigns.get_run(request).await.ok()?.into_inner();
+            (run.state == RunState::Completed as i32).then_some(run)
+        }
+    })
+    .await
+    .expect("completed")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_reaches_every_member_of_its_segment_once() {
     let receiver = Receiver::start().await.expect("receiver");
@@ -203,20 +222,7 @@ async fn a_run_reaches_every_member_of_its_segment_once() {
         received.iter().all(|r| std::str::from_utf8(&r.body).is_ok_and(|b| b.contains("SPRING")))
     );
 
-    let done = wait_until("the run to complete", Duration::from_secs(20), || {
-        let mut campaigns = campaigns.clone();
-        let id = run.id.clone();
-        async move {
-            let run = campaigns
-                .get_run(GetRunRequest { campaign_id: "promo".into(), run_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (run.state == RunState::Completed as i32).then_some(run)
-        }
-    })
-    .await
-    .expect("completed");
+    let done = completed(&campaigns, "promo", &run.id, Duration::from_secs(20)).await;
     assert_eq!((done.audience, done.queued, done.delivered, done.failed), (150, 149, 149, 0));
     assert_eq!(done.skipped.get("unsubscribed"), Some(&1));
     assert_eq!((done.partitions_done, done.partitions), (8, 8), "embedded mode has 8 partitions");
@@ -934,20 +940,7 @@ async fn runs_and_exit_events_larger_than_one_transaction() {
         .await
         .expect("run")
         .into_inner();
-    let done = wait_until("the run to complete", Duration::from_secs(30), || {
-        let mut campaigns = campaigns.clone();
-        let id = run.id.clone();
-        async move {
-            let run = campaigns
-                .get_run(GetRunRequest { campaign_id: "blast".into(), run_id: id })
-                .await
-                .ok()?
-                .into_inner();
-            (run.state == RunState::Completed as i32).then_some(run)
-        }
-    })
-    .await
-    .expect("completed");
+    let done = completed(&campaigns, "blast", &run.id, Duration::from_secs(30)).await;
     assert_eq!((done.partitions_done, done.partitions), (300, 300));
     assert_eq!((done.audience, done.delivered), (20, 20));
 

@@ -318,7 +318,7 @@ impl Worker {
         loop {
             let page = self.read(cancel, || self.store.range(&start, &end, 10_000)).await?;
             self.saw(page.revision);
-            for kv in page.kvs.iter() {
+            for kv in &page.kvs {
                 if let Some(due) = keys::parse_timer_due(&kv.key) {
                     index.add(due);
                 }
