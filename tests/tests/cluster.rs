@@ -216,7 +216,13 @@ async fn a_node_frozen_past_its_lease_writes_nothing_after_losing_its_partitions
 
     // It rejoins cleanly and gets its share back.
     settled(&store, &["node-a", "node-b", "node-c"], Duration::from_secs(20)).await;
-    assert!(a.logs().contains("lease"), "node-a noticed it lost its lease");
+    let logs = a.logs();
+    let noticed = logs.lines().any(|line| {
+        serde_json::from_str::<serde_json::Value>(line).is_ok_and(|entry| {
+            entry["message"] == "lease lost; dropped every partition and registering again"
+        })
+    });
+    assert!(noticed, "node-a did not log that it lost its lease:\n{logs}");
     wait_until("every inbox to drain", Duration::from_secs(20), || async {
         (inbox_backlog(&store).await == 0).then_some(())
     })
