@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tidings_client::v1::{Event, ListPartitionsRequest, PublishBatchRequest};
 use tidings_scheduler::cluster::{Cluster, ClusterOptions, PartitionId};
-use tidings_scheduler::engine::{Effects, Engine};
+use tidings_scheduler::engine::{Effects, Engine, EngineResult};
 use tidings_scheduler::inbox::Event as InboxEvent;
+use tidings_scheduler::now_ms;
+use tidings_scheduler::state::{Write, partition_of};
 use tidings_scheduler::store::{EmbeddedStore, Op, Store, Txn};
 use tidings_scheduler::timers::{Timer, TimerKind};
-use tidings_scheduler::{keys, now_ms};
 use tidings_tests::{Etcd, NodeOptions, NodeProcess, unique_prefix, wait_until};
 use tokio_util::sync::CancellationToken;
 
@@ -171,9 +172,11 @@ struct Counting(Arc<Recorder>);
 
 #[async_trait::async_trait]
 impl Engine for Counting {
-    async fn on_event(&self, _: PartitionId, _: &InboxEvent, _: &mut Effects) {}
+    async fn on_event(&self, _: PartitionId, _: &InboxEvent, _: &mut Effects) -> EngineResult {
+        Ok(())
+    }
 
-    async fn on_timer(&self, _: PartitionId, timer: &Timer, _: &mut Effects) {
+    async fn on_timer(&self, _: PartitionId, timer: &Timer, _: &mut Effects) -> EngineResult {
         let now = now_ms();
         if let Ok(mut lateness) = self.0.lateness.lock() {
             lateness.push(now - timer.due_ms);
@@ -181,6 +184,7 @@ impl Engine for Counting {
         self.0.fired.fetch_add(1, Ordering::Relaxed);
         let _ = self.0.first.compare_exchange(0, now as u64, Ordering::Relaxed, Ordering::Relaxed);
         self.0.last.store(now as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -204,7 +208,7 @@ async fn write_timers(
                 if chunk >= chunks {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let ops: Vec<Op> = (chunk * per_txn..((chunk + 1) * per_txn).min(count))
+                let ops = (chunk * per_txn..((chunk + 1) * per_txn).min(count))
                     .map(|i| {
                         let due = start_ms + (i as i64 * window_ms) / count.max(1) as i64;
                         let id = format!("t{i}");
@@ -213,12 +217,10 @@ async fn write_timers(
                             due_ms: due,
                             kind: TimerKind::Run { campaign: "bench".into(), run: id.clone() },
                         };
-                        Op::put(
-                            keys::timer((i % u64::from(partitions)) as u32, due, &id),
-                            serde_json::to_vec(&timer).unwrap_or_default(),
-                        )
+                        let partition = (i % u64::from(partitions)) as u32;
+                        Ok(Write::timer(partition, &timer)?.into_op())
                     })
-                    .collect();
+                    .collect::<anyhow::Result<Vec<Op>>>()?;
                 store.txn(Txn::new().and_then(ops)).await?;
             }
         });
@@ -572,7 +574,7 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     // one of its contacts arrives; the figure is the last of its partitions to do so.
     let mut first: BTreeMap<u32, Instant> = BTreeMap::new();
     for (id, contact, at) in &published {
-        let partition = keys::partition_of(contact, 64);
+        let partition = partition_of(contact, 64);
         if *at < killed || !victims.contains(&partition) {
             continue;
         }

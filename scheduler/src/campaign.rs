@@ -225,11 +225,6 @@ impl Run {
     }
 }
 
-/// Returns the key of a run.
-pub fn run_key(campaign: &str, run: &str) -> String {
-    format!("runs/{campaign}/{run}")
-}
-
 /// Returns the id of the run of an interval occurrence: the occurrence is its identity.
 pub fn interval_run_id(occurrence_ms: i64) -> String {
     format!("i-{occurrence_ms:013}")
@@ -253,28 +248,21 @@ pub struct Shard {
     pub done: bool,
 }
 
-/// Returns the key of a run's shard.
-pub fn shard_key(campaign: &str, run: &str, partition: crate::cluster::PartitionId) -> String {
-    format!("shards/{campaign}/{run}/{partition:04}")
-}
-
-/// Returns the inbox write that continues a run's shard in `partition` after `after`.
+/// Returns the inbox write that continues a run's shard in `partition` after the contact
+/// `after` (from the first contact when empty).
 pub fn fan_out_one(
     campaign: &str,
     run: &str,
     partition: crate::cluster::PartitionId,
     after: &str,
-) -> Option<crate::store::Op> {
+) -> crate::state::StateResult<crate::state::Write> {
     let entry = crate::inbox::InboxEntry::RunShard {
         campaign: campaign.to_string(),
         run: run.to_string(),
         after: after.to_string(),
     };
     let id = format!("run-{}-{}", ulid::Ulid::new().to_string().to_ascii_lowercase(), partition);
-    Some(crate::store::Op::put(
-        crate::keys::inbox_entry(partition, &id),
-        serde_json::to_vec(&entry).unwrap_or_default(),
-    ))
+    crate::state::Write::inbox(partition, &id, &entry)
 }
 
 /// Shard entries written by one fan-out step: with the run's other writes, they stay within
@@ -292,10 +280,11 @@ pub fn fan_out(
     from: u32,
     partitions: u32,
     home: crate::cluster::PartitionId,
-) -> Vec<crate::store::Op> {
+) -> crate::state::StateResult<Vec<crate::state::Write>> {
     let until = from.saturating_add(FAN_OUT_STEP).min(partitions);
-    let mut ops: Vec<crate::store::Op> =
-        (from..until).filter_map(|p| fan_out_one(campaign, run, p, "")).collect();
+    let mut ops = (from..until)
+        .map(|p| fan_out_one(campaign, run, p, ""))
+        .collect::<crate::state::StateResult<Vec<_>>>()?;
     if until < partitions {
         let entry = crate::inbox::InboxEntry::FanOut {
             campaign: campaign.to_string(),
@@ -304,10 +293,7 @@ pub fn fan_out(
         };
         let id =
             format!("fan-{}-{run}-{until}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-        ops.push(crate::store::Op::put(
-            crate::keys::inbox_entry(home, &id),
-            serde_json::to_vec(&entry).unwrap_or_default(),
-        ));
+        ops.push(crate::state::Write::inbox(home, &id, &entry)?);
     }
-    ops
+    Ok(ops)
 }

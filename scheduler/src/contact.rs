@@ -27,11 +27,6 @@ pub struct Contact {
     pub updated_ms: i64,
 }
 
-/// Returns the key of a contact.
-pub fn key(partition: PartitionId, id: &str) -> String {
-    format!("p/{partition:04}/contacts/{id}")
-}
-
 impl Contact {
     /// Returns the contact as templates and rules see it.
     pub fn view(&self, id: &str) -> serde_json::Value {
@@ -165,7 +160,7 @@ impl ContactCache {
 /// Loads a partition's contacts into `part` and applies their changes, reloading when the
 /// watch breaks. Returns only if the store shuts down.
 async fn follow(store: &dyn Store, partition: PartitionId, part: &Part) {
-    let prefix = format!("p/{partition:04}/contacts/");
+    let prefix = crate::state::keys::contacts_prefix(partition);
     let mut pause = Duration::from_millis(100);
     loop {
         part.ready.store(false, Ordering::Release);

@@ -11,19 +11,19 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::campaign::{Campaign, CampaignState, Run, RunState, Trigger, interval_run_id, run_key};
+use crate::campaign::{Campaign, CampaignState, Run, RunState, Trigger, interval_run_id};
 use crate::cluster::PartitionId;
 use crate::contact::{Contact, ContactCache};
-use crate::defs::Cache;
+use crate::defs::{Cache, Definitions, DefsError};
 use crate::delivery::dispatch::{Dispatcher, Job, Outcome};
 use crate::delivery::record::{self, Attempt, Delivery, ErrorClass, Status, StoredRequest};
 use crate::delivery::render::Context;
 use crate::delivery::retry::{self, Verdict};
 use crate::inbox::Event;
-use crate::keys;
 use crate::rules::Programs;
 use crate::secrets::Cipher;
-use crate::store::{Op, Store};
+use crate::state::{State, StateError, TimerRef, Write};
+use crate::store::Store;
 use crate::template::Templates;
 use crate::timers::{Timer, TimerKind};
 use crate::webhook::Webhook;
@@ -44,34 +44,56 @@ const EVAL_PAGE: usize = 1000;
 /// Extra time after an attempt's timeout before the attempt counts as lost.
 const VISIBILITY_MARGIN_MS: i64 = 5_000;
 
-/// The writes an engine asks for, and the attempts to start once they are committed.
+/// What an engine decided, as typed intents: records to write, timers to register and cancel,
+/// and the attempts to start once all of it is committed.
 #[derive(Debug, Default)]
 pub struct Effects {
-    /// Writes to commit with the batch.
-    pub ops: Vec<Op>,
-    /// Timers to add to the same partition (they get keys and join the in-memory index).
+    /// Records to write with the batch.
+    pub writes: Vec<Write>,
+    /// Timers to register in the same partition (they join the worker's in-memory index).
     pub timers: Vec<Timer>,
-    /// Timers of the same partition to delete, by (due, key).
-    pub cancel_timers: Vec<(i64, String)>,
+    /// Timers of the same partition to cancel.
+    pub cancel_timers: Vec<TimerRef>,
     /// HTTP attempts to start after the commit.
     pub dispatch: Vec<Job>,
 }
 
 impl Effects {
-    /// Returns how many store operations these effects take.
+    /// Returns how many writes these effects take.
     pub fn op_count(&self) -> usize {
-        self.ops.len() + self.timers.len() + self.cancel_timers.len()
+        self.writes.len() + self.timers.len() + self.cancel_timers.len()
     }
 }
 
+/// Why the engine could not decide what an input means: a read of stored state failed, or a
+/// record would not decode or encode. Nothing of that input is committed; the partition worker
+/// tries it again, and never acts on a default in place of stored state.
+pub type EngineError = StateError;
+
+/// The result of an engine decision.
+pub type EngineResult<T = ()> = Result<T, EngineError>;
+
 /// Decides the consequences of events, timers and attempt outcomes.
+///
+/// Every method either succeeds, and its effects are committed with the input's removal, or
+/// fails, and the worker commits nothing of that batch and tries it again.
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// Handles one accepted event of `partition`.
-    async fn on_event(&self, partition: PartitionId, event: &Event, effects: &mut Effects);
+    async fn on_event(
+        &self,
+        partition: PartitionId,
+        event: &Event,
+        effects: &mut Effects,
+    ) -> EngineResult;
 
     /// Handles one due timer of `partition`.
-    async fn on_timer(&self, partition: PartitionId, timer: &Timer, effects: &mut Effects);
+    async fn on_timer(
+        &self,
+        partition: PartitionId,
+        timer: &Timer,
+        effects: &mut Effects,
+    ) -> EngineResult;
 
     /// Evaluates a page of a run's audience in `partition`.
     async fn on_run_shard(
@@ -81,7 +103,8 @@ pub trait Engine: Send + Sync + 'static {
         _run: &str,
         _after: &str,
         _effects: &mut Effects,
-    ) {
+    ) -> EngineResult {
+        Ok(())
     }
 
     /// Goes on fanning a run out, from partition `from`.
@@ -92,7 +115,8 @@ pub trait Engine: Send + Sync + 'static {
         _run: &str,
         _from: u32,
         _effects: &mut Effects,
-    ) {
+    ) -> EngineResult {
+        Ok(())
     }
 
     /// Records an interaction of a contact with a campaign's delivery.
@@ -106,16 +130,33 @@ pub trait Engine: Send + Sync + 'static {
         _kind: &str,
         _at_ms: i64,
         _effects: &mut Effects,
-    ) {
+    ) -> EngineResult {
+        Ok(())
     }
 
     /// Handles a request to send a delivery again.
-    async fn on_redeliver(&self, _partition: PartitionId, _delivery: &str, _effects: &mut Effects) {
+    async fn on_redeliver(
+        &self,
+        _partition: PartitionId,
+        _delivery: &str,
+        _effects: &mut Effects,
+    ) -> EngineResult {
+        Ok(())
     }
 
     /// Records the outcome of an attempt this partition dispatched.
-    async fn on_outcome(&self, _partition: PartitionId, _outcome: Outcome, _effects: &mut Effects) {
+    async fn on_outcome(
+        &self,
+        _partition: PartitionId,
+        _outcome: &Outcome,
+        _effects: &mut Effects,
+    ) -> EngineResult {
+        Ok(())
     }
+
+    /// Called when a batch of `partition` failed and nothing of it was committed: whatever
+    /// the engine kept in memory of that batch's decisions must go.
+    fn on_abort(&self, _partition: PartitionId) {}
 
     /// Reads ahead, in as few store round trips as possible, what handling these events will
     /// read. Called before each batch of inbox entries.
@@ -151,15 +192,16 @@ pub trait Engine: Send + Sync + 'static {
         None
     }
 
-    /// Deletes a page of what has outlived its retention, scanning from after the key `after`
-    /// (empty for the start). Returns the key to go on from, or `None` when the pass is done.
+    /// Deletes a page of what has outlived its retention, scanning from after the record
+    /// `after` (from the start when `None`). Returns where to go on from, or `None` when the
+    /// pass is done.
     async fn sweep(
         &self,
         _partition: PartitionId,
-        _after: &[u8],
+        _after: Option<&str>,
         _effects: &mut Effects,
-    ) -> Option<Vec<u8>> {
-        None
+    ) -> EngineResult<Option<String>> {
+        Ok(None)
     }
 }
 
@@ -169,14 +211,28 @@ pub struct NoopEngine;
 
 #[async_trait::async_trait]
 impl Engine for NoopEngine {
-    async fn on_event(&self, _partition: PartitionId, _event: &Event, _effects: &mut Effects) {}
+    async fn on_event(&self, _: PartitionId, _: &Event, _: &mut Effects) -> EngineResult {
+        Ok(())
+    }
 
-    async fn on_timer(&self, _partition: PartitionId, _timer: &Timer, _effects: &mut Effects) {}
+    async fn on_timer(&self, _: PartitionId, _: &Timer, _: &mut Effects) -> EngineResult {
+        Ok(())
+    }
 }
+
+/// A run's shard: (campaign, run, partition).
+type ShardId = (String, String, PartitionId);
+
+/// A contact's standing in a campaign: (partition, contact, campaign).
+type StandingId = (PartitionId, String, String);
 
 /// What the campaign engine needs.
 pub struct CampaignEngine {
     store: Arc<dyn Store>,
+    state: State,
+    /// Fresh reads of definitions, for decisions that must not act on a stale cache.
+    campaign_defs: Definitions<Campaign>,
+    segment_defs: Definitions<crate::segment::Segment>,
     campaigns: Cache<Campaign>,
     webhooks: Cache<Webhook>,
     templates: Arc<Templates>,
@@ -189,8 +245,9 @@ pub struct CampaignEngine {
     /// partition's owner writes them, so within one ownership this copy is the truth: reads
     /// skip the store, and several outcomes of one batch add up instead of overwriting each
     /// other. A claim drops the partition's entries (another owner may have written since).
-    shards: std::sync::Mutex<std::collections::HashMap<String, crate::campaign::Shard>>,
-    statuses: std::sync::Mutex<std::collections::BTreeMap<String, crate::status::CampaignStatus>>,
+    shards: std::sync::Mutex<std::collections::HashMap<ShardId, crate::campaign::Shard>>,
+    statuses:
+        std::sync::Mutex<std::collections::BTreeMap<StandingId, crate::status::CampaignStatus>>,
     /// The contacts of the owned partitions.
     contacts: Arc<ContactCache>,
     /// Contacts read ahead for the batch of events a partition is handling, by partition and
@@ -204,32 +261,6 @@ impl std::fmt::Debug for CampaignEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CampaignEngine").finish_non_exhaustive()
     }
-}
-
-/// Retries a store read a few times: dropping a timer or event over a blip would lose it.
-async fn read(store: &dyn Store, key: &str) -> Option<Vec<u8>> {
-    retrying(key, || store.get(key.as_bytes())).await.and_then(|found| found.map(|kv| kv.value))
-}
-
-/// Runs a store read, retrying it a few times with a growing pause; `None` if it never
-/// succeeds.
-async fn retrying<T, F, Fut>(what: &str, mut attempt: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = crate::store::StoreResult<T>>,
-{
-    let mut pause = std::time::Duration::from_millis(50);
-    for _ in 0..20 {
-        match attempt().await {
-            Ok(found) => return Some(found),
-            Err(error) => {
-                tracing::debug!(what, %error, "read failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(1));
-            }
-        }
-    }
-    None
 }
 
 impl CampaignEngine {
@@ -246,6 +277,9 @@ impl CampaignEngine {
         retention: std::time::Duration,
     ) -> Self {
         Self {
+            state: State::new(store.clone()),
+            campaign_defs: Definitions::new(store.clone(), "campaign", "campaigns"),
+            segment_defs: Definitions::new(store.clone(), "segment", "segments"),
             store,
             campaigns,
             webhooks,
@@ -267,23 +301,28 @@ impl CampaignEngine {
         &self.contacts
     }
 
-    async fn shard(&self, key: &str) -> crate::campaign::Shard {
+    /// Returns a run's counters in one partition; a shard not written yet starts at zero.
+    async fn shard(&self, key: &ShardId) -> EngineResult<crate::campaign::Shard> {
         if let Some(shard) = self.shards.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
-            return shard.clone();
+            return Ok(shard.clone());
         }
-        read(self.store.as_ref(), key)
-            .await
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+        let (campaign, run, partition) = key;
+        Ok(self.state.shard(campaign, run, *partition).await?.unwrap_or_default())
     }
 
-    fn save_shard(&self, key: String, shard: crate::campaign::Shard, effects: &mut Effects) {
-        effects.ops.push(Op::put(key.clone(), serde_json::to_vec(&shard).unwrap_or_default()));
+    fn save_shard(
+        &self,
+        key: ShardId,
+        shard: crate::campaign::Shard,
+        effects: &mut Effects,
+    ) -> EngineResult {
+        effects.writes.push(Write::shard(&key.0, &key.1, key.2, &shard)?);
         let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         if shards.len() > 100_000 {
             shards.clear();
         }
         shards.insert(key, shard);
+        Ok(())
     }
 
     /// Whether a delivery is finished and its retention has ended.
@@ -293,31 +332,31 @@ impl CampaignEngine {
     }
 
     /// Writes a finished delivery. The partition's sweep deletes it once its retention ends.
-    fn finish(&self, delivery: &Delivery, effects: &mut Effects) {
-        effects.ops.push(put_delivery(delivery));
+    fn finish(&self, delivery: &Delivery, effects: &mut Effects) -> EngineResult {
+        effects.writes.push(Write::delivery(delivery)?);
+        Ok(())
     }
 
     /// Reads a contact from the store: an event must see the contact as it was when the event
     /// was published, which the cache (trailing the store by its watch) does not promise.
-    async fn fresh_contact(&self, partition: PartitionId, id: &str) -> Contact {
+    /// A contact never upserted has no attributes and is subscribed; one that cannot be read
+    /// is an error, never a default.
+    async fn fresh_contact(&self, partition: PartitionId, id: &str) -> EngineResult<Contact> {
         let ahead = {
             let ahead = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
             ahead.get(&partition).and_then(|p| p.get(id)).cloned()
         };
         if let Some(found) = ahead {
-            return found.unwrap_or_default();
+            return Ok(found.unwrap_or_default());
         }
-        read(self.store.as_ref(), &crate::contact::key(partition, id))
-            .await
-            .and_then(|bytes| serde_json::from_slice::<Contact>(&bytes).ok())
-            .unwrap_or_default()
+        Ok(self.state.contact(partition, id).await?.unwrap_or_default())
     }
 
     /// Returns a contact from the owner's cache, or from the store while the cache loads.
-    async fn cached_contact(&self, partition: PartitionId, id: &str) -> Contact {
+    async fn cached_contact(&self, partition: PartitionId, id: &str) -> EngineResult<Contact> {
         self.contacts.start(&self.store, partition);
         match self.contacts.get(partition, id) {
-            Some(found) => found.unwrap_or_default(),
+            Some(found) => Ok(found.unwrap_or_default()),
             None => self.fresh_contact(partition, id).await,
         }
     }
@@ -337,7 +376,7 @@ impl CampaignEngine {
         defer_until: Option<i64>,
         mut context: Context,
         effects: &mut Effects,
-    ) {
+    ) -> EngineResult {
         let now = crate::now_ms();
         let id = record::derived_id(partition, cause.0, cause.1);
         context.delivery = serde_json::json!({ "id": id });
@@ -348,7 +387,7 @@ impl CampaignEngine {
                 delivery.request = Some(request);
                 match defer_until {
                     // Outside the send window: wait for it to open, never drop.
-                    Some(at) => Self::schedule_attempt(partition, delivery, at, effects),
+                    Some(at) => Self::schedule_attempt(delivery, at, effects),
                     None => self.start_attempt(partition, delivery, webhook, effects),
                 }
             }
@@ -366,7 +405,7 @@ impl CampaignEngine {
                     node: String::new(),
                 });
                 delivery.reason = reason;
-                self.finish(&delivery, effects);
+                self.finish(&delivery, effects)
             }
         }
     }
@@ -378,7 +417,7 @@ impl CampaignEngine {
         mut delivery: Delivery,
         webhook: &Webhook,
         effects: &mut Effects,
-    ) {
+    ) -> EngineResult {
         let now = crate::now_ms();
         delivery.status = Status::Sending;
         delivery.dispatch_seq += 1;
@@ -390,20 +429,15 @@ impl CampaignEngine {
             due_ms: due,
             kind: TimerKind::Attempt { delivery: delivery.id.clone() },
         };
-        let visibility_key = keys::timer(partition, due, &timer.id);
-        effects.ops.push(put_delivery(&delivery));
+        let visibility = TimerRef::of(partition, &timer);
+        effects.writes.push(put_delivery(&delivery)?);
         effects.timers.push(timer);
-        effects.dispatch.push(Job { delivery, visibility_key });
+        effects.dispatch.push(Job { delivery, visibility });
+        Ok(())
     }
 
     /// Schedules the next attempt of a pending delivery at `due`.
-    fn schedule_attempt(
-        partition: PartitionId,
-        mut delivery: Delivery,
-        due: i64,
-        effects: &mut Effects,
-    ) {
-        let _ = partition;
+    fn schedule_attempt(mut delivery: Delivery, due: i64, effects: &mut Effects) -> EngineResult {
         delivery.status = Status::Pending;
         delivery.next_attempt_ms = Some(due);
         delivery.updated_ms = crate::now_ms();
@@ -412,7 +446,8 @@ impl CampaignEngine {
             due_ms: due,
             kind: TimerKind::Attempt { delivery: delivery.id.clone() },
         });
-        effects.ops.push(put_delivery(&delivery));
+        effects.writes.push(put_delivery(&delivery)?);
+        Ok(())
     }
 
     async fn interval(
@@ -422,14 +457,24 @@ impl CampaignEngine {
         occurrence_ms: i64,
         generation: u64,
         effects: &mut Effects,
-    ) {
-        let Some(campaign) = self.campaign(id).await else { return };
-        let Trigger::Interval(trigger) = &campaign.trigger else { return };
+    ) -> EngineResult {
+        let Some(campaign) = self.campaign(id).await? else {
+            tracing::debug!(campaign = %id, "interval chain of a deleted campaign ends");
+            return Ok(());
+        };
+        let Trigger::Interval(trigger) = &campaign.trigger else { return Ok(()) };
         if campaign.state != CampaignState::Active || campaign.generation != generation {
             tracing::debug!(campaign = %id, "interval chain of an earlier activation ends");
-            return;
+            return Ok(());
         }
-        let Ok(schedule) = trigger.schedule(campaign.activated_at_ms) else { return };
+        let schedule = match trigger.schedule(campaign.activated_at_ms) {
+            Ok(schedule) => schedule,
+            Err(reason) => {
+                // Validation refuses such a schedule; one stored by an older version ends here.
+                tracing::warn!(campaign = %id, %reason, "interval chain ends: invalid schedule");
+                return Ok(());
+            }
+        };
         let now = crate::now_ms();
         let firing = schedule.on_fire(occurrence_ms, now);
         // Each run takes two writes: a replay of many missed occurrences goes on from where
@@ -442,9 +487,7 @@ impl CampaignEngine {
             let run = Run::new(RunState::Scheduled, *occurrence, self.partitions);
             let run_id = interval_run_id(*occurrence);
             tracing::info!(campaign = %id, run = %run_id, partition, lateness_ms = now - occurrence, "interval fired");
-            effects
-                .ops
-                .push(Op::put(run_key(id, &run_id), serde_json::to_vec(&run).unwrap_or_default()));
+            effects.writes.push(Write::run(id, &run_id, &run)?);
             effects.timers.push(Timer {
                 id: format!("r-{id}-{run_id}"),
                 due_ms: now,
@@ -462,18 +505,25 @@ impl CampaignEngine {
                 },
             });
         }
+        Ok(())
     }
 
     /// Reads a campaign from the store (fresh, for decisions that must not act on a stale
-    /// state such as a paused campaign).
-    async fn campaign(&self, id: &str) -> Option<Campaign> {
-        let bytes = read(self.store.as_ref(), &format!("defs/campaigns/{id}")).await?;
-        serde_json::from_slice(&bytes).ok()
+    /// state such as a paused campaign); `None` when it was deleted.
+    async fn campaign(&self, id: &str) -> EngineResult<Option<Campaign>> {
+        match self.campaign_defs.get(id).await {
+            Ok(found) => Ok(Some(found.value)),
+            Err(DefsError::NotFound { .. }) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
     }
 
-    async fn read_delivery(&self, partition: PartitionId, id: &str) -> Option<Delivery> {
-        let bytes = read(self.store.as_ref(), &record::key(partition, id)).await?;
-        serde_json::from_slice(&bytes).ok()
+    async fn read_delivery(
+        &self,
+        partition: PartitionId,
+        id: &str,
+    ) -> EngineResult<Option<Delivery>> {
+        self.state.delivery(partition, id).await
     }
 }
 
@@ -483,15 +533,13 @@ impl CampaignEngine {
         partition: PartitionId,
         contact: &str,
         campaign: &str,
-    ) -> crate::status::CampaignStatus {
-        let key = crate::status::key(partition, contact, campaign);
+    ) -> EngineResult<crate::status::CampaignStatus> {
+        let key = (partition, contact.to_string(), campaign.to_string());
         if let Some(status) = self.statuses.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return status.clone();
+            return Ok(status.clone());
         }
-        read(self.store.as_ref(), &key)
-            .await
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+        // No standing yet: the contact has had nothing from the campaign.
+        Ok(self.state.standing(partition, contact, campaign).await?.unwrap_or_default())
     }
 
     /// Writes a contact's standing in a campaign, and keeps it in the cache.
@@ -502,26 +550,33 @@ impl CampaignEngine {
         campaign: &str,
         status: crate::status::CampaignStatus,
         effects: &mut Effects,
-    ) {
-        let key = crate::status::key(partition, contact, campaign);
-        effects.ops.push(Op::put(key.clone(), serde_json::to_vec(&status).unwrap_or_default()));
+    ) -> EngineResult {
+        effects.writes.push(Write::standing(partition, contact, campaign, &status)?);
+        let key = (partition, contact.to_string(), campaign.to_string());
         let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
         if statuses.len() > 200_000 {
             statuses.clear();
         }
         statuses.insert(key, status);
+        Ok(())
     }
 
     /// Records a finished delivery in the contact's standing and starts the waits of the
     /// follow-up campaigns that follow it.
-    async fn finished(&self, partition: PartitionId, delivery: &Delivery, effects: &mut Effects) {
+    async fn finished(
+        &self,
+        partition: PartitionId,
+        delivery: &Delivery,
+        effects: &mut Effects,
+    ) -> EngineResult {
         let status_name = if delivery.status == Status::Delivered { "delivered" } else { "failed" };
-        let mut status = self.status(partition, &delivery.contact_id, &delivery.campaign_id).await;
+        let mut status =
+            self.status(partition, &delivery.contact_id, &delivery.campaign_id).await?;
         status.last_status = status_name.to_string();
         status.last_delivery = delivery.id.clone();
         status.last_at_ms = delivery.updated_ms;
         status.sends += 1;
-        self.save_status(partition, &delivery.contact_id, &delivery.campaign_id, status, effects);
+        self.save_status(partition, &delivery.contact_id, &delivery.campaign_id, status, effects)?;
         for (id, campaign) in self.campaigns.all() {
             let Trigger::FollowUp { after_campaign_id, on_status, delay_ms, .. } =
                 &campaign.trigger
@@ -549,6 +604,7 @@ impl CampaignEngine {
                 },
             });
         }
+        Ok(())
     }
 
     /// Returns when a send to the contact may happen under the campaign's send window, if
@@ -577,19 +633,32 @@ impl CampaignEngine {
         contact: &serde_json::Value,
         event: &serde_json::Value,
         campaign: &Campaign,
-    ) -> bool {
+    ) -> EngineResult<bool> {
         if campaign.rules.is_empty() {
-            return true;
+            return Ok(true);
         }
-        let standings = self
-            .standings(partition, contact_id)
-            .await
-            .into_iter()
-            .map(|(id, status)| (id, serde_json::to_value(status).unwrap_or_default()))
-            .collect();
+        let mut standings = serde_json::Map::new();
+        for (id, status) in self.standings(partition, contact_id).await? {
+            // A standing is strings and numbers only, so it always has a JSON form.
+            if let Ok(value) = serde_json::to_value(status) {
+                standings.insert(id, value);
+            }
+        }
         let campaigns = serde_json::Value::Object(standings);
         let vars = [("contact", contact), ("event", event), ("campaigns", &campaigns)];
-        campaign.rules.iter().all(|rule| self.programs.evaluate(rule, &vars).unwrap_or(false))
+        Ok(campaign.rules.iter().all(|rule| self.holds(rule, &vars)))
+    }
+
+    /// Evaluates a filter or rule; an expression that fails to evaluate (a missing attribute,
+    /// a type mismatch) does not hold, and says why in the debug log.
+    fn holds(&self, source: &str, vars: &[(&str, &serde_json::Value)]) -> bool {
+        match self.programs.evaluate(source, vars) {
+            Ok(holds) => holds,
+            Err(error) => {
+                tracing::debug!(expression = source, %error, "expression failed; it does not hold");
+                false
+            }
+        }
     }
 
     /// Returns the contact's standing in every campaign it has one in, by campaign id: the
@@ -598,22 +667,18 @@ impl CampaignEngine {
         &self,
         partition: PartitionId,
         contact: &str,
-    ) -> std::collections::BTreeMap<String, crate::status::CampaignStatus> {
-        let prefix = format!("p/{partition:04}/status/{contact}/");
-        let mut standings = std::collections::BTreeMap::new();
-        let page = retrying(&prefix, || self.store.range_prefix(prefix.as_bytes(), 0)).await;
-        for kv in page.map(|p| p.kvs).unwrap_or_default() {
-            let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-            if let Ok(status) = serde_json::from_slice(&kv.value) {
-                standings.insert(id, status);
-            }
-        }
+    ) -> EngineResult<std::collections::BTreeMap<String, crate::status::CampaignStatus>> {
+        let mut standings: std::collections::BTreeMap<_, _> =
+            self.state.standings(partition, contact).await?.into_iter().collect();
         let cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, status) in cached.range(prefix.clone()..crate::store::prefix_end_string(&prefix))
-        {
-            standings.insert(key[prefix.len()..].to_string(), status.clone());
+        let from = (partition, contact.to_string(), String::new());
+        for ((p, c, campaign), status) in cached.range(from..) {
+            if *p != partition || c != contact {
+                break;
+            }
+            standings.insert(campaign.clone(), status.clone());
         }
-        standings
+        Ok(standings)
     }
 
     /// Returns whether any active campaign caps sends across campaigns: then every send is
@@ -636,31 +701,31 @@ impl CampaignEngine {
         campaign: &Campaign,
         across_caps: bool,
         effects: &mut Effects,
-    ) -> bool {
+    ) -> EngineResult<bool> {
         let cap = campaign.frequency_cap.as_ref().filter(|c| c.max_sends > 0);
         if cap.is_none() && !across_caps {
-            return true;
+            return Ok(true);
         }
         let now = crate::now_ms();
-        let mut status = self.status(partition, contact, id).await;
+        let mut status = self.status(partition, contact, id).await?;
         if let Some(cap) = cap {
             let since = now - cap.period_ms as i64;
             let sends = if cap.across_campaigns {
-                let standings = self.standings(partition, contact).await;
+                let standings = self.standings(partition, contact).await?;
                 standings.values().flat_map(|s| &s.sent_at_ms).filter(|at| **at > since).count()
             } else {
                 status.sent_at_ms.iter().filter(|at| **at > since).count()
             };
             if sends >= cap.max_sends as usize {
-                return false;
+                return Ok(false);
             }
         }
         status.sent_at_ms.retain(|at| now - at < crate::status::SEND_HISTORY_MS);
         let excess = status.sent_at_ms.len().saturating_sub(crate::status::SEND_HISTORY - 1);
         status.sent_at_ms.drain(..excess);
         status.sent_at_ms.push(now);
-        self.save_status(partition, contact, id, status, effects);
-        true
+        self.save_status(partition, contact, id, status, effects)?;
+        Ok(true)
     }
 
     /// Copies the fields the campaign captures from a 2xx JSON response into the contact's
@@ -672,17 +737,17 @@ impl CampaignEngine {
         delivery: &Delivery,
         body: &[u8],
         effects: &mut Effects,
-    ) {
+    ) -> EngineResult {
         if delivery.campaign_id.is_empty() || delivery.contact_id.is_empty() {
-            return;
+            return Ok(());
         }
-        let Some(campaign) = self.campaigns.get(&delivery.campaign_id) else { return };
+        let Some(campaign) = self.campaigns.get(&delivery.campaign_id) else { return Ok(()) };
         if campaign.capture.is_empty() {
-            return;
+            return Ok(());
         }
         let Ok(response) = serde_json::from_slice::<serde_json::Value>(body) else {
             tracing::debug!(delivery = %delivery.id, "response is not JSON; nothing captured");
-            return;
+            return Ok(());
         };
         let captured: Vec<(&String, &serde_json::Value)> = campaign
             .capture
@@ -690,20 +755,19 @@ impl CampaignEngine {
             .filter_map(|(name, pointer)| Some((name, response.pointer(pointer)?)))
             .collect();
         if captured.is_empty() {
-            return;
+            return Ok(());
         }
-        let key = crate::contact::key(partition, &delivery.contact_id);
-        let Some(bytes) = read(self.store.as_ref(), &key).await else {
+        let Some(mut contact) = self.state.contact(partition, &delivery.contact_id).await? else {
             tracing::debug!(delivery = %delivery.id, "contact deleted; nothing captured");
-            return;
+            return Ok(());
         };
-        let Ok(mut contact) = serde_json::from_slice::<Contact>(&bytes) else { return };
         for (name, value) in captured {
             contact.attributes.insert(name.clone(), value.clone());
         }
         contact.updated_ms = crate::now_ms();
         tracing::debug!(delivery = %delivery.id, contact = %delivery.contact_id, "response captured");
-        effects.ops.push(Op::put(key, serde_json::to_vec(&contact).unwrap_or_default()));
+        effects.writes.push(Write::contact(partition, &delivery.contact_id, &contact)?);
+        Ok(())
     }
 
     /// Ends a follow-up's wait: sends unless the contact interacted first.
@@ -715,42 +779,44 @@ impl CampaignEngine {
         after: &str,
         since_ms: i64,
         effects: &mut Effects,
-    ) {
-        let Some(campaign) = self.campaign(id).await else { return };
-        let Trigger::FollowUp { unless_interactions, .. } = &campaign.trigger else { return };
+    ) -> EngineResult {
+        let Some(campaign) = self.campaign(id).await? else { return Ok(()) };
+        let Trigger::FollowUp { unless_interactions, .. } = &campaign.trigger else {
+            return Ok(());
+        };
         if campaign.state != CampaignState::Active {
-            return;
+            return Ok(());
         }
-        let status = self.status(partition, contact_id, after).await;
+        let status = self.status(partition, contact_id, after).await?;
         if let Some(kind) = unless_interactions
             .iter()
             .find(|k| status.interactions.get(*k).is_some_and(|at| *at >= since_ms))
         {
             tracing::info!(campaign = %id, contact = %contact_id, interaction = %kind, "follow-up not needed");
-            return;
+            return Ok(());
         }
-        let own = self.status(partition, contact_id, id).await;
+        let own = self.status(partition, contact_id, id).await?;
         if own.exited_at_ms.is_some_and(|at| at >= since_ms) {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up cancelled by an exit event");
-            return;
+            return Ok(());
         }
-        let contact = self.cached_contact(partition, contact_id).await.view(contact_id);
+        let contact = self.cached_contact(partition, contact_id).await?.view(contact_id);
         if contact["unsubscribed"] == serde_json::Value::Bool(true) {
-            return;
+            return Ok(());
         }
         if !self
             .rules_pass(partition, contact_id, &contact, &serde_json::Value::Null, &campaign)
-            .await
+            .await?
         {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: rule");
-            return;
+            return Ok(());
         }
         let across = self.across_caps();
-        if !self.within_cap(partition, contact_id, id, &campaign, across, effects).await {
+        if !self.within_cap(partition, contact_id, id, &campaign, across, effects).await? {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up skipped: frequency cap");
-            return;
+            return Ok(());
         }
-        let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else { return };
+        let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else { return Ok(()) };
         let context = Context {
             contact,
             event: serde_json::Value::Null,
@@ -773,20 +839,22 @@ impl CampaignEngine {
             Self::window_opening(&campaign, &context.contact),
             context,
             effects,
-        );
+        )
     }
 }
 
-fn put_delivery(delivery: &Delivery) -> Op {
-    Op::put(
-        record::key(delivery.partition, &delivery.id),
-        serde_json::to_vec(delivery).unwrap_or_default(),
-    )
+fn put_delivery(delivery: &Delivery) -> EngineResult<Write> {
+    Write::delivery(delivery)
 }
 
 #[async_trait::async_trait]
 impl Engine for CampaignEngine {
-    async fn on_event(&self, partition: PartitionId, event: &Event, effects: &mut Effects) {
+    async fn on_event(
+        &self,
+        partition: PartitionId,
+        event: &Event,
+        effects: &mut Effects,
+    ) -> EngineResult {
         let now = crate::now_ms();
         // Exit events end the contact's pending follow-ups of the campaigns that list them, in
         // id order; when they do not all fit one transaction, the rest and the event's own
@@ -810,18 +878,18 @@ impl Engine for CampaignEngine {
                 {
                     let mut rest = event.clone();
                     rest.exits_after = Some(last.to_string());
-                    effects.ops.push(Op::put(
-                        keys::inbox_entry(partition, &format!("{}-exit-{id}", event.id)),
-                        serde_json::to_vec(&crate::inbox::InboxEntry::Event(rest))
-                            .unwrap_or_default(),
-                    ));
+                    effects.writes.push(Write::inbox(
+                        partition,
+                        &format!("{}-exit-{id}", event.id),
+                        &crate::inbox::InboxEntry::Event(rest),
+                    )?);
                     tracing::debug!(event = %event.id, after = last, "exits continue in a new entry");
-                    return;
+                    return Ok(());
                 }
                 last = Some(id);
-                let mut status = self.status(partition, &event.contact_id, id).await;
+                let mut status = self.status(partition, &event.contact_id, id).await?;
                 status.exited_at_ms = Some(now);
-                self.save_status(partition, &event.contact_id, id, status, effects);
+                self.save_status(partition, &event.contact_id, id, status, effects)?;
             }
         }
         let mut matching: Vec<(String, Arc<Campaign>)> = self
@@ -836,14 +904,14 @@ impl Engine for CampaignEngine {
             })
             .collect();
         if matching.is_empty() {
-            return;
+            return Ok(());
         }
         matching.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some(after) = &event.resume_after {
             matching.retain(|(id, _)| id > after);
         }
         let contact =
-            self.fresh_contact(partition, &event.contact_id).await.view(&event.contact_id);
+            self.fresh_contact(partition, &event.contact_id).await?.view(&event.contact_id);
         let event_view = serde_json::json!({
             "id": event.id,
             "type": event.kind,
@@ -861,12 +929,13 @@ impl Engine for CampaignEngine {
                 let mut rest = event.clone();
                 rest.resume_after = Some(last.to_string());
                 let id = format!("{}-{}", event.id, campaign_id);
-                effects.ops.push(Op::put(
-                    keys::inbox_entry(partition, &id),
-                    serde_json::to_vec(&crate::inbox::InboxEntry::Event(rest)).unwrap_or_default(),
-                ));
+                effects.writes.push(Write::inbox(
+                    partition,
+                    &id,
+                    &crate::inbox::InboxEntry::Event(rest),
+                )?);
                 tracing::debug!(event = %event.id, after = last, "event continues in a new entry");
-                return;
+                return Ok(());
             }
             handled = Some(campaign_id);
             let (campaign_id, campaign) = (campaign_id.clone(), campaign.clone());
@@ -874,9 +943,7 @@ impl Engine for CampaignEngine {
                 continue;
             }
             let vars = [("event", &event_view), ("contact", &contact)];
-            let passes = |source: &str| {
-                source.is_empty() || self.programs.evaluate(source, &vars).unwrap_or(false)
-            };
+            let passes = |source: &str| source.is_empty() || self.holds(source, &vars);
             let Trigger::Event { filter, .. } = &campaign.trigger else { continue };
             if !passes(filter) || !passes(&campaign.audience.filter) {
                 continue;
@@ -887,14 +954,14 @@ impl Engine for CampaignEngine {
             };
             if !self
                 .rules_pass(partition, &event.contact_id, &contact, &event_view, &campaign)
-                .await
+                .await?
             {
                 tracing::debug!(campaign = %campaign_id, contact = %event.contact_id, "skipped: rule");
                 continue;
             }
             if !self
                 .within_cap(partition, &event.contact_id, &campaign_id, &campaign, across, effects)
-                .await
+                .await?
             {
                 tracing::debug!(campaign = %campaign_id, contact = %event.contact_id, "skipped: frequency cap");
                 continue;
@@ -922,50 +989,63 @@ impl Engine for CampaignEngine {
                 Self::window_opening(&campaign, &context.contact),
                 context,
                 effects,
-            );
+            )?;
         }
+        Ok(())
     }
 
-    async fn on_timer(&self, partition: PartitionId, timer: &Timer, effects: &mut Effects) {
+    async fn on_timer(
+        &self,
+        partition: PartitionId,
+        timer: &Timer,
+        effects: &mut Effects,
+    ) -> EngineResult {
         match &timer.kind {
             TimerKind::Interval { campaign, occurrence_ms, generation } => {
-                self.interval(partition, campaign, *occurrence_ms, *generation, effects).await;
+                self.interval(partition, campaign, *occurrence_ms, *generation, effects).await
             }
             TimerKind::Run { campaign, run } => {
-                let key = run_key(campaign, run);
-                let Some(bytes) = read(self.store.as_ref(), &key).await else { return };
-                let Ok(mut record) = serde_json::from_slice::<Run>(&bytes) else { return };
+                let Some(mut record) = self.state.run(campaign, run).await? else {
+                    tracing::debug!(campaign = %campaign, run = %run, "scheduled run was deleted");
+                    return Ok(());
+                };
                 if record.state == RunState::Scheduled {
                     record.state = RunState::Running;
                     record.started_ms = Some(crate::now_ms());
                     tracing::info!(campaign = %campaign, run = %run, partition, "scheduled run started");
-                    effects.ops.push(Op::put(key, serde_json::to_vec(&record).unwrap_or_default()));
-                    effects.ops.extend(crate::campaign::fan_out(
+                    effects.writes.push(Write::run(campaign, run, &record)?);
+                    effects.writes.extend(crate::campaign::fan_out(
                         campaign,
                         run,
                         0,
                         self.partitions,
                         partition,
-                    ));
+                    )?);
                 }
+                Ok(())
             }
             TimerKind::RunShard { campaign, run, after } => {
-                self.on_run_shard(partition, campaign, run, after, effects).await;
+                self.on_run_shard(partition, campaign, run, after, effects).await
             }
             TimerKind::FollowUp { campaign, contact, after_campaign, since_ms } => {
                 self.follow_up(partition, campaign, contact, after_campaign, *since_ms, effects)
-                    .await;
+                    .await
             }
             TimerKind::Expire { delivery } => {
-                let Some(found) = self.read_delivery(partition, delivery).await else { return };
+                let Some(found) = self.read_delivery(partition, delivery).await? else {
+                    return Ok(());
+                };
                 if self.expired(&found, crate::now_ms()) {
-                    effects.ops.push(Op::delete(record::key(partition, delivery)));
+                    effects.writes.push(Write::remove_delivery(partition, delivery));
                 }
+                Ok(())
             }
             TimerKind::Attempt { delivery } => {
-                let Some(delivery) = self.read_delivery(partition, delivery).await else { return };
+                let Some(delivery) = self.read_delivery(partition, delivery).await? else {
+                    return Ok(());
+                };
                 if !matches!(delivery.status, Status::Pending | Status::Sending) {
-                    return;
+                    return Ok(());
                 }
                 match self.webhooks.get(&delivery.webhook_id) {
                     Some(webhook) => self.start_attempt(partition, delivery, &webhook, effects),
@@ -975,7 +1055,8 @@ impl Engine for CampaignEngine {
                         delivery.reason =
                             format!("webhook {} no longer exists", delivery.webhook_id);
                         delivery.updated_ms = crate::now_ms();
-                        effects.ops.push(put_delivery(&delivery));
+                        effects.writes.push(put_delivery(&delivery)?);
+                        Ok(())
                     }
                 }
             }
@@ -989,14 +1070,15 @@ impl Engine for CampaignEngine {
         run: &str,
         from: u32,
         effects: &mut Effects,
-    ) {
-        effects.ops.extend(crate::campaign::fan_out(
+    ) -> EngineResult {
+        effects.writes.extend(crate::campaign::fan_out(
             campaign,
             run,
             from,
             self.partitions,
             partition,
-        ));
+        )?);
+        Ok(())
     }
 
     async fn on_run_shard(
@@ -1006,16 +1088,17 @@ impl Engine for CampaignEngine {
         run_id: &str,
         after: &str,
         effects: &mut Effects,
-    ) {
-        let Some(campaign) = self.campaign(campaign_id).await else { return };
-        let shard_key = crate::campaign::shard_key(campaign_id, run_id, partition);
-        let mut shard = self.shard(&shard_key).await;
+    ) -> EngineResult {
+        let Some(campaign) = self.campaign(campaign_id).await? else {
+            tracing::debug!(campaign = %campaign_id, run = %run_id, "run of a deleted campaign ends");
+            return Ok(());
+        };
+        let shard_key = (campaign_id.to_string(), run_id.to_string(), partition);
+        let mut shard = self.shard(&shard_key).await?;
         if shard.done {
-            return;
+            return Ok(());
         }
-        let run: Option<Run> = read(self.store.as_ref(), &run_key(campaign_id, run_id))
-            .await
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let run: Option<Run> = self.state.run(campaign_id, run_id).await?;
         let run_data = run.as_ref().map(|r| r.data.clone()).unwrap_or_default();
         // A paused run's shards wait on a timer and look again; a cancelled run's shards
         // stop where they are.
@@ -1030,60 +1113,35 @@ impl Engine for CampaignEngine {
                         after: after.to_string(),
                     },
                 });
-                return;
+                return Ok(());
             }
             Some(RunState::Cancelled) => {
                 shard.done = true;
-                self.save_shard(shard_key, shard, effects);
-                return;
+                return self.save_shard(shard_key, shard, effects);
             }
             _ => {}
         }
         let Some(webhook) = self.webhooks.get(&campaign.webhook_id) else {
             shard.done = true;
-            self.save_shard(shard_key, shard, effects);
-            return;
+            return self.save_shard(shard_key, shard, effects);
         };
         let segment_filter = if campaign.audience.segment_id.is_empty() {
             String::new()
         } else {
-            read(self.store.as_ref(), &format!("defs/segments/{}", campaign.audience.segment_id))
-                .await
-                .and_then(|bytes| serde_json::from_slice::<crate::segment::Segment>(&bytes).ok())
-                .map(|s| s.filter)
-                .unwrap_or_else(|| "false".into())
+            // A deleted segment selects nobody.
+            match self.segment_defs.get(&campaign.audience.segment_id).await {
+                Ok(segment) => segment.value.filter,
+                Err(DefsError::NotFound { .. }) => "false".into(),
+                Err(error) => return Err(error.into()),
+            }
         };
-        let prefix = format!("p/{partition:04}/contacts/");
-        let after_id = after.strip_prefix(&prefix).unwrap_or_default();
+        let after_id = crate::state::resume_after(partition, after);
         self.contacts.start(&self.store, partition);
         let page = match self.contacts.page(partition, after_id, EVAL_PAGE) {
             Some(page) => page,
             None => {
-                let mut start = prefix.clone().into_bytes();
-                if !after_id.is_empty() {
-                    start = after.as_bytes().to_vec();
-                    start.push(0);
-                }
-                let end = crate::store::prefix_end(prefix.as_bytes());
-                let Ok(page) = self.store.range(&start, &end, EVAL_PAGE).await else {
-                    // Leave the shard queued as it is: the next attempt reads again.
-                    effects.ops.extend(crate::campaign::fan_out_one(
-                        campaign_id,
-                        run_id,
-                        partition,
-                        after,
-                    ));
-                    return;
-                };
-                let contacts = page
-                    .kvs
-                    .iter()
-                    .filter_map(|kv| {
-                        let id = String::from_utf8_lossy(kv.key.get(prefix.len()..)?);
-                        Some((id.into_owned(), serde_json::from_slice(&kv.value).ok()?))
-                    })
-                    .collect();
-                crate::contact::CachedPage { contacts, more: page.more }
+                let page = self.state.contacts_after(partition, after_id, EVAL_PAGE).await?;
+                crate::contact::CachedPage { contacts: page.contacts, more: page.more }
             }
         };
         let active = campaign.state == CampaignState::Active
@@ -1105,9 +1163,7 @@ impl Engine for CampaignEngine {
             let contact_id = contact_id.as_str();
             let view = contact.view(contact_id);
             let vars = [("contact", &view)];
-            let inside = |source: &str| {
-                source.is_empty() || self.programs.evaluate(source, &vars).unwrap_or(false)
-            };
+            let inside = |source: &str| source.is_empty() || self.holds(source, &vars);
             if !inside(&segment_filter) || !inside(&campaign.audience.filter) {
                 continue;
             }
@@ -1125,14 +1181,14 @@ impl Engine for CampaignEngine {
             }
             if !self
                 .rules_pass(partition, contact_id, &view, &serde_json::Value::Null, &campaign)
-                .await
+                .await?
             {
                 *shard.skipped.entry("rule".to_string()).or_default() += 1;
                 continue;
             }
             if !self
                 .within_cap(partition, contact_id, campaign_id, &campaign, across, effects)
-                .await
+                .await?
             {
                 *shard.skipped.entry("frequency_cap".to_string()).or_default() += 1;
                 continue;
@@ -1160,20 +1216,20 @@ impl Engine for CampaignEngine {
                 Self::window_opening(&campaign, &context.contact),
                 context,
                 effects,
-            );
+            )?;
         }
         match last.map(|i| &page.contacts[i].0) {
             Some(last) if more => {
-                effects.ops.extend(crate::campaign::fan_out_one(
+                effects.writes.push(crate::campaign::fan_out_one(
                     campaign_id,
                     run_id,
                     partition,
-                    &format!("{prefix}{last}"),
-                ));
+                    last,
+                )?);
             }
             _ => shard.done = true,
         }
-        self.save_shard(shard_key, shard, effects);
+        self.save_shard(shard_key, shard, effects)
     }
 
     async fn on_interaction(
@@ -1185,54 +1241,62 @@ impl Engine for CampaignEngine {
         kind: &str,
         at_ms: i64,
         effects: &mut Effects,
-    ) {
+    ) -> EngineResult {
         let (contact, campaign) = if delivery.is_empty() {
             (contact.to_string(), campaign.to_string())
         } else {
-            match self.read_delivery(partition, delivery).await {
+            match self.read_delivery(partition, delivery).await? {
                 Some(found) => (found.contact_id, found.campaign_id),
                 None => {
                     tracing::info!(delivery, "interaction for an unknown delivery ignored");
-                    return;
+                    return Ok(());
                 }
             }
         };
         if campaign.is_empty() {
-            return;
+            return Ok(());
         }
-        let mut status = self.status(partition, &contact, &campaign).await;
+        let mut status = self.status(partition, &contact, &campaign).await?;
         let latest = status.interactions.entry(kind.to_string()).or_insert(at_ms);
         *latest = (*latest).max(at_ms);
         tracing::debug!(%contact, %campaign, kind, "interaction recorded");
-        self.save_status(partition, &contact, &campaign, status, effects);
+        self.save_status(partition, &contact, &campaign, status, effects)
     }
 
-    async fn on_redeliver(&self, partition: PartitionId, id: &str, effects: &mut Effects) {
-        let Some(mut delivery) = self.read_delivery(partition, id).await else { return };
+    async fn on_redeliver(
+        &self,
+        partition: PartitionId,
+        id: &str,
+        effects: &mut Effects,
+    ) -> EngineResult {
+        let Some(mut delivery) = self.read_delivery(partition, id).await? else { return Ok(()) };
         if matches!(delivery.status, Status::Pending | Status::Sending) {
-            return;
+            return Ok(());
         }
-        let Some(webhook) = self.webhooks.get(&delivery.webhook_id) else { return };
+        let Some(webhook) = self.webhooks.get(&delivery.webhook_id) else { return Ok(()) };
         if delivery.request.is_none() {
-            return;
+            return Ok(());
         }
         delivery.retry_index = 0;
         delivery.reason.clear();
         tracing::info!(delivery = %id, "redelivering");
-        self.start_attempt(partition, delivery, &webhook, effects);
+        self.start_attempt(partition, delivery, &webhook, effects)
     }
 
-    async fn on_outcome(&self, partition: PartitionId, outcome: Outcome, effects: &mut Effects) {
+    async fn on_outcome(
+        &self,
+        partition: PartitionId,
+        outcome: &Outcome,
+        effects: &mut Effects,
+    ) -> EngineResult {
         let Outcome { job, attempt, verdict, deferred_until_ms } = outcome;
-        let mut delivery = job.delivery;
-        let due = keys::parse_timer_due(job.visibility_key.as_bytes()).unwrap_or_default();
-        effects.cancel_timers.push((due, job.visibility_key));
+        let mut delivery = job.delivery.clone();
+        effects.cancel_timers.push(job.visibility.clone());
         let now = crate::now_ms();
-        if let Some(until) = deferred_until_ms {
-            Self::schedule_attempt(partition, delivery, until, effects);
-            return;
+        if let Some(until) = *deferred_until_ms {
+            return Self::schedule_attempt(delivery, until, effects);
         }
-        let Some(attempt) = attempt else { return };
+        let Some(attempt) = attempt else { return Ok(()) };
         let number = delivery.attempts.len() + 1;
         delivery.attempts.push(attempt.clone());
         if delivery.attempts.len() > record::MAX_ATTEMPTS_KEPT {
@@ -1244,7 +1308,7 @@ impl Engine for CampaignEngine {
                 delivery.status = Status::Delivered;
                 delivery.reason.clear();
                 tracing::debug!(delivery = %delivery.id, attempt = number, status = attempt.status_code, "delivered");
-                self.capture(partition, &delivery, &attempt.response_body, effects).await;
+                self.capture(partition, &delivery, &attempt.response_body, effects).await?;
             }
             Verdict::Retry(asked) => {
                 let policy = self
@@ -1253,17 +1317,15 @@ impl Engine for CampaignEngine {
                     .map(|w| w.retry.clone())
                     .unwrap_or_default();
                 let unit: f64 = rand::random();
-                match retry::delay(&policy, delivery.retry_index as usize, asked, unit) {
+                match retry::delay(&policy, delivery.retry_index as usize, *asked, unit) {
                     Some(wait) => {
                         delivery.retry_index += 1;
                         tracing::info!(delivery = %delivery.id, attempt = number, status = attempt.status_code, error = %attempt.error, retry_in_ms = wait.as_millis() as u64, "attempt failed; retrying");
-                        Self::schedule_attempt(
-                            partition,
+                        return Self::schedule_attempt(
                             delivery,
                             now + wait.as_millis() as i64,
                             effects,
                         );
-                        return;
                     }
                     None => {
                         delivery.status = Status::Failed;
@@ -1287,21 +1349,20 @@ impl Engine for CampaignEngine {
         if !delivery.campaign_id.is_empty()
             && matches!(delivery.status, Status::Delivered | Status::Failed)
         {
-            self.finished(partition, &delivery, effects).await;
+            self.finished(partition, &delivery, effects).await?;
         }
         if !delivery.run_id.is_empty() {
-            let key =
-                crate::campaign::shard_key(&delivery.campaign_id, &delivery.run_id, partition);
-            let mut shard = self.shard(&key).await;
+            let key = (delivery.campaign_id.clone(), delivery.run_id.clone(), partition);
+            let mut shard = self.shard(&key).await?;
             if delivery.status == Status::Delivered {
                 shard.delivered += 1;
             } else {
                 shard.failed += 1;
             }
-            self.save_shard(key, shard, effects);
+            self.save_shard(key, shard, effects)?;
         }
         delivery.next_attempt_ms = None;
-        self.finish(&delivery, effects);
+        self.finish(&delivery, effects)
     }
 
     async fn prefetch_events(
@@ -1313,16 +1374,12 @@ impl Engine for CampaignEngine {
         let mut ids: Vec<&str> = events.iter().map(|e| e.contact_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let keys: Vec<Vec<u8>> =
-            ids.iter().map(|id| crate::contact::key(partition, id).into_bytes()).collect();
-        // On an error the entry is simply absent, and each event reads its contact itself.
-        let found = self.store.get_many_since(&keys, at_least).await.unwrap_or_default();
-        let contacts = ids
-            .iter()
-            .zip(found)
-            .map(|(id, kv)| {
-                (id.to_string(), kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()))
-            })
+        // What cannot be read or decoded here is left out: each such event reads its contact
+        // itself, and fails with the error rather than treating the contact as absent.
+        let found = self.state.contacts(partition, &ids, at_least).await.unwrap_or_default();
+        let contacts = found
+            .into_iter()
+            .filter_map(|(id, contact)| contact.ok().map(|contact| (id, contact)))
             .collect();
         self.prefetched.lock().unwrap_or_else(|p| p.into_inner()).insert(partition, contacts);
     }
@@ -1333,29 +1390,30 @@ impl Engine for CampaignEngine {
         outcomes: &[Outcome],
         at_least: crate::store::Revision,
     ) {
-        let mut keys: Vec<String> = {
+        let mut pairs: Vec<(String, String)> = {
             let cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
             outcomes
                 .iter()
                 .map(|o| &o.job.delivery)
                 .filter(|d| !d.campaign_id.is_empty())
-                .map(|d| crate::status::key(partition, &d.contact_id, &d.campaign_id))
-                .filter(|key| !cached.contains_key(key))
+                .map(|d| (d.contact_id.clone(), d.campaign_id.clone()))
+                .filter(|(contact, campaign)| {
+                    !cached.contains_key(&(partition, contact.clone(), campaign.clone()))
+                })
                 .collect()
         };
-        keys.sort_unstable();
-        keys.dedup();
-        if keys.is_empty() {
+        pairs.sort_unstable();
+        pairs.dedup();
+        if pairs.is_empty() {
             return;
         }
-        let raw: Vec<Vec<u8>> = keys.iter().map(|k| k.clone().into_bytes()).collect();
-        let Ok(found) = self.store.get_many_since(&raw, at_least).await else { return };
+        let Ok(found) = self.state.standings_of(partition, &pairs, at_least).await else { return };
         let mut cached = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, kv) in keys.into_iter().zip(found) {
-            let status =
-                kv.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default();
+        for ((contact, campaign), status) in pairs.into_iter().zip(found) {
+            // A standing that does not decode is left for the outcome to read, and fail on.
+            let Ok(status) = status else { continue };
             // This owner's own writes are newer than anything read here.
-            cached.entry(key).or_insert(status);
+            cached.entry((partition, contact, campaign)).or_insert(status.unwrap_or_default());
         }
     }
 
@@ -1371,50 +1429,36 @@ impl Engine for CampaignEngine {
     async fn sweep(
         &self,
         partition: PartitionId,
-        after: &[u8],
+        after: Option<&str>,
         effects: &mut Effects,
-    ) -> Option<Vec<u8>> {
+    ) -> EngineResult<Option<String>> {
         // Delivery ids sort by creation time, so the deliveries that may have outlived the
         // retention all come before the id of one created a retention ago.
         const PAGE: usize = 200;
         let now = crate::now_ms();
-        let end = record::key(partition, &record::first_id_at(partition, now - self.retention_ms));
-        let start = if after.is_empty() {
-            record::key(partition, "").into_bytes()
-        } else {
-            let mut start = after.to_vec();
-            start.push(0);
-            start
-        };
-        let page =
-            retrying("sweep deliveries", || self.store.range(&start, end.as_bytes(), PAGE)).await?;
-        for kv in &page.kvs {
-            let Ok(found) = serde_json::from_slice::<Delivery>(&kv.value) else { continue };
+        let before = record::first_id_at(partition, now - self.retention_ms);
+        let (page, more) = self.state.deliveries_between(partition, after, &before, PAGE).await?;
+        for (id, found) in page {
+            // A record that does not decode is kept: deleting what cannot be read loses it.
+            let Ok(found) = found else { continue };
             if self.expired(&found, now) {
-                effects.ops.push(Op::delete(kv.key.clone()));
-                if effects.ops.len() >= 100 {
-                    return Some(kv.key.clone());
+                effects.writes.push(Write::remove_delivery(partition, &id));
+                if effects.writes.len() >= 100 {
+                    return Ok(Some(id));
                 }
             }
         }
-        match page.kvs.last() {
-            Some(last) if page.more => Some(last.key.clone()),
-            _ => None,
-        }
+        Ok(more)
     }
 
     fn on_claim(&self, partition: PartitionId, owned: &tokio_util::sync::CancellationToken) {
         self.contacts.own(partition, owned.clone());
+        self.on_abort(partition);
+    }
+
+    fn on_abort(&self, partition: PartitionId) {
         self.prefetched.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
-        let status_prefix = format!("p/{partition:04}/");
-        let shard_suffix = format!("/{partition:04}");
-        self.statuses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| !k.starts_with(&status_prefix));
-        self.shards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| !k.ends_with(&shard_suffix));
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != partition);
+        self.shards.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.2 != partition);
     }
 }

@@ -98,3 +98,8 @@ pub struct IdempotencyRecord {
     /// When the key was first seen, Unix milliseconds.
     pub created_ms: i64,
 }
+
+/// Returns a new id for an inbox entry, `{prefix}_{ulid}`: ids sort by creation time.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+}

@@ -1,9 +1,11 @@
 //! Tidings core: everything below the gRPC surface.
 //!
+//! - [`app`]: the application layer the adapters (gRPC, console) call: ingest, …;
 //! - [`store`]: the key-value contract with etcd's semantics, on etcd and on a local redb file;
 //! - [`cluster`]: membership, partition assignment, ownership with epoch fencing, and the
 //!   per-partition workers that consume inboxes and fire timers;
-//! - [`keys`]: the key layout;
+//! - [`state`]: partition data as typed tables (keys, records, fenced writes);
+//! - [`keys`]: the coordination keys (cluster, nodes, owners);
 //! - [`inbox`], [`timers`]: what partitions hold; [`engine`]: what events and timers mean;
 //! - [`defs`]: typed definitions (webhooks, segments, campaigns) over the store, with etags;
 //! - [`webhook`], [`campaign`]: definitions of webhooks, campaigns and runs;
@@ -14,6 +16,7 @@
 
 //! - [`template`]: Liquid templates.
 
+pub mod app;
 pub mod campaign;
 pub mod cluster;
 pub mod contact;
@@ -28,6 +31,7 @@ pub mod schedule;
 
 pub mod secrets;
 pub mod segment;
+pub mod state;
 pub mod status;
 pub mod store;
 pub mod template;

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::PartitionId;
-
 /// A contact's standing in one campaign.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CampaignStatus {
@@ -35,8 +33,3 @@ pub const SEND_HISTORY: usize = 100;
 
 /// How long send times are kept: the longest frequency cap period.
 pub const SEND_HISTORY_MS: i64 = 365 * 24 * 3600 * 1000;
-
-/// Returns the key of a contact's standing in a campaign.
-pub fn key(partition: PartitionId, contact: &str, campaign: &str) -> String {
-    format!("p/{partition:04}/status/{contact}/{campaign}")
-}

@@ -160,7 +160,7 @@ impl TimerIndex {
     pub fn due_ahead(&self, now: i64, limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.ahead
             .iter()
-            .take_while(|(key, _)| crate::keys::parse_timer_due(key).is_none_or(|due| due <= now))
+            .take_while(|(key, _)| crate::state::keys::timer_due(key).is_none_or(|due| due <= now))
             .take(limit)
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect()
@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn timers_read_ahead_follow_the_owners_writes() {
-        let key = |due: i64, id: &str| crate::keys::timer(3, due, id).into_bytes();
+        let key = |due: i64, id: &str| crate::state::keys::timer(3, due, id).into_bytes();
         let mut index = TimerIndex::default();
         assert!(index.due_ahead(i64::MAX, 10).is_empty());
         // A read that stopped at its limit after the timer due at 20.
@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(index.due_ahead(17, 10).len(), 1);
         assert_eq!(index.due_ahead(20, 1).len(), 1);
         // The next read goes on from where the last one stopped.
-        let until = crate::keys::timers_until(3, 40).into_bytes();
+        let until = crate::state::keys::timers_until(3, 40).into_bytes();
         index.read_ahead([(key(30, "d"), b"d".to_vec())], until.clone());
         assert_eq!((index.ahead_len(), index.ahead_end()), (3, until.as_slice()));
         index.forget_ahead();

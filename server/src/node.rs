@@ -39,6 +39,17 @@ impl Node {
         // The key first: a missing key should not wait for an etcd connection to be reported.
         let cipher = load_cipher(&config)?;
         let store = open_store(&config).await?;
+        Self::serve(config, cipher, store).await
+    }
+
+    /// Starts serving on a store the caller opened (tests wrap one to inject faults); the
+    /// configuration's store settings are not used.
+    pub async fn start_on(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let cipher = load_cipher(&config)?;
+        Self::serve(config, cipher, store).await
+    }
+
+    async fn serve(config: Config, cipher: Cipher, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let templates = Arc::new(Templates::new());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -124,14 +135,17 @@ impl Node {
             templates.clone(),
             dispatcher.clone(),
         );
-        let events =
-            EventApi::new(store.clone(), cluster.partitions(), config.events.idempotency_retention);
+        let ingest = tidings_scheduler::app::Ingest::new(
+            store.clone(),
+            cluster.partitions(),
+            config.events.idempotency_retention,
+        );
+        let events = EventApi::new(ingest.clone(), cluster.partitions());
         let cluster_api = ClusterApi::new(cluster.clone());
         // Stops with the definition caches, after the API.
-        tokio::spawn(crate::api::sweep_idempotency_keys(
-            store.clone(),
+        tokio::spawn(tidings_scheduler::app::sweep_idempotency_keys(
+            ingest.clone(),
             cluster.clone(),
-            config.events.idempotency_retention,
             caches_stop.clone(),
         ));
         let campaigns = CampaignApi::new(
@@ -140,7 +154,11 @@ impl Node {
             templates.clone(),
             cipher.clone(),
         );
-        let deliveries = DeliveryApi::new(store.clone(), cluster.partitions());
+        let deliveries = DeliveryApi::new(tidings_scheduler::app::Deliveries::new(
+            store.clone(),
+            ingest.clone(),
+            cluster.partitions(),
+        ));
         let contacts = Arc::new(ContactApi::new(store.clone(), cluster.partitions()));
 
         let services: [&str; 7] = [

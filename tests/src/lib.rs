@@ -3,11 +3,13 @@
 //! - [`Etcd`]: an etcd process on free ports with a temporary data directory;
 //! - [`NodeProcess`]: the `tidings` binary as a child process, with its logs captured;
 //! - [`wait_until`]: polls a condition with a deadline and says what it waited for;
+//! - [`faults`]: a store wrapper that fails reads on demand;
 //! - [`conformance`]: the [`Store`](tidings_scheduler::store::Store) contract, checked against
 //!   any backend.
 
 pub mod conformance;
 mod etcd;
+pub mod faults;
 mod node;
 mod receiver;
 pub mod setup;

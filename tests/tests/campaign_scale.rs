@@ -260,7 +260,7 @@ async fn an_interval_campaign_over_100k_contacts_sends_once_per_firing() {
         if ids.len() > 1 {
             duplicates += ids.len() - 1;
             assert!(ids.iter().all(|id| *id == ids[0]), "{contact} got two deliveries: {ids:?}");
-            let partition = tidings_scheduler::keys::partition_of(contact, 64);
+            let partition = tidings_scheduler::state::partition_of(contact, 64);
             assert!(killed.contains(&partition), "{contact} (partition {partition}) got {ids:?}");
         }
     }

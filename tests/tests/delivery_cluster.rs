@@ -126,7 +126,7 @@ async fn an_attempt_in_flight_on_a_killed_node_is_retried_by_the_new_owner() {
     let any = nodes.iter().flatten().next().expect("a node");
     setup(any, webhook).await;
     let contact = "the-contact";
-    let partition = tidings_scheduler::keys::partition_of(contact, 64);
+    let partition = tidings_scheduler::state::partition_of(contact, 64);
     let owner =
         store.get(format!("owners/{partition:04}").as_bytes()).await.expect("read").expect("owned");
     let owner = String::from_utf8_lossy(&owner.value).into_owned();

@@ -109,7 +109,7 @@ async fn email_then_sms_then_call_unless_the_contact_acts() {
 
     // Kill the owner of the first contact's partition while its SMS wait runs.
     let first = arrival(&receiver, "/email", "ignores-all").await;
-    let partition = tidings_scheduler::keys::partition_of("ignores-all", 64);
+    let partition = tidings_scheduler::state::partition_of("ignores-all", 64);
     let owner =
         store.get(format!("owners/{partition:04}").as_bytes()).await.expect("read").expect("owned");
     let index: usize =

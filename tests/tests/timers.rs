@@ -284,7 +284,7 @@ async fn invalid_schedules_name_the_field() {
 /// becomes a run, and the partition is never refused a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_of_many_missed_occurrences_fires_them_all() {
-    use tidings_scheduler::store::{Op, Store, Txn};
+    use tidings_scheduler::store::{Store, Txn};
     use tidings_scheduler::timers::{Timer, TimerKind};
     let etcd = tidings_tests::Etcd::start().await.expect("etcd");
     let prefix = tidings_tests::unique_prefix();
@@ -327,11 +327,8 @@ async fn a_replay_of_many_missed_occurrences_fires_them_all() {
         due_ms: due,
         kind: TimerKind::Interval { campaign: "replay".into(), occurrence_ms: due, generation },
     };
-    let key = tidings_scheduler::keys::timer(5, due, &timer.id);
-    store
-        .txn(Txn::new().and_then([Op::put(key, serde_json::to_vec(&timer).expect("timer"))]))
-        .await
-        .expect("plant the timer");
+    let write = tidings_scheduler::state::Write::timer(5, &timer).expect("timer");
+    store.txn(Txn::new().and_then([write.into_op()])).await.expect("plant the timer");
     // An owner learns of timers it did not write when it loads the partition: stop the node
     // (it hands its partitions back) and start another on the same store.
     let mut node = node;

@@ -31,6 +31,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use assign::PartitionId;
+
+/// Returns the owner key of a partition: its create revision is the partition's epoch.
+pub(crate) fn owner_key(partition: PartitionId) -> String {
+    keys::owner(partition)
+}
 pub use partition::PartitionStats;
 
 use crate::engine::Engine;
@@ -119,6 +124,7 @@ struct View {
 
 struct Shared {
     store: Arc<dyn Store>,
+    state: crate::state::State,
     /// Sends the partition workers' transactions, merged where the store gains from it.
     committer: Arc<committer::Committer>,
     options: ClusterOptions,
@@ -165,6 +171,7 @@ impl Cluster {
         }
         let shared = Arc::new(Shared {
             committer: Arc::new(committer::Committer::start(store.clone())),
+            state: crate::state::State::new(store.clone()),
             store,
             options,
             partitions,
@@ -193,6 +200,20 @@ impl Cluster {
     /// Returns the partitions this node currently works on.
     pub fn owned(&self) -> Vec<PartitionId> {
         lock(&self.shared.view).owned.keys().copied().collect()
+    }
+
+    /// Returns the fence of this node's ownership of `partition`, while it works on it.
+    pub fn fence(&self, partition: PartitionId) -> Option<crate::state::Fence> {
+        let view = lock(&self.shared.view);
+        if !view.owned.contains_key(&partition) {
+            return None;
+        }
+        let owner = view.owners.get(&partition).filter(|o| o.node == self.node_id())?;
+        Some(crate::state::Fence {
+            partition,
+            epoch: owner.epoch,
+            signature: format!("{}/{}", owner.node, owner.epoch).into_bytes(),
+        })
     }
 
     /// Returns the live nodes with the partitions each owns.
@@ -228,8 +249,8 @@ impl Cluster {
                     stats.inbox_backlog.load(std::sync::atomic::Ordering::Relaxed),
                 ),
                 None => (
-                    self.shared.store.count_prefix(keys::timers(p).as_bytes()).await?,
-                    self.shared.store.count_prefix(keys::inbox(p).as_bytes()).await?,
+                    self.shared.state.pending_timers(p).await?,
+                    self.shared.state.inbox_backlog(p).await?,
                 ),
             };
             out.push(PartitionStatus {
@@ -477,8 +498,13 @@ impl Manager {
                     partition,
                     epoch,
                     stats: stats.clone(),
-                    signature: format!("{}/{epoch}", self.me()).into_bytes(),
+                    fence: crate::state::Fence {
+                        partition,
+                        epoch,
+                        signature: format!("{}/{epoch}", self.me()).into_bytes(),
+                    },
                     seen: std::sync::atomic::AtomicI64::new(epoch),
+                    in_flight: Default::default(),
                 };
                 let token = cancel.clone();
                 let abort =

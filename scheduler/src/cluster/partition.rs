@@ -7,6 +7,16 @@
 //! A transaction whose outcome is unknown (the store did not answer) is retried; the retry also
 //! checks that the batch's first key still exists, so a batch that did commit is recognised
 //! instead of applied twice.
+//!
+//! Reads fail closed: when the engine cannot read what a batch needs, the batch is dropped
+//! whole (nothing of it is committed, the engine forgets what it kept of it) and the worker
+//! tries it again after a pause, until the read succeeds or the partition is lost. Inbox
+//! entries, due timers and outcomes stay where they were meanwhile.
+//!
+//! Outcomes are checked against the dispatch they answer: a delivery sent again (its
+//! visibility timer fired while the first attempt was still out) has a higher
+//! `dispatch_seq`, and the older attempt's late outcome is dropped instead of overwriting the
+//! newer state.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -20,12 +30,11 @@ use tracing::{debug, info, warn};
 
 use super::PartitionId;
 use crate::delivery::dispatch::{Job, Outcome};
-use crate::engine::{Effects, Engine};
+use crate::engine::{Effects, Engine, EngineError};
 use crate::inbox::InboxEntry;
-use crate::keys;
-use crate::store::{
-    Compare, CompareOp, EventKind, Op, OpResult, Revision, Store, StoreError, Txn, WatchStream,
-};
+use crate::state::keys;
+use crate::state::{Fence, Key, State, StateResult, TimerRef, Write};
+use crate::store::{EventKind, OpResult, Revision, Store, StoreError, WatchStream};
 use crate::timers::{Timer, TimerIndex};
 
 /// Operations per transaction, below etcd's limit of 128 with room for the guard.
@@ -41,6 +50,8 @@ const READ_AHEAD_MAX: usize = 4_096;
 /// How long a batch waits for the attempts it started, to record their outcomes in its own
 /// transaction.
 const RECORD_WAIT: Duration = Duration::from_millis(20);
+/// The first and the longest pause before a batch whose reads failed is tried again.
+const ABORT_PAUSE: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
 /// Live figures of an owned partition, read by ListPartitions.
 #[derive(Debug, Default)]
@@ -62,6 +73,26 @@ pub(crate) enum Exit {
     Fenced,
 }
 
+/// What ends one step of the worker early.
+enum Halt {
+    /// The worker stops.
+    Exit(Exit),
+    /// The engine could not decide a batch; nothing of it was committed, and it is tried again.
+    Abort(EngineError),
+}
+
+impl From<Exit> for Halt {
+    fn from(exit: Exit) -> Self {
+        Halt::Exit(exit)
+    }
+}
+
+impl From<EngineError> for Halt {
+    fn from(error: EngineError) -> Self {
+        Halt::Abort(error)
+    }
+}
+
 pub(crate) struct Worker {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) committer: Arc<super::committer::Committer>,
@@ -69,12 +100,14 @@ pub(crate) struct Worker {
     pub(crate) partition: PartitionId,
     pub(crate) epoch: Revision,
     pub(crate) stats: Arc<PartitionStats>,
-    /// `{node}/{epoch}`, written to `p/{p}/applied` by every batch so that etcd's history
-    /// shows who made each partition write.
-    pub(crate) signature: Vec<u8>,
+    /// The partition, epoch and signature every batch is guarded by and stamped with.
+    pub(crate) fence: Fence,
     /// The newest store revision this worker knows of (its epoch, its last commit, the
     /// inbox entries it has seen): its reads must reflect at least that much.
     pub(crate) seen: std::sync::atomic::AtomicI64,
+    /// The `dispatch_seq` of each delivery's attempt in flight, by delivery id: an outcome
+    /// answering an older dispatch is stale. Only this worker's task touches it.
+    pub(crate) in_flight: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 enum Outcome_ {
@@ -91,33 +124,75 @@ impl Worker {
         self.seen.load(Ordering::Relaxed)
     }
 
-    fn guard(&self) -> Compare {
-        Compare::create_revision(keys::owner(self.partition), CompareOp::Equal, self.epoch)
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Commits `ops` under the epoch guard, retrying while the store is unavailable.
+    /// Starts an attempt, remembering which dispatch of its delivery it is.
+    fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
+        self.in_flight().insert(job.delivery.id.clone(), job.delivery.dispatch_seq);
+        self.engine.dispatch(job, reply);
+    }
+
+    /// Returns whether an outcome answers the latest dispatch of its delivery.
+    fn is_current(&self, outcome: &Outcome) -> bool {
+        let delivery = &outcome.job.delivery;
+        let current = self.in_flight().get(&delivery.id) == Some(&delivery.dispatch_seq);
+        if !current {
+            debug!(partition = self.partition, delivery = %delivery.id, dispatch_seq = delivery.dispatch_seq, "dropping the outcome of an earlier dispatch");
+        }
+        current
+    }
+
+    /// Forgets the dispatches these committed outcomes answered.
+    fn settled<'a>(&self, outcomes: impl IntoIterator<Item = &'a Outcome>) {
+        let mut in_flight = self.in_flight();
+        for outcome in outcomes {
+            let delivery = &outcome.job.delivery;
+            if in_flight.get(&delivery.id) == Some(&delivery.dispatch_seq) {
+                in_flight.remove(&delivery.id);
+            }
+        }
+    }
+
+    /// Turns a step's result into the worker's next move: on with the loop, or stop. A batch
+    /// the engine could not decide is forgotten, and the worker pauses before trying again.
+    async fn recover(
+        &self,
+        step: Result<(), Halt>,
+        failures: &mut u32,
+        cancel: &CancellationToken,
+    ) -> Result<(), Exit> {
+        let error = match step {
+            Ok(()) => {
+                *failures = 0;
+                return Ok(());
+            }
+            Err(Halt::Exit(exit)) => return Err(exit),
+            Err(Halt::Abort(error)) => error,
+        };
+        self.engine.on_abort(self.partition);
+        let pause = ABORT_PAUSE.0.saturating_mul(1 << (*failures).min(6)).min(ABORT_PAUSE.1);
+        *failures += 1;
+        warn!(partition = self.partition, %error, failures = *failures, retry_in_ms = pause.as_millis() as u64, "batch not applied: a read failed; trying again");
+        tokio::select! {
+            _ = cancel.cancelled() => Err(Exit::Cancelled),
+            _ = tokio::time::sleep(pause) => Ok(()),
+        }
+    }
+
+    /// Commits `writes` under the epoch guard, retrying while the store is unavailable.
     async fn commit(
         &self,
-        ops: Vec<Op>,
-        witness: &str,
+        writes: Vec<Write>,
+        witness: &Key,
         cancel: &CancellationToken,
     ) -> Result<Outcome_, Exit> {
         let mut pause = Duration::from_millis(50);
         let mut first = true;
         loop {
-            let mut txn = Txn::new()
-                .when([self.guard()])
-                .and_then(
-                    ops.iter()
-                        .cloned()
-                        .chain([Op::put(keys::applied(self.partition), self.signature.clone())]),
-                )
-                .or_else([Op::get(keys::owner(self.partition))]);
-
-            if !first {
-                // The previous attempt may have committed: require the witness to still exist.
-                txn.when.push(Compare::present(witness.to_string()));
-            }
+            // After a failed attempt that may have committed, the witness must still exist.
+            let txn = State::fenced(&self.fence, writes.clone(), (!first).then_some(witness));
             match self.committer.txn(txn).await {
                 Ok(result) if result.succeeded => {
                     self.saw(result.revision);
@@ -207,7 +282,11 @@ impl Worker {
         let mut next_sweep = sweep_every.map(|every| {
             tokio::time::Instant::now() + every.mul_f64(rand::random::<f64>().max(0.1))
         });
-        let mut sweep_from = Vec::new();
+        let mut sweep_from: Option<String> = None;
+        // Outcomes taken from the channel but not yet recorded (a batch was aborted, or did
+        // not hold them all).
+        let mut held: VecDeque<Outcome> = VecDeque::new();
+        let mut failures = 0;
         loop {
             self.stats.pending_timers.store(index.len(), Ordering::Relaxed);
             self.stats.inbox_backlog.store(pending.len() as u64, Ordering::Relaxed);
@@ -217,16 +296,24 @@ impl Worker {
                 return Err(Exit::Cancelled);
             }
             if let Ok(outcome) = outcomes.try_recv() {
-                self.process_outcomes(outcome, &mut outcomes, &mut index, cancel, &reply).await?;
+                held.push_back(outcome);
+            }
+            if !held.is_empty() {
+                let step = self
+                    .process_outcomes(&mut held, &mut outcomes, &mut index, cancel, &reply)
+                    .await;
+                self.recover(step, &mut failures, cancel).await?;
                 continue;
             }
             if !pending.is_empty() {
-                self.process_inbox(&mut pending, &mut index, cancel, &reply).await?;
+                let step = self.process_inbox(&mut pending, &mut index, cancel, &reply).await;
+                self.recover(step, &mut failures, cancel).await?;
                 continue;
             }
             let now = crate::now_ms();
             if index.next_due().is_some_and(|due| due <= now) {
-                self.fire_timers(&mut index, now, cancel, &reply).await?;
+                let step = self.fire_timers(&mut index, now, cancel, &reply).await;
+                self.recover(step, &mut failures, cancel).await?;
                 continue;
             }
             // Idle: read the timers of the next seconds now, rather than when they fall due.
@@ -241,21 +328,34 @@ impl Worker {
                 && at <= tokio::time::Instant::now()
             {
                 let mut effects = Effects::default();
-                let more = self.engine.sweep(self.partition, &sweep_from, &mut effects).await;
-                if let Some(Op::Delete { key }) = effects.ops.first() {
-                    let mut batch = Batch {
-                        witness: Some(String::from_utf8_lossy(key).into_owned()),
-                        ..Default::default()
+                let more = match self
+                    .engine
+                    .sweep(self.partition, sweep_from.as_deref(), &mut effects)
+                    .await
+                {
+                    Ok(more) => more,
+                    Err(error) => {
+                        // Nothing is lost by sweeping later: the next pass starts over.
+                        debug!(partition = self.partition, %error, "sweep failed; trying again at the next pass");
+                        effects = Effects::default();
+                        None
+                    }
+                };
+                if let Some(first) = effects.writes.first() {
+                    let mut batch =
+                        Batch { witness: Some(first.key().clone()), ..Default::default() };
+                    let step = match batch.add(self.partition, effects) {
+                        Ok(()) => self.commit_batch(batch, &mut index, cancel, &reply).await,
+                        Err(error) => Err(Halt::Abort(error)),
                     };
-                    batch.add(self.partition, effects);
-                    self.commit_batch(batch, &mut index, cancel, &reply).await?;
+                    self.recover(step, &mut failures, cancel).await?;
                 }
                 // A pass that stopped at a full page goes on at once, after the other work.
                 next_sweep = Some(
                     tokio::time::Instant::now()
                         + if more.is_some() { Duration::ZERO } else { every },
                 );
-                sweep_from = more.unwrap_or_default();
+                sweep_from = more;
                 continue;
             }
             let sleep = index.next_due().map_or(Duration::from_secs(3600), |due| {
@@ -268,9 +368,7 @@ impl Worker {
             tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 _ = tokio::time::sleep(sleep) => {}
-                Some(outcome) = outcomes.recv() => {
-                    self.process_outcomes(outcome, &mut outcomes, &mut index, cancel, &reply).await?;
-                }
+                Some(outcome) = outcomes.recv() => held.push_back(outcome),
                 batch = stream.next() => {
                     // Take every batch already received too, so a backlog is handled in full
                     // transactions rather than one watch message at a time.
@@ -307,7 +405,7 @@ impl Worker {
     /// Reads every timer of the partition into a new index, holding on to the stored timers of
     /// the next seconds as a read-ahead would.
     async fn load_timers(&self, cancel: &CancellationToken) -> Result<TimerIndex, Exit> {
-        let prefix = keys::timers(self.partition);
+        let prefix = keys::timers_prefix(self.partition);
         let end = crate::store::prefix_end(prefix.as_bytes());
         let horizon = keys::timers_until(self.partition, crate::now_ms() + READ_AHEAD_MS);
         let mut index = TimerIndex::default();
@@ -319,7 +417,7 @@ impl Worker {
             let page = self.read(cancel, || self.store.range(&start, &end, 10_000)).await?;
             self.saw(page.revision);
             for kv in &page.kvs {
-                if let Some(due) = keys::parse_timer_due(&kv.key) {
+                if let Some(due) = keys::timer_due(&kv.key) {
                     index.add(due);
                 }
                 if kv.key < ahead_end {
@@ -357,7 +455,7 @@ impl Worker {
         cancel: &CancellationToken,
     ) -> Result<(), Exit> {
         let start = match index.ahead_end() {
-            [] => keys::timers(self.partition).into_bytes(),
+            [] => keys::timers_prefix(self.partition).into_bytes(),
             end => end.to_vec(),
         };
         let end = keys::timers_until(self.partition, now + READ_AHEAD_MS).into_bytes();
@@ -385,7 +483,7 @@ impl Worker {
         &self,
         cancel: &CancellationToken,
     ) -> Result<(VecDeque<(Vec<u8>, Vec<u8>)>, HashSet<Vec<u8>>, WatchStream), Exit> {
-        let prefix = keys::inbox(self.partition);
+        let prefix = keys::inbox_prefix(self.partition);
         loop {
             let start = self.read(cancel, || self.store.revision()).await?;
             let stream = match self.store.watch(prefix.as_bytes(), start + 1).await {
@@ -415,7 +513,7 @@ impl Worker {
         index: &mut TimerIndex,
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
-    ) -> Result<(), Exit> {
+    ) -> Result<(), Halt> {
         // Each entry takes at least one write (its removal), so a batch holds at most
         // MAX_BATCH_OPS entries, and one more may be carried into a transaction of its own.
         let mut parsed: VecDeque<serde_json::Result<InboxEntry>> = pending
@@ -438,22 +536,30 @@ impl Worker {
         let mut taken = 0;
         let mut carried = None;
         while let Some(entry) = parsed.pop_front() {
-            let key = pending[taken].0.clone();
-            let effects = self.entry_effects(&key, entry).await;
+            let raw = &pending[taken].0;
+            let effects = self.entry_effects(raw, entry).await?;
+            let key = Key::inbox_at(self.partition, raw).ok_or(Halt::Exit(Exit::Fenced));
+            let key = match key {
+                Ok(key) => key,
+                Err(halt) => {
+                    warn!(partition = self.partition, key = %String::from_utf8_lossy(raw), "an inbox key outside the inbox; dropping the partition");
+                    return Err(halt);
+                }
+            };
             // The engine may have cached what these effects write, so they are never dropped:
             // when they do not fit, they go in a transaction of their own right after.
-            if taken > 0 && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
+            if taken > 0 && batch.writes.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
                 carried = Some((key, effects));
                 break;
             }
-            batch.consume(key, effects, self.partition);
+            batch.consume(key, effects, self.partition)?;
             taken += 1;
         }
         self.commit_batch(batch, index, cancel, reply).await?;
         pending.drain(..taken);
         if let Some((key, effects)) = carried {
             let mut batch = Batch::default();
-            batch.consume(key, effects, self.partition);
+            batch.consume(key, effects, self.partition)?;
             self.commit_batch(batch, index, cancel, reply).await?;
             pending.pop_front();
         }
@@ -461,13 +567,20 @@ impl Worker {
     }
 
     /// Asks the engine what an inbox entry means.
-    async fn entry_effects(&self, key: &[u8], entry: serde_json::Result<InboxEntry>) -> Effects {
+    async fn entry_effects(
+        &self,
+        key: &[u8],
+        entry: serde_json::Result<InboxEntry>,
+    ) -> Result<Effects, EngineError> {
         let mut effects = Effects::default();
         match entry {
             Ok(InboxEntry::Event(event)) => {
                 self.engine.on_event(self.partition, &event, &mut effects).await
             }
-            Ok(InboxEntry::Schedule(timer)) => effects.timers.push(timer),
+            Ok(InboxEntry::Schedule(timer)) => {
+                effects.timers.push(timer);
+                Ok(())
+            }
             Ok(InboxEntry::Redeliver { delivery }) => {
                 self.engine.on_redeliver(self.partition, &delivery, &mut effects).await
             }
@@ -492,55 +605,82 @@ impl Worker {
                     .on_run_shard(self.partition, &campaign, &run, &after, &mut effects)
                     .await
             }
-            Err(error) => warn!(
-                partition = self.partition,
-                key = %String::from_utf8_lossy(key),
-                %error,
-                "dropping an unreadable inbox entry"
-            ),
-        }
-        effects
+            Err(error) => {
+                // Written by the API from a typed entry, so only a newer version's entry (or a
+                // damaged store) fails here; keeping it would stop the partition for good.
+                warn!(
+                    partition = self.partition,
+                    key = %String::from_utf8_lossy(key),
+                    %error,
+                    "dropping an unreadable inbox entry"
+                );
+                Ok(())
+            }
+        }?;
+        Ok(effects)
     }
 
-    /// Records attempt outcomes, as many as are waiting, in one transaction.
+    /// Records attempt outcomes, as many as are waiting, a transaction's worth at a time.
+    /// Outcomes not recorded (the batch was aborted, or a few rounds are done) stay in `held`.
     async fn process_outcomes(
         &self,
-        first: Outcome,
+        held: &mut VecDeque<Outcome>,
         outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
         index: &mut TimerIndex,
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
-    ) -> Result<(), Exit> {
+    ) -> Result<(), Halt> {
         // Each outcome takes a handful of writes: take as many as one transaction holds.
         const PER_BATCH: usize = MAX_BATCH_OPS / 8;
         // A few transactions' worth at most, so the inbox and timers get their turn.
         const ROUNDS: usize = 4;
-        let mut waiting = vec![first];
-        for round in 0.. {
-            while round < ROUNDS && waiting.len() < PER_BATCH {
+        for _ in 0..ROUNDS {
+            while held.len() < PER_BATCH {
                 match outcomes.try_recv() {
-                    Ok(outcome) => waiting.push(outcome),
+                    Ok(outcome) => held.push_back(outcome),
                     Err(_) => break,
                 }
             }
-            if waiting.is_empty() {
+            held.retain(|outcome| self.is_current(outcome));
+            if held.is_empty() {
                 return Ok(());
             }
+            let take = held.len().min(PER_BATCH);
+            let waiting: Vec<Outcome> = held.drain(..take).collect();
             self.engine.prefetch_outcomes(self.partition, &waiting, self.seen()).await;
             let mut batch = Batch::default();
-            let mut rest = std::mem::take(&mut waiting).into_iter();
-            for outcome in rest.by_ref() {
-                let key = crate::delivery::record::key(self.partition, &outcome.job.delivery.id);
+            let mut used = 0;
+            let mut failed = None;
+            for outcome in &waiting {
+                let key = Key::Delivery {
+                    partition: self.partition,
+                    id: outcome.job.delivery.id.clone(),
+                };
                 let mut effects = Effects::default();
-                self.engine.on_outcome(self.partition, outcome, &mut effects).await;
+                let decided = self.engine.on_outcome(self.partition, outcome, &mut effects).await;
+                if let Err(error) = decided.and_then(|()| batch.add(self.partition, effects)) {
+                    failed = Some(error);
+                    break;
+                }
                 batch.witness.get_or_insert(key);
-                batch.add(self.partition, effects);
-                if batch.ops.len() + 8 > MAX_BATCH_OPS {
+                used += 1;
+                if batch.writes.len() + 8 > MAX_BATCH_OPS {
                     break;
                 }
             }
-            waiting.extend(rest);
+            if let Some(error) = failed {
+                for outcome in waiting.into_iter().rev() {
+                    held.push_front(outcome);
+                }
+                return Err(Halt::Abort(error));
+            }
+            let mut waiting = waiting.into_iter();
+            let recorded: Vec<Outcome> = waiting.by_ref().take(used).collect();
+            for outcome in waiting.rev() {
+                held.push_front(outcome);
+            }
             self.commit_batch(batch, index, cancel, reply).await?;
+            self.settled(&recorded);
         }
         Ok(())
     }
@@ -560,7 +700,7 @@ impl Worker {
         index: &mut TimerIndex,
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
-    ) -> Result<(), Exit> {
+    ) -> Result<(), Halt> {
         let Some(witness) = batch.witness.clone() else { return Ok(()) };
         let overflow = if batch.dispatch.is_empty() {
             Vec::new()
@@ -578,30 +718,21 @@ impl Worker {
     async fn apply(
         &self,
         batch: Batch,
-        witness: &str,
+        witness: &Key,
         index: &mut TimerIndex,
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Exit> {
-        let ops = collapse(batch.ops);
-        let prefix = keys::timers(self.partition);
-        let timer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = ops
+        let writes = collapse(batch.writes);
+        // What the batch does to stored timers, for the index's copy of the next seconds.
+        let timer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes
             .iter()
-            .filter_map(|op| match op {
-                Op::Put { key, value, .. } if key.starts_with(prefix.as_bytes()) => {
-                    Some((key.clone(), Some(value.clone())))
-                }
-                Op::Delete { key } if key.starts_with(prefix.as_bytes()) => {
-                    Some((key.clone(), None))
-                }
+            .filter_map(|write| match write.key() {
+                Key::Timer(timer) => Some((timer.encode(), write.value().map(<[u8]>::to_vec))),
                 _ => None,
             })
             .collect();
-        let clears_timers = ops.iter().any(|op| {
-            matches!(op, Op::DeletePrefix { prefix: cleared }
-                if cleared.starts_with(prefix.as_bytes()) || prefix.as_bytes().starts_with(cleared))
-        });
-        match self.commit(ops, witness, cancel).await? {
+        match self.commit(writes, witness, cancel).await? {
             Outcome_::Applied => {
                 for due in batch.removed {
                     index.remove(due);
@@ -612,12 +743,10 @@ impl Worker {
                 for (key, value) in timer_writes {
                     index.written(&key, value.as_deref());
                 }
-                if clears_timers {
-                    index.forget_ahead();
-                }
                 for job in batch.dispatch {
-                    self.engine.dispatch(job, reply.clone());
+                    self.dispatch(job, reply.clone());
                 }
+                self.settled(&batch.recorded);
                 Ok(())
             }
             Outcome_::Fenced => Err(Exit::Fenced),
@@ -634,8 +763,8 @@ impl Worker {
     ) -> Vec<Batch> {
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let mut waiting = batch.dispatch.len();
-        for job in batch.dispatch.drain(..) {
-            self.engine.dispatch(job, sender.clone());
+        for job in std::mem::take(&mut batch.dispatch) {
+            self.dispatch(job, sender.clone());
         }
         drop(sender);
         let deadline = tokio::time::Instant::now() + RECORD_WAIT;
@@ -665,26 +794,52 @@ impl Worker {
         }
         self.engine.prefetch_outcomes(self.partition, &arrived, self.seen()).await;
         let mut overflow: Vec<Batch> = Vec::new();
-        for outcome in arrived {
-            let key = crate::delivery::record::key(self.partition, &outcome.job.delivery.id);
+        let mut arrived = arrived.into_iter();
+        while let Some(outcome) = arrived.next() {
+            let key =
+                Key::Delivery { partition: self.partition, id: outcome.job.delivery.id.clone() };
             let mut effects = Effects::default();
-            self.engine.on_outcome(self.partition, outcome, &mut effects).await;
-            let effects = if overflow.is_empty() {
-                match batch.absorb(effects, self.partition) {
-                    Ok(()) => continue,
+            let mut decided = self.engine.on_outcome(self.partition, &outcome, &mut effects).await;
+            let effects = match decided {
+                Ok(()) if overflow.is_empty() => match batch.absorb(effects, self.partition) {
+                    Ok(()) => {
+                        batch.recorded.push(outcome);
+                        continue;
+                    }
                     Err(effects) => effects,
-                }
-            } else {
-                effects
+                },
+                _ => effects,
             };
-            if overflow.last().is_none_or(|b| b.ops.len() + effects.op_count() > MAX_BATCH_OPS) {
-                overflow.push(Batch::default());
+            if decided.is_ok() {
+                if overflow
+                    .last()
+                    .is_none_or(|b| b.writes.len() + effects.op_count() > MAX_BATCH_OPS)
+                {
+                    overflow.push(Batch::default());
+                }
+                if let Some(last) = overflow.last_mut() {
+                    decided = last.add(self.partition, effects);
+                    if decided.is_ok() {
+                        last.witness.get_or_insert(key);
+                        last.recorded.push(outcome);
+                        continue;
+                    }
+                }
             }
-            if let Some(last) = overflow.last_mut() {
-                last.witness.get_or_insert(key);
-                last.add(self.partition, effects);
+            if let Err(error) = decided {
+                // This batch's attempts are out already, so the batch goes on; the outcomes
+                // not recorded yet reach the worker the usual way, and are recorded after it
+                // commits. What the engine kept of the failed one goes, and with it what it
+                // kept of this batch, which reads after the commit find in the store.
+                warn!(partition = self.partition, %error, "outcome not recorded with its batch: a read failed");
+                self.engine.on_abort(self.partition);
+                for outcome in std::iter::once(outcome).chain(arrived) {
+                    let _ = reply.send(outcome);
+                }
+                break;
             }
         }
+        overflow.retain(|batch| batch.witness.is_some());
         overflow
     }
 
@@ -694,7 +849,7 @@ impl Worker {
         now: i64,
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
-    ) -> Result<(), Exit> {
+    ) -> Result<(), Halt> {
         let mut due = index.due_ahead(now, TIMER_BATCH);
         if due.is_empty() && !self.reads_ahead(index, now) {
             self.read_ahead(index, now, cancel).await?;
@@ -710,9 +865,13 @@ impl Worker {
         let mut batch = Batch::default();
         let mut carried = None;
         for (key, value) in &due {
+            let Some(fired) = TimerRef::parse(self.partition, key) else {
+                warn!(partition = self.partition, key = %String::from_utf8_lossy(key), "a timer key outside the timers; dropping the partition");
+                return Err(Halt::Exit(Exit::Fenced));
+            };
             let mut effects = Effects::default();
             match serde_json::from_slice::<Timer>(value) {
-                Ok(timer) => self.engine.on_timer(self.partition, &timer, &mut effects).await,
+                Ok(timer) => self.engine.on_timer(self.partition, &timer, &mut effects).await?,
                 Err(error) => warn!(
                     partition = self.partition,
                     key = %String::from_utf8_lossy(key),
@@ -721,16 +880,18 @@ impl Worker {
                 ),
             }
             // As with inbox entries, effects that do not fit go in a transaction of their own.
-            if !batch.ops.is_empty() && batch.ops.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
-                carried = Some((key, effects));
+            if !batch.writes.is_empty()
+                && batch.writes.len() + 1 + effects.op_count() > MAX_BATCH_OPS
+            {
+                carried = Some((fired, effects));
                 break;
             }
-            batch.consume_timer(key, effects, self.partition, now);
+            batch.consume_timer(fired, effects, self.partition)?;
         }
         self.commit_batch(batch, index, cancel, reply).await?;
-        if let Some((key, effects)) = carried {
+        if let Some((fired, effects)) = carried {
             let mut batch = Batch::default();
-            batch.consume_timer(key, effects, self.partition, now);
+            batch.consume_timer(fired, effects, self.partition)?;
             self.commit_batch(batch, index, cancel, reply).await?;
         }
         Ok(())
@@ -739,87 +900,93 @@ impl Worker {
 
 /// Keeps only the last write to each key: etcd refuses a transaction that writes a key twice,
 /// and the last write is the one that would stand.
-fn collapse(ops: Vec<Op>) -> Vec<Op> {
+fn collapse(writes: Vec<Write>) -> Vec<Write> {
     let mut seen = HashSet::new();
-    let mut kept: Vec<Op> = ops
-        .into_iter()
-        .rev()
-        .filter(|op| op.written_key().is_none_or(|k| seen.insert(k.clone())))
-        .collect();
+    let mut kept: Vec<Write> =
+        writes.into_iter().rev().filter(|write| seen.insert(write.key().clone())).collect();
     kept.reverse();
     kept
-}
-
-/// The write that stores a timer.
-fn timer_op(partition: PartitionId, timer: &Timer) -> Op {
-    let key = keys::timer(partition, timer.due_ms, &timer.id);
-    // Timers are plain structs and always serialize.
-    Op::put(key, serde_json::to_vec(timer).unwrap_or_default())
 }
 
 /// The writes of one transaction and what to do once it commits.
 #[derive(Default)]
 struct Batch {
-    ops: Vec<Op>,
+    writes: Vec<Write>,
     /// Due times of timers the batch adds and removes, for the index.
     added: Vec<i64>,
     removed: Vec<i64>,
     dispatch: Vec<Job>,
+    /// Outcomes whose records the batch writes: their dispatches are settled once it commits.
+    recorded: Vec<Outcome>,
     /// A key the batch deletes or writes, to recognise a batch that did commit.
-    witness: Option<String>,
+    witness: Option<Key>,
+}
+
+/// Returns the index of the last write to `key`.
+fn last_write(writes: &[Write], key: &Key) -> Option<usize> {
+    writes.iter().rposition(|write| write.key() == key)
 }
 
 impl Batch {
     /// Adds the removal of an inbox entry and the effects it had.
-    fn consume(&mut self, key: Vec<u8>, effects: Effects, partition: PartitionId) {
-        self.witness.get_or_insert_with(|| String::from_utf8_lossy(&key).into_owned());
-        self.ops.push(Op::delete(key));
-        self.add(partition, effects);
+    fn consume(&mut self, key: Key, effects: Effects, partition: PartitionId) -> StateResult {
+        let Key::Inbox { partition: of, id } = &key else {
+            return Ok(());
+        };
+        let removal = Write::remove_inbox(*of, id);
+        self.witness.get_or_insert(key);
+        self.writes.push(removal);
+        self.add(partition, effects)
     }
 
     /// Adds the removal of a fired timer and the effects it had.
-    fn consume_timer(&mut self, key: &[u8], effects: Effects, partition: PartitionId, now: i64) {
-        self.witness.get_or_insert_with(|| String::from_utf8_lossy(key).into_owned());
-        self.ops.push(Op::delete(key.to_vec()));
-        self.removed.push(keys::parse_timer_due(key).unwrap_or(now));
-        self.add(partition, effects);
+    fn consume_timer(
+        &mut self,
+        fired: TimerRef,
+        effects: Effects,
+        partition: PartitionId,
+    ) -> StateResult {
+        self.witness.get_or_insert(Key::Timer(fired.clone()));
+        self.removed.push(fired.due_ms);
+        self.writes.push(Write::remove_timer(fired));
+        self.add(partition, effects)
     }
 
     /// Adds the effects of an outcome of one of this batch's attempts: writes to keys the
     /// batch already writes replace those, and the attempt's visibility timer, written by this
     /// batch, is dropped instead of deleted. Gives the effects back, changing nothing, when the
-    /// result would not fit one transaction.
+    /// result would not fit one transaction (or a timer would not encode).
     fn absorb(&mut self, effects: Effects, partition: PartitionId) -> Result<(), Effects> {
-        let last = |ops: &[Op], key: &[u8]| {
-            ops.iter().rposition(|op| op.written_key().is_some_and(|k| k.as_slice() == key))
-        };
-        let timers: Vec<(i64, Op)> =
-            effects.timers.iter().map(|t| (t.due_ms, timer_op(partition, t))).collect();
+        let Ok(timers) = timer_writes(partition, &effects.timers) else { return Err(effects) };
         let added = effects
-            .ops
+            .writes
             .iter()
-            .chain(timers.iter().map(|(_, op)| op))
-            .filter(|op| op.written_key().is_none_or(|k| last(&self.ops, k).is_none()))
+            .chain(timers.iter().map(|(_, write)| write))
+            .filter(|write| last_write(&self.writes, write.key()).is_none())
             .count();
         let dropped = effects
             .cancel_timers
             .iter()
-            .filter(|(_, key)| last(&self.ops, key.as_bytes()).is_some())
+            .filter(|timer| last_write(&self.writes, &Key::Timer((*timer).clone())).is_some())
             .count();
         let deleted = effects.cancel_timers.len() - dropped;
-        if self.ops.len() + added + deleted - dropped > MAX_BATCH_OPS {
+        if self.writes.len() + added + deleted - dropped > MAX_BATCH_OPS {
             return Err(effects);
         }
-        for (due, key) in effects.cancel_timers {
-            match last(&self.ops, key.as_bytes()) {
+        for timer in effects.cancel_timers {
+            let due = timer.due_ms;
+            let key = Key::Timer(timer);
+            match last_write(&self.writes, &key) {
                 Some(i) => {
-                    self.ops.remove(i);
+                    self.writes.remove(i);
                     if let Some(j) = self.added.iter().position(|d| *d == due) {
                         self.added.swap_remove(j);
                     }
                 }
                 None => {
-                    self.ops.push(Op::delete(key));
+                    if let Key::Timer(timer) = key {
+                        self.writes.push(Write::remove_timer(timer));
+                    }
                     self.removed.push(due);
                 }
             }
@@ -827,44 +994,61 @@ impl Batch {
         for (due, _) in &timers {
             self.added.push(*due);
         }
-        for op in effects.ops.into_iter().chain(timers.into_iter().map(|(_, op)| op)) {
-            match op.written_key().and_then(|k| last(&self.ops, k)) {
-                Some(i) => self.ops[i] = op,
-                None => self.ops.push(op),
+        for write in effects.writes.into_iter().chain(timers.into_iter().map(|(_, write)| write)) {
+            match last_write(&self.writes, write.key()) {
+                Some(i) => self.writes[i] = write,
+                None => self.writes.push(write),
             }
         }
         self.dispatch.extend(effects.dispatch);
         Ok(())
     }
 
-    fn add(&mut self, partition: PartitionId, effects: Effects) {
-        self.ops.extend(effects.ops);
-        for timer in effects.timers {
-            self.ops.push(timer_op(partition, &timer));
-            self.added.push(timer.due_ms);
+    /// Adds effects; changes nothing when a timer does not encode.
+    fn add(&mut self, partition: PartitionId, effects: Effects) -> StateResult {
+        let timers = timer_writes(partition, &effects.timers)?;
+        self.writes.extend(effects.writes);
+        for (due, write) in timers {
+            self.writes.push(write);
+            self.added.push(due);
         }
-        for (due, key) in effects.cancel_timers {
-            self.ops.push(Op::delete(key));
-            self.removed.push(due);
+        for timer in effects.cancel_timers {
+            self.removed.push(timer.due_ms);
+            self.writes.push(Write::remove_timer(timer));
         }
         self.dispatch.extend(effects.dispatch);
+        Ok(())
     }
+}
+
+/// Returns the writes that register `timers`, with their due times.
+fn timer_writes(partition: PartitionId, timers: &[Timer]) -> StateResult<Vec<(i64, Write)>> {
+    timers.iter().map(|timer| Ok((timer.due_ms, Write::timer(partition, timer)?))).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::CampaignStatus;
+
+    fn standing(sends: u64) -> Write {
+        let status = CampaignStatus { sends, ..Default::default() };
+        Write::standing(1, "c", "k", &status).expect("encodes")
+    }
 
     #[test]
     fn collapse_keeps_the_last_write_of_each_key_in_order() {
-        let ops = vec![
-            Op::put("a", "1"),
-            Op::put("b", "1"),
-            Op::delete("a"),
-            Op::put("c", "1"),
-            Op::put("b", "2"),
+        let writes = vec![
+            standing(1),
+            Write::remove_delivery(1, "a"),
+            Write::remove_inbox(1, "e"),
+            standing(2),
+            Write::remove_delivery(1, "a"),
         ];
-        assert_eq!(collapse(ops), vec![Op::delete("a"), Op::put("c", "1"), Op::put("b", "2")]);
+        assert_eq!(
+            collapse(writes),
+            vec![Write::remove_inbox(1, "e"), standing(2), Write::remove_delivery(1, "a")]
+        );
     }
 
     #[test]
@@ -874,44 +1058,42 @@ mod tests {
             due_ms,
             kind: crate::timers::TimerKind::Attempt { delivery: "d1".into() },
         };
+        let delivery = |status| {
+            let origin = crate::delivery::record::Origin::default();
+            let mut delivery = crate::delivery::record::Delivery::new("d1".into(), 1, origin, 0);
+            delivery.status = status;
+            Write::delivery(&delivery).expect("encodes")
+        };
+        use crate::delivery::record::Status;
         let mut batch = Batch::default();
-        batch.consume(
-            b"p/0001/inbox/e1".to_vec(),
-            Effects {
-                ops: vec![Op::put("p/0001/deliveries/d1", "sending")],
-                timers: vec![timer(5_000)],
-                ..Default::default()
-            },
-            1,
-        );
-        assert_eq!((batch.ops.len(), batch.added.clone()), (3, vec![5_000]));
+        let inbox = Key::Inbox { partition: 1, id: "e1".into() };
+        let effects = Effects {
+            writes: vec![delivery(Status::Sending)],
+            timers: vec![timer(5_000)],
+            ..Default::default()
+        };
+        batch.consume(inbox, effects, 1).expect("added");
+        assert_eq!((batch.writes.len(), batch.added.clone()), (3, vec![5_000]));
         let outcome = Effects {
-            ops: vec![
-                Op::put("p/0001/deliveries/d1", "delivered"),
-                Op::put("p/0001/status/c", "s"),
-            ],
-            cancel_timers: vec![(5_000, keys::timer(1, 5_000, "d1"))],
+            writes: vec![delivery(Status::Delivered), standing(1)],
+            cancel_timers: vec![TimerRef::of(1, &timer(5_000))],
             ..Default::default()
         };
         assert!(batch.absorb(outcome, 1).is_ok());
         assert_eq!(
-            batch.ops,
-            vec![
-                Op::delete("p/0001/inbox/e1"),
-                Op::put("p/0001/deliveries/d1", "delivered"),
-                Op::put("p/0001/status/c", "s"),
-            ]
+            batch.writes,
+            vec![Write::remove_inbox(1, "e1"), delivery(Status::Delivered), standing(1)]
         );
         assert!(batch.added.is_empty() && batch.removed.is_empty());
 
         // An outcome that would not fit is given back untouched.
         let mut full = Batch {
-            ops: (0..MAX_BATCH_OPS).map(|i| Op::put(format!("k{i}"), "v")).collect(),
+            writes: (0..MAX_BATCH_OPS).map(|i| Write::remove_inbox(1, &format!("e{i}"))).collect(),
             ..Default::default()
         };
-        let outcome = Effects { ops: vec![Op::put("other", "v")], ..Default::default() };
+        let outcome = Effects { writes: vec![standing(3)], ..Default::default() };
         let back = full.absorb(outcome, 1).expect_err("does not fit");
-        assert_eq!(back.ops, vec![Op::put("other", "v")]);
-        assert_eq!(full.ops.len(), MAX_BATCH_OPS);
+        assert_eq!(back.writes, vec![standing(3)]);
+        assert_eq!(full.writes.len(), MAX_BATCH_OPS);
     }
 }

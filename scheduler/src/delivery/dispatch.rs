@@ -55,8 +55,8 @@ impl Default for DispatchOptions {
 pub struct Job {
     /// The delivery as written when it was dispatched.
     pub delivery: Delivery,
-    /// Key of the timer that retries the attempt if no outcome is recorded in time.
-    pub visibility_key: String,
+    /// The timer that retries the attempt if no outcome is recorded in time.
+    pub visibility: crate::state::TimerRef,
 }
 
 /// The outcome of a job, for its partition worker.

@@ -168,11 +168,6 @@ pub fn partition_of_id(id: &str) -> Option<PartitionId> {
     id.strip_prefix("msg_")?.get(..4)?.parse().ok()
 }
 
-/// Returns the key of a delivery.
-pub fn key(partition: PartitionId, id: &str) -> String {
-    format!("p/{partition:04}/deliveries/{id}")
-}
-
 /// Who and what a new delivery is for.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Origin<'a> {

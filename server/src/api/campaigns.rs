@@ -6,15 +6,16 @@ use tidings_api::v1 as pb;
 use tidings_api::v1::campaign_service_server::CampaignService;
 use tidings_scheduler::campaign::{
     Audience, Campaign, CampaignState, FrequencyCap, IntervalTrigger, Run, RunState, SendWindow,
-    Trigger, run_key,
+    Trigger,
 };
 use tidings_scheduler::defs::{Definitions, DefsError, Versioned};
 use tidings_scheduler::inbox::InboxEntry;
 use tidings_scheduler::schedule::Misfire;
+use tidings_scheduler::state::keys;
 use tidings_scheduler::store::{Compare, Op, OpResult, Store, Txn};
 use tidings_scheduler::timers::{Timer, TimerKind};
 use tidings_scheduler::webhook::Webhook;
-use tidings_scheduler::{keys, now_ms, rules};
+use tidings_scheduler::{now_ms, rules};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
@@ -820,16 +821,20 @@ impl CampaignApi {
         );
         run.data =
             request.data.as_ref().map(struct_to_json).unwrap_or_default().into_iter().collect();
-        let key = run_key(&request.id, &run_id);
+        let key = keys::run(&request.id, &run_id);
         let mut ops = vec![Op::put(key.clone(), serde_json::to_vec(&run).unwrap_or_default())];
         if !later {
-            ops.extend(tidings_scheduler::campaign::fan_out(
-                &request.id,
-                &run_id,
-                0,
-                self.partitions,
-                tidings_scheduler::keys::partition_of(&request.id, self.partitions),
-            ));
+            ops.extend(
+                tidings_scheduler::campaign::fan_out(
+                    &request.id,
+                    &run_id,
+                    0,
+                    self.partitions,
+                    keys::partition_of(&request.id, self.partitions),
+                )?
+                .into_iter()
+                .map(tidings_scheduler::state::Write::into_op),
+            );
         }
         if later {
             let timer = Timer {
@@ -883,9 +888,10 @@ impl FromProto for RunState {
 impl CampaignApi {
     /// Returns a run with its counters added up.
     async fn read_run(&self, campaign: &str, run_id: &str) -> Result<pb::Run, ApiError> {
-        let kv = self.store.get(run_key(campaign, run_id).as_bytes()).await?.ok_or_else(|| {
-            ApiError::NotFound(format!("run {run_id} of campaign {campaign} not found"))
-        })?;
+        let kv =
+            self.store.get(keys::run(campaign, run_id).as_bytes()).await?.ok_or_else(|| {
+                ApiError::NotFound(format!("run {run_id} of campaign {campaign} not found"))
+            })?;
         let run: Run = serde_json::from_slice(&kv.value)
             .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
         let run = self.with_shards(campaign, run_id, run).await?;
@@ -905,7 +911,7 @@ impl CampaignApi {
             v.add("run_id", "is required");
         }
         v.check()?;
-        let key = run_key(campaign, run_id);
+        let key = keys::run(campaign, run_id);
         loop {
             let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
                 ApiError::NotFound(format!("run {run_id} of campaign {campaign} not found"))
@@ -1282,7 +1288,7 @@ impl CampaignService for CampaignApi {
         v.check()?;
         let kv = self
             .store
-            .get(run_key(&request.campaign_id, &request.run_id).as_bytes())
+            .get(keys::run(&request.campaign_id, &request.run_id).as_bytes())
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| {

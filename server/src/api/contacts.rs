@@ -10,12 +10,14 @@ use futures::StreamExt;
 use tidings_api::v1 as pb;
 use tidings_api::v1::contact_service_server::ContactService;
 use tidings_api::v1::segment_service_server::SegmentService;
-use tidings_scheduler::contact::{self, Contact};
+use tidings_scheduler::app::contacts::Versioned as VersionedContact;
+use tidings_scheduler::app::{ContactError, Contacts};
+use tidings_scheduler::contact::Contact;
 use tidings_scheduler::defs::{Definitions, DefsError, Versioned};
-use tidings_scheduler::rules::{self, Programs};
+use tidings_scheduler::now_ms;
+use tidings_scheduler::rules;
 use tidings_scheduler::segment::Segment;
-use tidings_scheduler::store::{Compare, CompareOp, KeyValue, Op, Store, Txn};
-use tidings_scheduler::{keys, now_ms};
+use tidings_scheduler::store::Store;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{json_to_struct, struct_to_json, timestamp};
@@ -31,24 +33,30 @@ const MAX_REJECTS_LISTED: usize = 1000;
 
 /// Serves ContactService and SegmentService.
 pub(crate) struct ContactApi {
+    /// For the definitions of segments and campaigns.
     store: Arc<dyn Store>,
-    partitions: u32,
+    contacts: Contacts,
     segments: Definitions<Segment>,
-    programs: Arc<Programs>,
+}
+
+impl From<ContactError> for ApiError {
+    fn from(error: ContactError) -> Self {
+        match error {
+            ContactError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            ContactError::Conflict { .. } => ApiError::FailedPrecondition(error.to_string()),
+            ContactError::InvalidCursor => invalid("page_token", error.to_string()),
+            ContactError::State(error) => error.into(),
+        }
+    }
 }
 
 impl ContactApi {
     pub(crate) fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
         Self {
             segments: Definitions::new(store.clone(), "segment", "segments"),
+            contacts: Contacts::new(store.clone(), partitions),
             store,
-            partitions,
-            programs: Arc::new(Programs::default()),
         }
-    }
-
-    fn key(&self, id: &str) -> String {
-        contact::key(keys::partition_of(id, self.partitions), id)
     }
 
     /// Validates a contact; `field` prefixes violations.
@@ -87,16 +95,8 @@ impl ContactApi {
         }
     }
 
-    fn decode(kv: &KeyValue) -> Option<(String, Contact)> {
-        let key = String::from_utf8_lossy(&kv.key).into_owned();
-        let id = key.split_once("/contacts/")?.1.to_string();
-        Some((id, serde_json::from_slice(&kv.value).ok()?))
-    }
-
-    /// Returns whether a contact is in a segment filter (false when the filter fails).
-    fn matches(&self, filter: &str, id: &str, c: &Contact) -> bool {
-        filter.is_empty()
-            || self.programs.evaluate(filter, &[("contact", &c.view(id))]).unwrap_or(false)
+    fn versioned_to_proto(c: &VersionedContact) -> pb::Contact {
+        Self::to_proto(&c.id, &c.contact, c.version)
     }
 
     fn segment_to_proto(s: &Versioned<Segment>) -> pb::Segment {
@@ -127,33 +127,9 @@ impl ContactApi {
         filter: &str,
         sample: usize,
     ) -> Result<(u64, u64, Vec<pb::Contact>), ApiError> {
-        let (mut count, mut total, mut contacts) = (0, 0, Vec::new());
-        for partition in 0..self.partitions {
-            let prefix = format!("p/{partition:04}/contacts/");
-            let end = tidings_scheduler::store::prefix_end(prefix.as_bytes());
-            let mut start = prefix.clone().into_bytes();
-            loop {
-                let page = self.store.range(&start, &end, 1000).await?;
-                for kv in &page.kvs {
-                    let Some((id, c)) = Self::decode(kv) else { continue };
-                    total += 1;
-                    if self.matches(filter, &id, &c) {
-                        count += 1;
-                        if contacts.len() < sample {
-                            contacts.push(Self::to_proto(&id, &c, kv.mod_revision));
-                        }
-                    }
-                }
-                match page.kvs.last() {
-                    Some(last) if page.more => {
-                        start = last.key.clone();
-                        start.push(0);
-                    }
-                    _ => break,
-                }
-            }
-        }
-        Ok((count, total, contacts))
+        let audience = self.contacts.audience(filter, sample).await?;
+        let sample = audience.sample.iter().map(Self::versioned_to_proto).collect();
+        Ok((audience.members, audience.examined, sample))
     }
 }
 
@@ -168,40 +144,12 @@ impl ContactService for ContactApi {
             return Err(invalid("contact", "is required").into());
         };
         let mut v = Violations::default();
-        let mut contact = Self::to_domain(&proto, "contact", &mut v);
+        let contact = Self::to_domain(&proto, "contact", &mut v);
         v.check()?;
         let etag = parse_etag("etag", &request.etag)?;
-        let key = self.key(&proto.id);
-        loop {
-            let current = self.store.get(key.as_bytes()).await.map_err(ApiError::from)?;
-            if let Some(etag) = etag
-                && current.as_ref().map(|kv| kv.mod_revision) != Some(etag)
-            {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "contact {} changed since etag {etag} was read",
-                    proto.id
-                ))
-                .into());
-            }
-            if let Some(existing) =
-                current.as_ref().and_then(|kv| serde_json::from_slice::<Contact>(&kv.value).ok())
-            {
-                contact.created_ms = existing.created_ms;
-            }
-            let guard = match &current {
-                Some(kv) => Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
-                None => Compare::absent(key.clone()),
-            };
-            let bytes = serde_json::to_vec(&contact).unwrap_or_default();
-            let result = self
-                .store
-                .txn(Txn::new().when([guard]).and_then([Op::put(key.clone(), bytes)]))
-                .await
-                .map_err(ApiError::from)?;
-            if result.succeeded {
-                return Ok(Response::new(Self::to_proto(&proto.id, &contact, result.revision)));
-            }
-        }
+        let stored =
+            self.contacts.upsert(&proto.id, contact, etag).await.map_err(ApiError::from)?;
+        Ok(Response::new(Self::versioned_to_proto(&stored)))
     }
 
     async fn batch_upsert_contacts(
@@ -220,7 +168,7 @@ impl ContactService for ContactApi {
                 )
                 .into());
             }
-            let mut ops = Vec::new();
+            let mut valid = Vec::new();
             for proto in &message.contacts {
                 let mut v = Violations::default();
                 let contact = Self::to_domain(proto, "contact", &mut v);
@@ -234,21 +182,12 @@ impl ContactService for ContactApi {
                         });
                     }
                 } else {
-                    ops.push(Op::put(
-                        self.key(&proto.id),
-                        serde_json::to_vec(&contact).unwrap_or_default(),
-                    ));
+                    valid.push((proto.id.clone(), contact));
                 }
                 index += 1;
             }
-            // Imports replace whole contacts; one transaction per 120 keeps within etcd's limits.
-            for chunk in ops.chunks(120) {
-                self.store
-                    .txn(Txn::new().and_then(chunk.to_vec()))
-                    .await
-                    .map_err(ApiError::from)?;
-                response.upserted += chunk.len() as u64;
-            }
+            // Imports replace whole contacts.
+            response.upserted += self.contacts.import(&valid).await.map_err(ApiError::from)?;
         }
         Ok(Response::new(response))
     }
@@ -261,15 +200,8 @@ impl ContactService for ContactApi {
         let mut v = Violations::default();
         check_contact_id(&mut v, "id", &id);
         v.check()?;
-        let kv = self
-            .store
-            .get(self.key(&id).as_bytes())
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::NotFound(format!("contact {id} not found")))?;
-        let contact: Contact =
-            serde_json::from_slice(&kv.value).map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(Response::new(Self::to_proto(&id, &contact, kv.mod_revision)))
+        let stored = self.contacts.get(&id).await.map_err(ApiError::from)?;
+        Ok(Response::new(Self::versioned_to_proto(&stored)))
     }
 
     async fn delete_contact(
@@ -280,15 +212,7 @@ impl ContactService for ContactApi {
         let mut v = Violations::default();
         check_contact_id(&mut v, "id", &id);
         v.check()?;
-        let key = self.key(&id);
-        let result = self
-            .store
-            .txn(Txn::new().when([Compare::present(key.clone())]).and_then([Op::delete(key)]))
-            .await
-            .map_err(ApiError::from)?;
-        if !result.succeeded {
-            return Err(ApiError::NotFound(format!("contact {id} not found")).into());
-        }
+        self.contacts.delete(&id).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::DeleteContactResponse {}))
     }
 
@@ -302,20 +226,16 @@ impl ContactService for ContactApi {
         {
             return Err(invalid("filter", format!("invalid CEL: {reason}")).into());
         }
-        let (contacts, next_page_token) = super::scan::scan(
-            &self.store,
-            self.partitions,
-            "contacts",
-            &request.page_token,
-            page_size(request.page_size),
-            |kv| {
-                let (id, c) = Self::decode(kv)?;
-                self.matches(&request.filter, &id, &c)
-                    .then(|| Self::to_proto(&id, &c, kv.mod_revision))
-            },
-        )
-        .await?;
-        Ok(Response::new(pb::ListContactsResponse { contacts, next_page_token }))
+        let after = super::parse_page_token(&request.page_token)?;
+        let (page, next) = self
+            .contacts
+            .list(&request.filter, after.as_deref(), page_size(request.page_size))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListContactsResponse {
+            contacts: page.iter().map(Self::versioned_to_proto).collect(),
+            next_page_token: next.map(|cursor| super::page_token(&cursor)).unwrap_or_default(),
+        }))
     }
 }
 

@@ -1,45 +1,42 @@
 //! DeliveryService: the attempt log, redelivery, and a live stream of delivery changes.
 
-use std::sync::Arc;
-
-use futures::StreamExt;
 use tidings_api::v1 as pb;
 use tidings_api::v1::delivery_service_server::DeliveryService;
 
 /// The stream type of server-streaming calls.
 type BoxStream<T> =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, GrpcStatus>> + Send + 'static>>;
+use tidings_scheduler::app::{Deliveries, DeliveryError, DeliveryFilter};
 use tidings_scheduler::delivery::record::{self, Attempt, Delivery, ErrorClass, Status};
-use tidings_scheduler::inbox::InboxEntry;
-use tidings_scheduler::keys;
-use tidings_scheduler::store::{Op, Store, Txn};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use super::convert::{duration, timestamp, timestamp_ms};
-use super::{ApiError, Violations, invalid, new_id, page_size};
+use super::{ApiError, Violations, invalid, page_size};
 
 /// Serves DeliveryService.
 pub(crate) struct DeliveryApi {
-    store: Arc<dyn Store>,
-    partitions: u32,
+    deliveries: Deliveries,
 }
 
-/// A filter, checked.
-#[derive(Clone, Default)]
-struct Filter {
-    webhook_id: String,
-    campaign_id: String,
-    contact_id: String,
-    run_id: String,
-    status: Option<Status>,
-    start_ms: Option<i64>,
-    end_ms: Option<i64>,
+impl From<DeliveryError> for ApiError {
+    fn from(error: DeliveryError) -> Self {
+        match error {
+            DeliveryError::InvalidId(_) => invalid("id", "is not a delivery id (msg_...)"),
+            DeliveryError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            DeliveryError::InProgress(_) => ApiError::FailedPrecondition(error.to_string()),
+            DeliveryError::State(error) => error.into(),
+        }
+    }
 }
+
+/// Checks a filter.
+struct Filter;
 
 impl Filter {
-    fn parse(proto: Option<&pb::DeliveryFilter>) -> Result<Self, ApiError> {
-        let Some(proto) = proto else { return Ok(Self::default()) };
+    fn parse(proto: Option<&pb::DeliveryFilter>) -> Result<DeliveryFilter, ApiError> {
+        let Some(proto) = proto else { return Ok(DeliveryFilter::default()) };
         let mut v = Violations::default();
         let status = match pb::DeliveryStatus::try_from(proto.status) {
             Ok(pb::DeliveryStatus::Unspecified) => None,
@@ -58,7 +55,7 @@ impl Filter {
         let end_ms =
             proto.end_time.as_ref().and_then(|t| timestamp_ms(&mut v, "filter.end_time", t));
         v.check()?;
-        Ok(Self {
+        Ok(DeliveryFilter {
             webhook_id: proto.webhook_id.clone(),
             campaign_id: proto.campaign_id.clone(),
             contact_id: proto.contact_id.clone(),
@@ -67,16 +64,6 @@ impl Filter {
             start_ms,
             end_ms,
         })
-    }
-
-    fn matches(&self, d: &Delivery) -> bool {
-        (self.webhook_id.is_empty() || d.webhook_id == self.webhook_id)
-            && (self.campaign_id.is_empty() || d.campaign_id == self.campaign_id)
-            && (self.contact_id.is_empty() || d.contact_id == self.contact_id)
-            && (self.run_id.is_empty() || d.run_id == self.run_id)
-            && self.status.is_none_or(|s| s == d.status)
-            && self.start_ms.is_none_or(|t| d.created_ms >= t)
-            && self.end_ms.is_none_or(|t| d.created_ms < t)
     }
 }
 
@@ -149,29 +136,8 @@ fn to_proto(d: &Delivery) -> pb::Delivery {
 }
 
 impl DeliveryApi {
-    pub(crate) fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
-        Self { store, partitions }
-    }
-
-    async fn get(&self, id: &str) -> Result<Delivery, ApiError> {
-        let partition = record::partition_of_id(id)
-            .filter(|p| *p < self.partitions)
-            .ok_or_else(|| invalid("id", "is not a delivery id (msg_...)"))?;
-        let kv = self
-            .store
-            .get(record::key(partition, id).as_bytes())
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("delivery {id} not found")))?;
-        serde_json::from_slice(&kv.value)
-            .map_err(|e| ApiError::Internal(format!("unreadable delivery {id}: {e}")))
-    }
-
-    fn redeliver_op(&self, d: &Delivery) -> Op {
-        let entry = InboxEntry::Redeliver { delivery: d.id.clone() };
-        Op::put(
-            keys::inbox_entry(d.partition, &new_id("in")),
-            serde_json::to_vec(&entry).unwrap_or_default(),
-        )
+    pub(crate) fn new(deliveries: Deliveries) -> Self {
+        Self { deliveries }
     }
 }
 
@@ -181,7 +147,9 @@ impl DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::Delivery>, GrpcStatus> {
-        Ok(Response::new(to_proto(&self.get(&request.into_inner().id).await?)))
+        let delivery =
+            self.deliveries.get(&request.into_inner().id).await.map_err(ApiError::from)?;
+        Ok(Response::new(to_proto(&delivery)))
     }
 
     async fn list_deliveries(
@@ -190,39 +158,29 @@ impl DeliveryService for DeliveryApi {
     ) -> Result<Response<pb::ListDeliveriesResponse>, GrpcStatus> {
         let request = request.into_inner();
         let filter = Filter::parse(request.filter.as_ref())?;
-        let (deliveries, next_page_token) = super::scan::scan(
-            &self.store,
-            self.partitions,
-            "deliveries",
-            &request.page_token,
-            page_size(request.page_size),
-            |kv| {
-                serde_json::from_slice::<Delivery>(&kv.value)
-                    .ok()
-                    .filter(|d| filter.matches(d))
-                    .map(|d| to_proto(&d))
-            },
-        )
-        .await?;
-        Ok(Response::new(pb::ListDeliveriesResponse { deliveries, next_page_token }))
+        let after = super::parse_page_token(&request.page_token)?;
+        let (page, next) = self
+            .deliveries
+            .list(&filter, after.as_deref(), page_size(request.page_size))
+            .await
+            .map_err(|error| match error {
+                DeliveryError::InvalidId(_) => {
+                    invalid("page_token", "is not a page token of this call")
+                }
+                other => other.into(),
+            })?;
+        Ok(Response::new(pb::ListDeliveriesResponse {
+            deliveries: page.iter().map(to_proto).collect(),
+            next_page_token: next.map(|cursor| super::page_token(&cursor)).unwrap_or_default(),
+        }))
     }
 
     async fn redeliver(
         &self,
         request: Request<pb::RedeliverRequest>,
     ) -> Result<Response<pb::Delivery>, GrpcStatus> {
-        let delivery = self.get(&request.into_inner().id).await?;
-        if matches!(delivery.status, Status::Pending | Status::Sending) {
-            return Err(ApiError::FailedPrecondition(format!(
-                "delivery {} is still in progress",
-                delivery.id
-            ))
-            .into());
-        }
-        self.store
-            .txn(Txn::new().and_then([self.redeliver_op(&delivery)]))
-            .await
-            .map_err(ApiError::from)?;
+        let delivery =
+            self.deliveries.redeliver(&request.into_inner().id).await.map_err(ApiError::from)?;
         Ok(Response::new(to_proto(&delivery)))
     }
 
@@ -242,33 +200,13 @@ impl DeliveryService for DeliveryApi {
         };
         let end_ms = request.end_time.as_ref().and_then(|t| timestamp_ms(&mut v, "end_time", t));
         v.check()?;
-        let filter = Filter {
+        let filter = DeliveryFilter {
             webhook_id: request.webhook_id,
-            status: Some(Status::Failed),
             start_ms,
             end_ms,
             ..Default::default()
         };
-        let mut queued = 0u64;
-        for partition in 0..self.partitions {
-            let prefix = format!("p/{partition:04}/deliveries/");
-            let page =
-                self.store.range_prefix(prefix.as_bytes(), 0).await.map_err(ApiError::from)?;
-            let ops: Vec<Op> = page
-                .kvs
-                .iter()
-                .filter_map(|kv| serde_json::from_slice::<Delivery>(&kv.value).ok())
-                .filter(|d| filter.matches(d))
-                .map(|d| self.redeliver_op(&d))
-                .collect();
-            for chunk in ops.chunks(120) {
-                self.store
-                    .txn(Txn::new().and_then(chunk.to_vec()))
-                    .await
-                    .map_err(ApiError::from)?;
-                queued += chunk.len() as u64;
-            }
-        }
+        let queued = self.deliveries.redeliver_failed(&filter).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::RedeliverFailedResponse { queued }))
     }
 
@@ -277,34 +215,13 @@ impl DeliveryService for DeliveryApi {
         request: Request<pb::WatchDeliveriesRequest>,
     ) -> Result<Response<BoxStream<pb::Delivery>>, GrpcStatus> {
         let filter = Filter::parse(request.into_inner().filter.as_ref())?;
-        let mut stream = self.store.watch(b"p/", 0).await.map_err(ApiError::from)?;
-        let (sender, receiver) = tokio::sync::mpsc::channel(256);
-        // The task ends when the caller goes away (the send fails) or the watch ends.
-        tokio::spawn(async move {
-            while let Some(batch) = stream.next().await {
-                let Ok(batch) = batch else {
-                    let _ = sender
-                        .send(Err(GrpcStatus::unavailable(
-                            "the delivery stream was interrupted; watch again",
-                        )))
-                        .await;
-                    return;
-                };
-                for event in batch.events {
-                    if event.kind != tidings_scheduler::store::EventKind::Put
-                        || !event.kv.key.windows(12).any(|w| w == b"/deliveries/")
-                    {
-                        continue;
-                    }
-                    if let Ok(d) = serde_json::from_slice::<Delivery>(&event.kv.value)
-                        && filter.matches(&d)
-                        && sender.send(Ok(to_proto(&d))).await.is_err()
-                    {
-                        return;
-                    }
-                }
+        let changes = self.deliveries.watch(filter, 256).await.map_err(ApiError::from)?;
+        let stream = ReceiverStream::new(changes).map(|change| match change {
+            Ok(delivery) => Ok(to_proto(&delivery)),
+            Err(_) => {
+                Err(GrpcStatus::unavailable("the delivery stream was interrupted; watch again"))
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(stream)))
     }
 }

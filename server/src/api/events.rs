@@ -1,12 +1,9 @@
 //! EventService: Publish and PublishBatch write events durably into their partition's inbox.
 
-use std::sync::Arc;
-
 use tidings_api::v1 as pb;
 use tidings_api::v1::event_service_server::EventService;
-use tidings_scheduler::inbox::{Event, IdempotencyRecord, InboxEntry};
-use tidings_scheduler::keys;
-use tidings_scheduler::store::{Compare, CompareOp, Op, OpResult, Store, Txn};
+use tidings_scheduler::app::{Ingest, Publish};
+use tidings_scheduler::inbox::{Event, InboxEntry};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -17,30 +14,15 @@ use super::{ApiError, Violations, invalid, new_id};
 const MAX_BATCH: usize = 1000;
 /// Largest event data, encoded as JSON.
 const MAX_DATA: usize = 64 * 1024;
-/// Store operations per transaction when writing a batch.
-const OPS_PER_TXN: usize = 120;
-
 /// Serves EventService.
 pub(crate) struct EventApi {
-    store: Arc<dyn Store>,
+    ingest: Ingest,
     partitions: u32,
-    /// How long an idempotency key is remembered, in milliseconds.
-    retention_ms: i64,
-}
-
-/// An event ready to write.
-struct Accepted {
-    event: Event,
-    idempotency_key: String,
 }
 
 impl EventApi {
-    pub(crate) fn new(
-        store: Arc<dyn Store>,
-        partitions: u32,
-        retention: std::time::Duration,
-    ) -> Self {
-        Self { store, partitions, retention_ms: retention.as_millis() as i64 }
+    pub(crate) fn new(ingest: Ingest, partitions: u32) -> Self {
+        Self { ingest, partitions }
     }
 
     /// Validates one event; `field` prefixes the names in violations.
@@ -50,7 +32,7 @@ impl EventApi {
         field: &str,
         traceparent: &str,
         violations: &mut Violations,
-    ) -> Option<Accepted> {
+    ) -> Option<Publish> {
         let Some(proto) = proto else {
             violations.add(field, "is required");
             return None;
@@ -91,7 +73,7 @@ impl EventApi {
         if violations.len() > before {
             return None;
         }
-        Some(Accepted {
+        Some(Publish {
             event: Event {
                 id: new_id("evt"),
                 kind: proto.r#type.clone(),
@@ -105,66 +87,6 @@ impl EventApi {
             },
             idempotency_key: proto.idempotency_key.clone(),
         })
-    }
-
-    fn entry_op(&self, event: &Event) -> Op {
-        let partition = keys::partition_of(&event.contact_id, self.partitions);
-        let entry = InboxEntry::Event(event.clone());
-        Op::put(
-            keys::inbox_entry(partition, &event.id),
-            serde_json::to_vec(&entry).unwrap_or_default(),
-        )
-    }
-
-    /// Writes one event, honouring its idempotency key; returns (event id, duplicate).
-    async fn write_one(&self, accepted: &Accepted) -> Result<(String, bool), ApiError> {
-        let entry = self.entry_op(&accepted.event);
-        if accepted.idempotency_key.is_empty() {
-            self.store.txn(Txn::new().and_then([entry])).await?;
-            return Ok((accepted.event.id.clone(), false));
-        }
-        let key = keys::idempotency(&accepted.idempotency_key);
-        let record = IdempotencyRecord {
-            event_id: accepted.event.id.clone(),
-            created_ms: accepted.event.accepted_ms,
-        };
-        let record = serde_json::to_vec(&record).unwrap_or_default();
-        let mut guard = Compare::absent(key.clone());
-        loop {
-            let result = self
-                .store
-                .txn(
-                    Txn::new()
-                        .when([guard.clone()])
-                        .and_then([Op::put(key.clone(), record.clone()), entry.clone()])
-                        .or_else([Op::get(key.clone())]),
-                )
-                .await?;
-            if result.succeeded {
-                return Ok((accepted.event.id.clone(), false));
-            }
-            let Some(OpResult::Get(Some(kv))) = result.results.first() else { continue };
-            let existing: Option<IdempotencyRecord> = serde_json::from_slice(&kv.value).ok();
-            match existing {
-                Some(first)
-                    if accepted.event.accepted_ms - first.created_ms < self.retention_ms =>
-                {
-                    return Ok((first.event_id, true));
-                }
-                // Past the retention (or unreadable): the key is free again; replace it only
-                // if nobody else did in between.
-                _ => guard = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
-            }
-        }
-    }
-
-    /// Writes events without idempotency keys in as few transactions as the limits allow.
-    async fn write_plain(&self, events: &[&Accepted]) -> Result<(), ApiError> {
-        for chunk in events.chunks(OPS_PER_TXN) {
-            let ops: Vec<Op> = chunk.iter().map(|a| self.entry_op(&a.event)).collect();
-            self.store.txn(Txn::new().and_then(ops)).await?;
-        }
-        Ok(())
     }
 }
 
@@ -198,7 +120,7 @@ impl EventApi {
                 super::check_id(&mut v, "campaign_id", &request.campaign_id);
             }
             check_contact_id(&mut v, "contact_id", &request.contact_id);
-            Some(keys::partition_of(&request.contact_id, self.partitions))
+            Some(self.ingest.partition_of(&request.contact_id))
         };
         super::campaigns::check_interaction_kind(&mut v, "kind", &request.kind);
         let at_ms = match &request.occurred_time {
@@ -216,11 +138,7 @@ impl EventApi {
             kind: request.kind,
             at_ms,
         };
-        let op = Op::put(
-            keys::inbox_entry(partition, &new_id("ix")),
-            serde_json::to_vec(&entry).unwrap_or_default(),
-        );
-        self.store.txn(Txn::new().and_then([op])).await?;
+        self.ingest.interaction(partition, entry).await?;
         Ok(())
     }
 }
@@ -247,8 +165,11 @@ impl EventService for EventApi {
         let accepted = self.accept(request.event.as_ref(), "event", &traceparent, &mut violations);
         violations.check()?;
         let Some(accepted) = accepted else { return Err(invalid("event", "is required").into()) };
-        let (event_id, duplicate) = self.write_one(&accepted).await?;
-        Ok(Response::new(pb::PublishResponse { event_id, duplicate }))
+        let published = self.ingest.publish(&accepted).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::PublishResponse {
+            event_id: published.event_id,
+            duplicate: published.duplicate,
+        }))
     }
 
     #[instrument(skip_all, fields(events = request.get_ref().events.len()))]
@@ -270,100 +191,13 @@ impl EventService for EventApi {
                 None => results[i].error = violations.describe(),
             }
         }
-        let plain: Vec<&Accepted> =
-            accepted.iter().filter(|(_, a)| a.idempotency_key.is_empty()).map(|(_, a)| a).collect();
-        self.write_plain(&plain).await?;
-        let keyed: Vec<&(usize, Accepted)> =
-            accepted.iter().filter(|(_, a)| !a.idempotency_key.is_empty()).collect();
-        // Keyed events go in one transaction per chunk when none of their keys was seen
-        // (the usual case); a chunk with a repeated key falls back to one event at a time.
-        let mut fallback = Vec::new();
-        for chunk in keyed.chunks(OPS_PER_TXN / 2) {
-            let mut seen = std::collections::HashSet::new();
-            let distinct = chunk.iter().all(|(_, a)| seen.insert(a.idempotency_key.as_str()));
-            let mut txn = Txn::new();
-            for (_, a) in chunk {
-                let key = keys::idempotency(&a.idempotency_key);
-                let record = IdempotencyRecord {
-                    event_id: a.event.id.clone(),
-                    created_ms: a.event.accepted_ms,
-                };
-                txn = txn.when([Compare::absent(key.clone())]).and_then([
-                    Op::put(key, serde_json::to_vec(&record).unwrap_or_default()),
-                    self.entry_op(&a.event),
-                ]);
-            }
-            if distinct && self.store.txn(txn).await.map_err(ApiError::from)?.succeeded {
-                continue;
-            }
-            fallback.extend(chunk.iter().map(|(i, _)| *i));
-        }
-        for (i, a) in &accepted {
-            if a.idempotency_key.is_empty() || !fallback.contains(i) {
-                results[*i].event_id = a.event.id.clone();
-            } else {
-                let (event_id, duplicate) = self.write_one(a).await?;
-                results[*i].event_id = event_id;
-                results[*i].duplicate = duplicate;
-            }
+        let batch: Vec<Publish> = accepted.iter().map(|(_, a)| a.clone()).collect();
+        let published = self.ingest.publish_batch(&batch).await.map_err(ApiError::from)?;
+        for ((i, _), published) in accepted.iter().zip(published) {
+            results[*i].event_id = published.event_id;
+            results[*i].duplicate = published.duplicate;
         }
         Ok(Response::new(pb::PublishBatchResponse { results }))
-    }
-}
-
-/// Deletes idempotency records past the retention, while this node owns partition 0 (one node
-/// at a time does it). Each delete compares the record's revision, so a key reused meanwhile
-/// is kept. Runs until `stop` is cancelled.
-pub(crate) async fn sweep_idempotency_keys(
-    store: Arc<dyn Store>,
-    cluster: tidings_scheduler::cluster::Cluster,
-    retention: std::time::Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let retention_ms = retention.as_millis() as i64;
-    let every = (retention / 24).max(std::time::Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        if !cluster.owned().contains(&0) {
-            continue;
-        }
-        let now = tidings_scheduler::now_ms();
-        let end = tidings_scheduler::store::prefix_end(b"idem/");
-        let mut start = b"idem/".to_vec();
-        let mut deleted = 0;
-        loop {
-            let Ok(page) = store.range(&start, &end, 500).await else { break };
-            for kv in &page.kvs {
-                let expired = serde_json::from_slice::<IdempotencyRecord>(&kv.value)
-                    .is_ok_and(|r| now - r.created_ms >= retention_ms);
-                if !expired {
-                    continue;
-                }
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        kv.key.clone(),
-                        CompareOp::Equal,
-                        kv.mod_revision,
-                    )])
-                    .and_then([Op::delete(kv.key.clone())]);
-                if store.txn(txn).await.is_ok_and(|r| r.succeeded) {
-                    deleted += 1;
-                }
-            }
-            match page.kvs.last() {
-                Some(last) if page.more => {
-                    start = last.key.clone();
-                    start.push(0);
-                }
-                _ => break,
-            }
-        }
-        if deleted > 0 {
-            tracing::info!(deleted, "expired idempotency keys removed");
-        }
     }
 }
 

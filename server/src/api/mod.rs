@@ -6,14 +6,13 @@ mod contacts;
 mod convert;
 mod deliveries;
 mod events;
-mod scan;
 mod webhooks;
 
 pub(crate) use campaigns::CampaignApi;
 pub(crate) use cluster::ClusterApi;
 pub(crate) use contacts::ContactApi;
 pub(crate) use deliveries::DeliveryApi;
-pub(crate) use events::{EventApi, sweep_idempotency_keys};
+pub(crate) use events::EventApi;
 pub(crate) use webhooks::WebhookApi;
 
 use base64::Engine;
@@ -67,6 +66,15 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidRequest(message) => {
                 ApiError::Invalid(vec![("request".into(), message)])
             }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<tidings_scheduler::engine::EngineError> for ApiError {
+    fn from(error: tidings_scheduler::engine::EngineError) -> Self {
+        match error {
+            tidings_scheduler::engine::EngineError::Read { source, .. } => source.into(),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -1,0 +1,213 @@
+//! Deliveries as callers see them: one by id, pages filtered over every partition, a live
+//! stream of changes, and redelivery (asked of the owner through its inbox, so the owner's
+//! epoch guards the new attempt like any other).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+
+use crate::cluster::PartitionId;
+use crate::delivery::record::{self, Delivery, Status};
+use crate::state::{State, StateError};
+use crate::store::Store;
+
+use super::Ingest;
+
+/// Which deliveries a list, a watch or a redelivery applies to; empty fields match all.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryFilter {
+    /// Webhook called.
+    pub webhook_id: String,
+    /// Campaign sent for.
+    pub campaign_id: String,
+    /// Contact sent to.
+    pub contact_id: String,
+    /// Run sent by.
+    pub run_id: String,
+    /// Status now.
+    pub status: Option<Status>,
+    /// Created at or after, Unix milliseconds.
+    pub start_ms: Option<i64>,
+    /// Created before, Unix milliseconds.
+    pub end_ms: Option<i64>,
+}
+
+impl DeliveryFilter {
+    /// Returns whether a delivery passes the filter.
+    pub fn matches(&self, d: &Delivery) -> bool {
+        (self.webhook_id.is_empty() || d.webhook_id == self.webhook_id)
+            && (self.campaign_id.is_empty() || d.campaign_id == self.campaign_id)
+            && (self.contact_id.is_empty() || d.contact_id == self.contact_id)
+            && (self.run_id.is_empty() || d.run_id == self.run_id)
+            && self.status.is_none_or(|s| s == d.status)
+            && self.start_ms.is_none_or(|t| d.created_ms >= t)
+            && self.end_ms.is_none_or(|t| d.created_ms < t)
+    }
+}
+
+/// Why a delivery call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The id is not a delivery id of this cluster.
+    #[error("{0} is not a delivery id (msg_...)")]
+    InvalidId(String),
+    /// No delivery has the id.
+    #[error("delivery {0} not found")]
+    NotFound(String),
+    /// The delivery is still being sent.
+    #[error("delivery {0} is still in progress")]
+    InProgress(String),
+    /// The state layer failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Deliveries for the adapters.
+#[derive(Clone)]
+pub struct Deliveries {
+    state: State,
+    ingest: Ingest,
+    partitions: u32,
+}
+
+impl std::fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliveries").finish_non_exhaustive()
+    }
+}
+
+/// Records examined per list call before a partial page is returned.
+const SCAN_LIMIT: usize = 20_000;
+
+impl Deliveries {
+    /// Returns the deliveries of a cluster of `partitions` partitions.
+    pub fn new(store: Arc<dyn Store>, ingest: Ingest, partitions: u32) -> Self {
+        Self { state: State::new(store), ingest, partitions }
+    }
+
+    fn partition(&self, id: &str) -> Result<PartitionId, DeliveryError> {
+        record::partition_of_id(id)
+            .filter(|p| *p < self.partitions)
+            .ok_or_else(|| DeliveryError::InvalidId(id.to_string()))
+    }
+
+    /// Returns one delivery.
+    pub async fn get(&self, id: &str) -> Result<Delivery, DeliveryError> {
+        let partition = self.partition(id)?;
+        self.state
+            .delivery(partition, id)
+            .await?
+            .ok_or_else(|| DeliveryError::NotFound(id.to_string()))
+    }
+
+    /// Returns up to `size` deliveries that pass `filter`, in partition then id order, after
+    /// the cursor `after`, with the cursor of the next page (`None` at the end). A page may
+    /// come back short when many deliveries were examined.
+    pub async fn list(
+        &self,
+        filter: &DeliveryFilter,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<Delivery>, Option<String>), DeliveryError> {
+        let mut found = Vec::new();
+        let mut examined = 0;
+        let (mut partition, mut from) = match after {
+            Some(cursor) => crate::state::parse_cursor(cursor)
+                .ok_or_else(|| DeliveryError::InvalidId(cursor.to_string()))?,
+            None => (0, None),
+        };
+        while partition < self.partitions {
+            let (page, more) =
+                self.state.deliveries_between(partition, from.as_deref(), "~", 500).await?;
+            for (id, delivery) in page {
+                examined += 1;
+                let delivery = delivery?;
+                if filter.matches(&delivery) {
+                    found.push(delivery);
+                }
+                if found.len() == size || examined >= SCAN_LIMIT {
+                    return Ok((found, Some(crate::state::cursor(partition, &id))));
+                }
+            }
+            match more {
+                Some(last) => from = Some(last),
+                None => {
+                    partition += 1;
+                    from = None;
+                }
+            }
+        }
+        Ok((found, None))
+    }
+
+    /// Asks the owner to send a finished delivery again; returns it as it was.
+    pub async fn redeliver(&self, id: &str) -> Result<Delivery, DeliveryError> {
+        let delivery = self.get(id).await?;
+        if matches!(delivery.status, Status::Pending | Status::Sending) {
+            return Err(DeliveryError::InProgress(delivery.id));
+        }
+        self.ingest.redeliver(&[(delivery.partition, delivery.id.clone())]).await?;
+        Ok(delivery)
+    }
+
+    /// Asks the owners to send again every failed delivery that passes `filter`; returns
+    /// how many were queued.
+    pub async fn redeliver_failed(&self, filter: &DeliveryFilter) -> Result<u64, DeliveryError> {
+        let filter = DeliveryFilter { status: Some(Status::Failed), ..filter.clone() };
+        let mut queued = 0;
+        for partition in 0..self.partitions {
+            let mut from: Option<String> = None;
+            loop {
+                let (page, more) =
+                    self.state.deliveries_between(partition, from.as_deref(), "~", 1000).await?;
+                let failed: Vec<(PartitionId, String)> = page
+                    .into_iter()
+                    .filter_map(|(id, d)| d.ok().filter(|d| filter.matches(d)).map(|_| id))
+                    .map(|id| (partition, id))
+                    .collect();
+                self.ingest.redeliver(&failed).await?;
+                queued += failed.len() as u64;
+                match more {
+                    Some(last) => from = Some(last),
+                    None => break,
+                }
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Streams every change to a delivery that passes `filter`, until the receiver is
+    /// dropped or the store's watch ends (then the stream's last item is the error).
+    pub async fn watch(
+        &self,
+        filter: DeliveryFilter,
+        buffer: usize,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<Delivery, DeliveryError>>, DeliveryError> {
+        let mut changes = self.state.watch_deliveries().await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(buffer);
+        // Owned by the caller: it ends as soon as the receiver is dropped, even while no
+        // delivery changes.
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = sender.closed() => return,
+                    next = changes.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) if filter.matches(&delivery) => {
+                        if sender.send(Ok(delivery)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        let _ = sender.send(Err(error.into())).await;
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        Ok(receiver)
+    }
+}

@@ -1,0 +1,15 @@
+//! The application layer: what the adapters (the gRPC services, the console) call. Each call
+//! takes validated domain values and returns domain values or a [`crate::state::StateError`];
+//! the adapters only convert and map errors.
+//!
+//! - [`ingest`]: events, interactions and requests to deliver again, into the inboxes;
+//! - [`contacts`]: contacts with optimistic concurrency, imports, and audience evaluation;
+//! - [`deliveries`]: deliveries by id, filtered pages, a live stream, redelivery.
+
+pub mod contacts;
+pub mod deliveries;
+pub mod ingest;
+
+pub use contacts::{ContactError, Contacts};
+pub use deliveries::{Deliveries, DeliveryError, DeliveryFilter};
+pub use ingest::{Ingest, Publish, Published, sweep_idempotency_keys};

@@ -1,0 +1,904 @@
+//! The state layer: partition data as typed tables, so that nothing else formats a key or
+//! encodes a record.
+//!
+//! - [`Key`]: the typed key of every kind of partition data (contacts, inbox, timers,
+//!   deliveries, standings, runs, run shards, idempotency keys);
+//! - [`Write`]: a typed put or delete, built only through its constructors, which encode the
+//!   record and fail naming the key when it does not encode;
+//! - [`State`]: typed reads, every one a `Result`; a record that does not decode is an error
+//!   naming its key, never a default;
+//! - [`Fence`]: the partition and epoch a partition transaction is guarded by;
+//!   [`State::fenced`] turns a fence and writes into the one transaction the store applies.
+//!
+//! The layout below is that of the key-value stores (redb, etcd); a backend with tables maps
+//! each [`Key`] variant to a table whose primary key starts with the partition.
+//!
+//! ```text
+//! p/{pppp}/applied                     `{node}/{epoch}` of the last write to the partition
+//! p/{pppp}/inbox/{id}                  accepted input not yet processed
+//! p/{pppp}/timers/{due_ms:013}/{id}    timers, ordered by due time
+//! p/{pppp}/contacts/{contact}
+//! p/{pppp}/deliveries/{id}             deliveries with their attempt log
+//! p/{pppp}/status/{contact}/{campaign} a contact's standing in a campaign
+//! runs/{campaign}/{run}
+//! shards/{campaign}/{run}/{pppp}       a run's counters in one partition (written by its owner)
+//! idem/{key}                           idempotency keys of Publish
+//! ```
+//!
+//! Partition numbers are zero-padded to four digits so keys sort by partition.
+
+pub mod keys;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use keys::partition_of;
+
+use crate::campaign::{Run, Shard};
+use crate::cluster::PartitionId;
+use crate::contact::Contact;
+use crate::delivery::record::Delivery;
+use crate::inbox::InboxEntry;
+use crate::status::CampaignStatus;
+use crate::store::{Compare, CompareOp, Op, OpResult, Revision, Store, StoreError, Txn};
+use crate::timers::Timer;
+
+/// Failures of the state layer, each naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The store did not answer a read.
+    #[error("cannot read {key}: {source}")]
+    Read {
+        /// The key or range read.
+        key: String,
+        /// The store's answer.
+        #[source]
+        source: StoreError,
+    },
+    /// A stored record does not decode.
+    #[error("cannot decode {key}: {source}")]
+    Decode {
+        /// The key of the record.
+        key: String,
+        /// The decoder's complaint.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A record to write does not encode.
+    #[error("cannot encode {key}: {source}")]
+    Encode {
+        /// The key it was to be written at.
+        key: String,
+        /// The encoder's complaint.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The store did not take a write; whether it applied is unknown when the store did not
+    /// answer.
+    #[error("cannot write {key}: {source}")]
+    Write {
+        /// The first key written.
+        key: String,
+        /// The store's answer.
+        #[source]
+        source: StoreError,
+    },
+    /// A definition (campaign, segment) could not be read.
+    #[error(transparent)]
+    Definition(#[from] crate::defs::DefsError),
+}
+
+impl StateError {
+    /// Returns whether trying again may succeed (the store may answer next time; a record
+    /// that does not decode will not change by itself).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StateError::Read { source, .. } | StateError::Write { source, .. } => {
+                source.is_retryable()
+            }
+            StateError::Definition(crate::defs::DefsError::Store(source)) => source.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// The result of state layer calls.
+pub type StateResult<T = ()> = Result<T, StateError>;
+
+/// A typed key of partition data.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// A contact.
+    Contact {
+        /// Its partition.
+        partition: PartitionId,
+        /// Contact id.
+        id: String,
+    },
+    /// An inbox entry.
+    Inbox {
+        /// Its partition.
+        partition: PartitionId,
+        /// Entry id.
+        id: String,
+    },
+    /// A timer.
+    Timer(TimerRef),
+    /// A delivery.
+    Delivery {
+        /// Its partition.
+        partition: PartitionId,
+        /// Delivery id.
+        id: String,
+    },
+    /// A contact's standing in a campaign.
+    Standing {
+        /// The contact's partition.
+        partition: PartitionId,
+        /// Contact id.
+        contact: String,
+        /// Campaign id.
+        campaign: String,
+    },
+    /// A run.
+    Run {
+        /// Campaign id.
+        campaign: String,
+        /// Run id.
+        run: String,
+    },
+    /// A run's counters in one partition.
+    Shard {
+        /// Campaign id.
+        campaign: String,
+        /// Run id.
+        run: String,
+        /// The partition counted.
+        partition: PartitionId,
+    },
+    /// An idempotency key of Publish.
+    Idempotency {
+        /// The caller's key.
+        key: String,
+    },
+}
+
+impl Key {
+    /// Returns the key in the key-value layout.
+    pub(crate) fn encode(&self) -> String {
+        match self {
+            Key::Contact { partition, id } => keys::contact(*partition, id),
+            Key::Inbox { partition, id } => keys::inbox_entry(*partition, id),
+            Key::Timer(timer) => keys::timer(timer.partition, timer.due_ms, &timer.id),
+            Key::Delivery { partition, id } => keys::delivery(*partition, id),
+            Key::Standing { partition, contact, campaign } => {
+                keys::standing(*partition, contact, campaign)
+            }
+            Key::Run { campaign, run } => keys::run(campaign, run),
+            Key::Shard { campaign, run, partition } => keys::shard(campaign, run, *partition),
+            Key::Idempotency { key } => keys::idempotency(key),
+        }
+    }
+}
+
+impl Key {
+    /// Returns the key of the inbox entry stored at `raw`, a key read from the inbox.
+    pub(crate) fn inbox_at(partition: PartitionId, raw: &[u8]) -> Option<Key> {
+        let text = std::str::from_utf8(raw).ok()?;
+        let id = text.strip_prefix(keys::inbox_prefix(partition).as_str())?;
+        Some(Key::Inbox { partition, id: id.to_string() })
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+/// Names one stored timer: its partition, due time and id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TimerRef {
+    /// Its partition.
+    pub partition: PartitionId,
+    /// When it is due, Unix milliseconds.
+    pub due_ms: i64,
+    /// Timer id.
+    pub id: String,
+}
+
+impl TimerRef {
+    /// Returns the reference of `timer` in `partition`.
+    pub fn of(partition: PartitionId, timer: &Timer) -> Self {
+        Self { partition, due_ms: timer.due_ms, id: timer.id.clone() }
+    }
+
+    /// Returns the reference a stored timer key names, if it names one.
+    pub(crate) fn parse(partition: PartitionId, key: &[u8]) -> Option<Self> {
+        let (due_ms, id) = keys::parse_timer(key)?;
+        Some(Self { partition, due_ms, id })
+    }
+
+    /// Returns the stored key.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        keys::timer(self.partition, self.due_ms, &self.id).into_bytes()
+    }
+}
+
+/// A put or a delete of one typed key. Built through the constructors, which encode records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    key: Key,
+    /// The encoded record; `None` deletes the key.
+    value: Option<Vec<u8>>,
+}
+
+fn encoded(key: Key, record: &impl Serialize) -> StateResult<Write> {
+    match serde_json::to_vec(record) {
+        Ok(value) => Ok(Write { key, value: Some(value) }),
+        Err(source) => Err(StateError::Encode { key: key.encode(), source }),
+    }
+}
+
+impl Write {
+    /// Writes a contact.
+    pub fn contact(partition: PartitionId, id: &str, contact: &Contact) -> StateResult<Self> {
+        encoded(Key::Contact { partition, id: id.to_string() }, contact)
+    }
+
+    /// Deletes a contact.
+    pub fn remove_contact(partition: PartitionId, id: &str) -> Self {
+        Self { key: Key::Contact { partition, id: id.to_string() }, value: None }
+    }
+
+    /// Writes a delivery (in its own partition).
+    pub fn delivery(delivery: &Delivery) -> StateResult<Self> {
+        let key = Key::Delivery { partition: delivery.partition, id: delivery.id.clone() };
+        encoded(key, delivery)
+    }
+
+    /// Deletes a delivery.
+    pub fn remove_delivery(partition: PartitionId, id: &str) -> Self {
+        Self { key: Key::Delivery { partition, id: id.to_string() }, value: None }
+    }
+
+    /// Writes a contact's standing in a campaign.
+    pub fn standing(
+        partition: PartitionId,
+        contact: &str,
+        campaign: &str,
+        standing: &CampaignStatus,
+    ) -> StateResult<Self> {
+        let key = Key::Standing {
+            partition,
+            contact: contact.to_string(),
+            campaign: campaign.to_string(),
+        };
+        encoded(key, standing)
+    }
+
+    /// Writes a run.
+    pub fn run(campaign: &str, run: &str, record: &Run) -> StateResult<Self> {
+        encoded(Key::Run { campaign: campaign.to_string(), run: run.to_string() }, record)
+    }
+
+    /// Writes a run's counters in one partition.
+    pub fn shard(
+        campaign: &str,
+        run: &str,
+        partition: PartitionId,
+        shard: &Shard,
+    ) -> StateResult<Self> {
+        let key = Key::Shard { campaign: campaign.to_string(), run: run.to_string(), partition };
+        encoded(key, shard)
+    }
+
+    /// Adds an entry to a partition's inbox.
+    pub fn inbox(partition: PartitionId, id: &str, entry: &InboxEntry) -> StateResult<Self> {
+        encoded(Key::Inbox { partition, id: id.to_string() }, entry)
+    }
+
+    /// Removes a processed inbox entry.
+    pub fn remove_inbox(partition: PartitionId, id: &str) -> Self {
+        Self { key: Key::Inbox { partition, id: id.to_string() }, value: None }
+    }
+
+    /// Stores a timer.
+    pub fn timer(partition: PartitionId, timer: &Timer) -> StateResult<Self> {
+        encoded(Key::Timer(TimerRef::of(partition, timer)), timer)
+    }
+
+    /// Removes a timer.
+    pub fn remove_timer(timer: TimerRef) -> Self {
+        Self { key: Key::Timer(timer), value: None }
+    }
+
+    /// Records an idempotency key of Publish.
+    pub fn idempotency(key: &str, record: &crate::inbox::IdempotencyRecord) -> StateResult<Self> {
+        encoded(Key::Idempotency { key: key.to_string() }, record)
+    }
+
+    /// Forgets an idempotency key.
+    pub fn remove_idempotency(key: &str) -> Self {
+        Self { key: Key::Idempotency { key: key.to_string() }, value: None }
+    }
+
+    /// Returns the key written.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// Returns whether the write deletes its key.
+    pub fn is_delete(&self) -> bool {
+        self.value.is_none()
+    }
+
+    /// Returns the encoded record a put writes.
+    pub(crate) fn value(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+
+    /// Returns the store operation, for the adapters that still build store transactions
+    /// themselves.
+    pub fn into_op(self) -> Op {
+        let key = self.key.encode();
+        match self.value {
+            Some(value) => Op::put(key, value),
+            None => Op::delete(key),
+        }
+    }
+}
+
+/// What a conditional write expects of its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key does not exist.
+    Absent,
+    /// The key exists.
+    Present,
+    /// The key was last written at this version.
+    Version(Revision),
+}
+
+/// A stored record with its version; the value is an error when it does not decode.
+#[derive(Debug)]
+pub struct Stored<T> {
+    /// The record.
+    pub value: StateResult<T>,
+    /// Its version: changes with every write (the etag of optimistic concurrency).
+    pub version: Revision,
+}
+
+/// The ownership a partition transaction is guarded by: it applies only while `epoch` is the
+/// partition's current epoch.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    /// The partition written.
+    pub partition: PartitionId,
+    /// The writer's epoch (the create revision of the partition's owner key).
+    pub epoch: Revision,
+    /// `{node}/{epoch}`, stamped on every transaction so that the store's history shows who
+    /// made each partition write.
+    pub signature: Vec<u8>,
+}
+
+impl Fence {
+    /// Returns the condition that holds while the fence's epoch owns the partition.
+    pub(crate) fn guard(&self) -> Compare {
+        Compare::create_revision(
+            crate::cluster::owner_key(self.partition),
+            CompareOp::Equal,
+            self.epoch,
+        )
+    }
+}
+
+/// Typed reads and writes of partition data over a store.
+#[derive(Clone)]
+pub struct State {
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").finish_non_exhaustive()
+    }
+}
+
+/// Returns the id of the last contact a run shard handled, from what its entry says: entries
+/// written by earlier versions name the contact's key rather than its id.
+pub(crate) fn resume_after(partition: PartitionId, after: &str) -> &str {
+    after.strip_prefix(keys::contacts_prefix(partition).as_str()).unwrap_or(after)
+}
+
+/// Returns the cursor of a scan over every partition that stopped at delivery `id` of
+/// `partition`.
+pub fn cursor(partition: PartitionId, id: &str) -> String {
+    keys::delivery(partition, id)
+}
+
+/// Parses a cursor of [`cursor`]: the partition and the id to go on after.
+pub fn parse_cursor(cursor: &str) -> Option<(PartitionId, Option<String>)> {
+    let rest = cursor.strip_prefix("p/")?;
+    let partition = rest.get(..4)?.parse().ok()?;
+    let id = rest.get(4..)?.strip_prefix("/deliveries/")?;
+    Some((partition, Some(id.to_string())))
+}
+
+/// Returns the cursor of a scan over every partition that stopped at contact `id` of
+/// `partition`.
+pub fn contact_cursor(partition: PartitionId, id: &str) -> String {
+    keys::contact(partition, id)
+}
+
+/// Parses a cursor of [`contact_cursor`]: the partition and the id to go on after.
+pub fn parse_contact_cursor(cursor: &str) -> Option<(PartitionId, String)> {
+    let rest = cursor.strip_prefix("p/")?;
+    let partition = rest.get(..4)?.parse().ok()?;
+    let id = rest.get(4..)?.strip_prefix("/contacts/")?;
+    Some((partition, id.to_string()))
+}
+
+/// A stream of deliveries as they are written.
+pub type DeliveryStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = StateResult<Delivery>> + Send>>;
+
+/// A page of a partition's contacts, in id order.
+#[derive(Clone, Debug, Default)]
+pub struct ContactPage {
+    /// Contacts with their ids.
+    pub contacts: Vec<(String, Contact)>,
+    /// Whether more follow the last one.
+    pub more: bool,
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> StateResult<T> {
+    serde_json::from_slice(bytes).map_err(|source| StateError::Decode { key: key.into(), source })
+}
+
+impl State {
+    /// Returns the state layer over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    async fn record<T: DeserializeOwned>(&self, key: &Key) -> StateResult<Option<T>> {
+        let key = key.encode();
+        match self.store.get(key.as_bytes()).await {
+            Ok(Some(kv)) => decode(&key, &kv.value).map(Some),
+            Ok(None) => Ok(None),
+            Err(source) => Err(StateError::Read { key, source }),
+        }
+    }
+
+    /// Returns a contact; `None` when it was never written (or was deleted).
+    pub async fn contact(&self, partition: PartitionId, id: &str) -> StateResult<Option<Contact>> {
+        self.record(&Key::Contact { partition, id: id.to_string() }).await
+    }
+
+    /// Returns contacts of one partition as of at least revision `at_least`, by id: `None`
+    /// for an absent one, an error for one that does not decode.
+    pub async fn contacts(
+        &self,
+        partition: PartitionId,
+        ids: &[&str],
+        at_least: Revision,
+    ) -> StateResult<Vec<(String, StateResult<Option<Contact>>)>> {
+        let keys: Vec<Vec<u8>> =
+            ids.iter().map(|id| keys::contact(partition, id).into_bytes()).collect();
+        let found =
+            self.store.get_many_since(&keys, at_least).await.map_err(|source| {
+                StateError::Read { key: keys::contacts_prefix(partition), source }
+            })?;
+        Ok(ids
+            .iter()
+            .zip(keys.iter().zip(found))
+            .map(|(id, (key, kv))| {
+                let contact = match kv {
+                    Some(kv) => decode(&String::from_utf8_lossy(key), &kv.value).map(Some),
+                    None => Ok(None),
+                };
+                (id.to_string(), contact)
+            })
+            .collect())
+    }
+
+    /// Returns up to `limit` contacts of a partition after the id `after` (all from the
+    /// first when empty).
+    pub async fn contacts_after(
+        &self,
+        partition: PartitionId,
+        after: &str,
+        limit: usize,
+    ) -> StateResult<ContactPage> {
+        let prefix = keys::contacts_prefix(partition);
+        let mut start = prefix.clone().into_bytes();
+        if !after.is_empty() {
+            start = keys::contact(partition, after).into_bytes();
+            start.push(0);
+        }
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let page = self
+            .store
+            .range(&start, &end, limit)
+            .await
+            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let mut contacts = Vec::with_capacity(page.kvs.len());
+        for kv in &page.kvs {
+            let key = String::from_utf8_lossy(&kv.key);
+            let id = key.get(prefix.len()..).unwrap_or_default().to_string();
+            contacts.push((id, decode(&key, &kv.value)?));
+        }
+        Ok(ContactPage { contacts, more: page.more })
+    }
+
+    /// Returns up to `limit` contacts of a partition after the id `after` (from the first when
+    /// empty), with their versions, and whether more follow.
+    pub async fn contacts_versioned(
+        &self,
+        partition: PartitionId,
+        after: &str,
+        limit: usize,
+    ) -> StateResult<(Vec<(String, Stored<Contact>)>, bool)> {
+        let prefix = keys::contacts_prefix(partition);
+        let mut start = prefix.clone().into_bytes();
+        if !after.is_empty() {
+            start = keys::contact(partition, after).into_bytes();
+            start.push(0);
+        }
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let page = self
+            .store
+            .range(&start, &end, limit)
+            .await
+            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let contacts = page
+            .kvs
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key);
+                let id = key.get(prefix.len()..).unwrap_or_default().to_string();
+                let stored = Stored { value: decode(&key, &kv.value), version: kv.mod_revision };
+                (id, stored)
+            })
+            .collect();
+        Ok((contacts, page.more))
+    }
+
+    /// Returns a delivery.
+    pub async fn delivery(
+        &self,
+        partition: PartitionId,
+        id: &str,
+    ) -> StateResult<Option<Delivery>> {
+        self.record(&Key::Delivery { partition, id: id.to_string() }).await
+    }
+
+    /// Returns up to `limit` deliveries of a partition whose ids sort after `after` (from the
+    /// first when `None`) and before `before`, with the id to go on from.
+    pub async fn deliveries_between(
+        &self,
+        partition: PartitionId,
+        after: Option<&str>,
+        before: &str,
+        limit: usize,
+    ) -> StateResult<(Vec<(String, StateResult<Delivery>)>, Option<String>)> {
+        let start = match after {
+            None => keys::delivery(partition, "").into_bytes(),
+            Some(after) => {
+                let mut start = keys::delivery(partition, after).into_bytes();
+                start.push(0);
+                start
+            }
+        };
+        let end = keys::delivery(partition, before);
+        let page = self.store.range(&start, end.as_bytes(), limit).await.map_err(|source| {
+            StateError::Read { key: keys::deliveries_prefix(partition), source }
+        })?;
+        let prefix_len = keys::delivery(partition, "").len();
+        let last = match page.kvs.last() {
+            Some(last) if page.more => {
+                Some(String::from_utf8_lossy(&last.key[prefix_len..]).into_owned())
+            }
+            _ => None,
+        };
+        let deliveries = page
+            .kvs
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key);
+                (key[prefix_len..].to_string(), decode(&key, &kv.value))
+            })
+            .collect();
+        Ok((deliveries, last))
+    }
+
+    /// Streams every delivery written from now on, in every partition. A record that does
+    /// not decode is skipped; the stream ends with an error when the store's watch does.
+    pub async fn watch_deliveries(&self) -> StateResult<DeliveryStream> {
+        use futures::StreamExt;
+        let stream = self
+            .store
+            .watch(b"p/", 0)
+            .await
+            .map_err(|source| StateError::Read { key: "p/".into(), source })?;
+        let deliveries = stream.flat_map(|batch| {
+            let items: Vec<StateResult<Delivery>> = match batch {
+                Err(source) => vec![Err(StateError::Read { key: "p/".into(), source })],
+                Ok(batch) => batch
+                    .events
+                    .into_iter()
+                    .filter(|event| {
+                        event.kind == crate::store::EventKind::Put
+                            && event.kv.key.windows(12).any(|w| w == b"/deliveries/")
+                    })
+                    .filter_map(|event| serde_json::from_slice(&event.kv.value).ok())
+                    .map(Ok)
+                    .collect(),
+            };
+            futures::stream::iter(items)
+        });
+        Ok(Box::pin(deliveries))
+    }
+
+    /// Returns a contact's standing in a campaign; `None` before anything was recorded.
+    pub async fn standing(
+        &self,
+        partition: PartitionId,
+        contact: &str,
+        campaign: &str,
+    ) -> StateResult<Option<CampaignStatus>> {
+        let key = Key::Standing {
+            partition,
+            contact: contact.to_string(),
+            campaign: campaign.to_string(),
+        };
+        self.record(&key).await
+    }
+
+    /// Returns standings as of at least revision `at_least`, by (contact, campaign): `None`
+    /// for an absent one, an error for one that does not decode.
+    pub async fn standings_of(
+        &self,
+        partition: PartitionId,
+        pairs: &[(String, String)],
+        at_least: Revision,
+    ) -> StateResult<Vec<StateResult<Option<CampaignStatus>>>> {
+        let keys: Vec<Vec<u8>> = pairs
+            .iter()
+            .map(|(contact, campaign)| keys::standing(partition, contact, campaign).into_bytes())
+            .collect();
+        let found = self.store.get_many_since(&keys, at_least).await.map_err(|source| {
+            StateError::Read { key: keys::standings_prefix(partition), source }
+        })?;
+        Ok(keys
+            .iter()
+            .zip(found)
+            .map(|(key, kv)| match kv {
+                Some(kv) => decode(&String::from_utf8_lossy(key), &kv.value).map(Some),
+                None => Ok(None),
+            })
+            .collect())
+    }
+
+    /// Returns a contact's standing in every campaign it has one in, by campaign id.
+    pub async fn standings(
+        &self,
+        partition: PartitionId,
+        contact: &str,
+    ) -> StateResult<Vec<(String, CampaignStatus)>> {
+        let prefix = keys::contact_standings_prefix(partition, contact);
+        let page = self
+            .store
+            .range_prefix(prefix.as_bytes(), 0)
+            .await
+            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let mut standings = Vec::with_capacity(page.kvs.len());
+        for kv in page.kvs {
+            let key = String::from_utf8_lossy(&kv.key);
+            let campaign = key[prefix.len()..].to_string();
+            standings.push((campaign, decode(&key, &kv.value)?));
+        }
+        Ok(standings)
+    }
+
+    /// Returns a run.
+    pub async fn run(&self, campaign: &str, run: &str) -> StateResult<Option<Run>> {
+        self.record(&Key::Run { campaign: campaign.to_string(), run: run.to_string() }).await
+    }
+
+    /// Returns a run's counters in one partition; `None` before the partition wrote any.
+    pub async fn shard(
+        &self,
+        campaign: &str,
+        run: &str,
+        partition: PartitionId,
+    ) -> StateResult<Option<Shard>> {
+        let key = Key::Shard { campaign: campaign.to_string(), run: run.to_string(), partition };
+        self.record(&key).await
+    }
+
+    /// Applies `writes` in one transaction, with no condition: what callers send, which no
+    /// partition owner has decided on yet. Returns the store revision of the write.
+    pub async fn write(&self, writes: Vec<Write>) -> StateResult<Revision> {
+        let key = writes.first().map(|w| w.key.encode()).unwrap_or_default();
+        let txn = Txn::new().and_then(writes.into_iter().map(Write::into_op));
+        match self.store.txn(txn).await {
+            Ok(result) => Ok(result.revision),
+            Err(source) => Err(StateError::Write { key, source }),
+        }
+    }
+
+    /// Applies `writes` only if `key` is as expected. Otherwise writes nothing and returns
+    /// what `key` holds now (`None` when it is absent).
+    pub async fn write_if<T: DeserializeOwned>(
+        &self,
+        key: &Key,
+        expect: Expect,
+        writes: Vec<Write>,
+    ) -> StateResult<Result<Revision, Option<Stored<T>>>> {
+        let encoded = key.encode();
+        let compare = match expect {
+            Expect::Absent => Compare::absent(encoded.clone()),
+            Expect::Present => Compare::present(encoded.clone()),
+            Expect::Version(version) => {
+                Compare::mod_revision(encoded.clone(), CompareOp::Equal, version)
+            }
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then(writes.into_iter().map(Write::into_op))
+            .or_else([Op::get(encoded.clone())]);
+        let result = self
+            .store
+            .txn(txn)
+            .await
+            .map_err(|source| StateError::Write { key: encoded.clone(), source })?;
+        if result.succeeded {
+            return Ok(Ok(result.revision));
+        }
+        Ok(Err(match result.results.into_iter().next() {
+            Some(OpResult::Get(Some(kv))) => {
+                Some(Stored { value: decode(&encoded, &kv.value), version: kv.mod_revision })
+            }
+            _ => None,
+        }))
+    }
+
+    /// Applies `writes` only if every key in `absent` is absent; returns whether it did.
+    pub async fn write_if_absent(&self, absent: &[Key], writes: Vec<Write>) -> StateResult<bool> {
+        let key = absent.first().map(Key::encode).unwrap_or_default();
+        let txn = Txn::new()
+            .when(absent.iter().map(|k| Compare::absent(k.encode())))
+            .and_then(writes.into_iter().map(Write::into_op));
+        match self.store.txn(txn).await {
+            Ok(result) => Ok(result.succeeded),
+            Err(source) => Err(StateError::Write { key, source }),
+        }
+    }
+
+    /// Returns a record with its version (the etag of optimistic concurrency).
+    pub async fn versioned<T: DeserializeOwned>(
+        &self,
+        key: &Key,
+    ) -> StateResult<Option<Stored<T>>> {
+        let encoded = key.encode();
+        match self.store.get(encoded.as_bytes()).await {
+            Ok(Some(kv)) => {
+                Ok(Some(Stored { value: decode(&encoded, &kv.value), version: kv.mod_revision }))
+            }
+            Ok(None) => Ok(None),
+            Err(source) => Err(StateError::Read { key: encoded, source }),
+        }
+    }
+
+    /// Deletes up to `limit` idempotency records created before `before_ms`, scanning from
+    /// after the key `after`, each only while `fence` holds and the record is unchanged.
+    /// Returns how many it deleted and the key to go on from (`None` at the end).
+    pub async fn expire_idempotency(
+        &self,
+        fence: &Fence,
+        after: Option<&str>,
+        before_ms: i64,
+        limit: usize,
+    ) -> StateResult<(u64, Option<String>)> {
+        let prefix = keys::idempotency("");
+        let start = match after {
+            Some(after) => {
+                let mut start = keys::idempotency(after).into_bytes();
+                start.push(0);
+                start
+            }
+            None => prefix.clone().into_bytes(),
+        };
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let page = self
+            .store
+            .range(&start, &end, limit)
+            .await
+            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let mut deleted = 0;
+        for kv in &page.kvs {
+            // A record that does not decode is left alone: it may be a newer version's.
+            let expired = serde_json::from_slice::<crate::inbox::IdempotencyRecord>(&kv.value)
+                .is_ok_and(|r| r.created_ms < before_ms);
+            if !expired {
+                continue;
+            }
+            let txn = Txn::new()
+                .when([
+                    fence.guard(),
+                    Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
+                ])
+                .and_then([Op::delete(kv.key.clone())]);
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            let result = self.store.txn(txn).await;
+            match result {
+                Ok(result) if result.succeeded => deleted += 1,
+                Ok(_) => {}
+                Err(source) => return Err(StateError::Write { key, source }),
+            }
+        }
+        let next = match page.kvs.last() {
+            Some(last) if page.more => {
+                Some(String::from_utf8_lossy(&last.key[prefix.len()..]).into_owned())
+            }
+            _ => None,
+        };
+        Ok((deleted, next))
+    }
+
+    /// Returns how many timers a partition holds.
+    pub async fn pending_timers(&self, partition: PartitionId) -> Result<u64, StoreError> {
+        self.store.count_prefix(keys::timers_prefix(partition).as_bytes()).await
+    }
+
+    /// Returns how many entries wait in a partition's inbox.
+    pub async fn inbox_backlog(&self, partition: PartitionId) -> Result<u64, StoreError> {
+        self.store.count_prefix(keys::inbox_prefix(partition).as_bytes()).await
+    }
+
+    /// Returns the transaction that applies `writes` under `fence`, stamping the partition:
+    /// when the fence does not hold, it reads the owner key instead. With `witness`, it also
+    /// requires that key to exist (to recognise a retried transaction that did commit).
+    pub(crate) fn fenced(fence: &Fence, writes: Vec<Write>, witness: Option<&Key>) -> Txn {
+        let mut txn = Txn::new()
+            .when([fence.guard()])
+            .and_then(
+                writes
+                    .into_iter()
+                    .map(Write::into_op)
+                    .chain([Op::put(keys::applied(fence.partition), fence.signature.clone())]),
+            )
+            .or_else([Op::get(crate::cluster::owner_key(fence.partition))]);
+        if let Some(witness) = witness {
+            txn.when.push(Compare::present(witness.encode()));
+        }
+        txn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_the_layout_and_timers_parse_back() {
+        let timer = TimerRef { partition: 3, due_ms: 1_000, id: "t".into() };
+        assert_eq!(Key::Timer(timer.clone()).encode(), "p/0003/timers/0000000001000/t");
+        assert_eq!(TimerRef::parse(3, &timer.encode()), Some(timer));
+        let standing = Key::Standing { partition: 12, contact: "c".into(), campaign: "k".into() };
+        assert_eq!(standing.encode(), "p/0012/status/c/k");
+        let shard = Key::Shard { campaign: "k".into(), run: "r".into(), partition: 7 };
+        assert_eq!(shard.encode(), "shards/k/r/0007");
+    }
+
+    #[test]
+    fn a_delete_carries_no_record() {
+        let write = Write::remove_delivery(1, "d");
+        assert!(write.is_delete());
+        assert_eq!(write.into_op(), Op::delete("p/0001/deliveries/d"));
+    }
+}
