@@ -199,7 +199,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         id: &str,
         value: &T,
         expected: Revision,
-        extra: Vec<Op>,
+        extra: Vec<crate::state::Write>,
     ) -> Result<Versioned<T>, DefsError> {
         let key = self.key(id);
 
@@ -209,7 +209,10 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             .txn(
                 Txn::new()
                     .when([Compare::mod_revision(key.clone(), CompareOp::Equal, expected)])
-                    .and_then(std::iter::once(Op::put(key.clone(), bytes.clone())).chain(extra))
+                    .and_then(
+                        std::iter::once(Op::put(key.clone(), bytes.clone()))
+                            .chain(extra.into_iter().map(crate::state::Write::into_op)),
+                    )
                     .or_else([Op::get(key)]),
             )
             .await?;

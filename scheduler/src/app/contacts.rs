@@ -200,20 +200,32 @@ impl Contacts {
         Ok((found, None))
     }
 
-    /// Evaluates an audience over every contact: counts the members and keeps the first
-    /// `sample` of them.
-    pub async fn audience(&self, filter: &str, sample: usize) -> Result<Audience, ContactError> {
+    /// Evaluates an audience over every contact: counts the members (the contacts that pass
+    /// every filter) and keeps the first `sample` of them.
+    pub async fn audience(
+        &self,
+        filters: &[&str],
+        sample: usize,
+    ) -> Result<Audience, ContactError> {
         let mut audience = Audience::default();
         for partition in 0..self.partitions {
-            self.audience_of(partition, filter, sample, &mut audience).await?;
+            self.audience_of(partition, filters, sample, &mut audience).await?;
         }
         Ok(audience)
+    }
+
+    /// Returns a contact's standing in every campaign it has one in, by campaign id.
+    pub async fn standings(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(String, crate::status::CampaignStatus)>, ContactError> {
+        Ok(self.state.standings(partition_of(id, self.partitions), id).await?)
     }
 
     async fn audience_of(
         &self,
         partition: PartitionId,
-        filter: &str,
+        filters: &[&str],
         sample: usize,
         audience: &mut Audience,
     ) -> Result<(), ContactError> {
@@ -223,7 +235,7 @@ impl Contacts {
             for (id, stored) in page {
                 let contact = stored.value?;
                 audience.examined += 1;
-                if self.matches(filter, &id, &contact) {
+                if filters.iter().all(|filter| self.matches(filter, &id, &contact)) {
                     audience.members += 1;
                     if audience.sample.len() < sample {
                         let version = stored.version;

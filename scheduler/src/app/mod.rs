@@ -4,12 +4,15 @@
 //!
 //! - [`ingest`]: events, interactions and requests to deliver again, into the inboxes;
 //! - [`contacts`]: contacts with optimistic concurrency, imports, and audience evaluation;
-//! - [`deliveries`]: deliveries by id, filtered pages, a live stream, redelivery.
+//! - [`deliveries`]: deliveries by id, filtered pages, a live stream, redelivery;
+//! - [`runs`]: runs started, read with their counters, paused, resumed and cancelled.
 
 pub mod contacts;
 pub mod deliveries;
 pub mod ingest;
+pub mod runs;
 
 pub use contacts::{ContactError, Contacts};
 pub use deliveries::{Deliveries, DeliveryError, DeliveryFilter};
 pub use ingest::{Ingest, Publish, Published, sweep_idempotency_keys};
+pub use runs::{RunError, Runs};

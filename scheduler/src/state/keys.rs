@@ -1,5 +1,4 @@
-//! The key-value layout of partition data (see the state layer's module documentation). The
-//! gRPC adapters still use it where they write partition data without the application layer.
+//! The key-value layout of partition data (see the state layer's module documentation).
 
 use crate::cluster::PartitionId;
 
@@ -77,6 +76,10 @@ pub fn run(campaign: &str, run: &str) -> String {
 
 pub fn shard(campaign: &str, run: &str, partition: PartitionId) -> String {
     format!("shards/{campaign}/{run}/{partition:04}")
+}
+
+pub fn run_shards_prefix(campaign: &str, run: &str) -> String {
+    format!("shards/{campaign}/{run}/")
 }
 
 pub fn idempotency(key: &str) -> String {

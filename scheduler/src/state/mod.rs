@@ -27,7 +27,7 @@
 //!
 //! Partition numbers are zero-padded to four digits so keys sort by partition.
 
-pub mod keys;
+pub(crate) mod keys;
 
 use std::sync::Arc;
 
@@ -848,6 +848,51 @@ impl State {
             _ => None,
         };
         Ok((deleted, next))
+    }
+
+    /// Returns every partition's counters of a run (the partitions that wrote any).
+    pub async fn shards(&self, campaign: &str, run: &str) -> StateResult<Vec<StateResult<Shard>>> {
+        let prefix = keys::run_shards_prefix(campaign, run);
+        let page = self
+            .store
+            .range_prefix(prefix.as_bytes(), 0)
+            .await
+            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        Ok(page.kvs.iter().map(|kv| decode(&String::from_utf8_lossy(&kv.key), &kv.value)).collect())
+    }
+
+    /// Returns up to `limit` runs of a campaign in id order after the run `after`, and
+    /// whether more follow.
+    pub async fn runs(
+        &self,
+        campaign: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StateResult<(Vec<(String, StateResult<Run>)>, bool)> {
+        let prefix = keys::run(campaign, "");
+        let start = match after {
+            Some(after) => {
+                let mut start = keys::run(campaign, after).into_bytes();
+                start.push(0);
+                start
+            }
+            None => prefix.clone().into_bytes(),
+        };
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let page = self
+            .store
+            .range(&start, &end, limit)
+            .await
+            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let runs = page
+            .kvs
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key);
+                (key[prefix.len()..].to_string(), decode(&key, &kv.value))
+            })
+            .collect();
+        Ok((runs, page.more))
     }
 
     /// Returns how many timers a partition holds.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tidings_api::v1 as pb;
 use tidings_api::v1::campaign_service_server::CampaignService;
+use tidings_scheduler::app::{Contacts, RunError, Runs};
 use tidings_scheduler::campaign::{
     Audience, Campaign, CampaignState, FrequencyCap, IntervalTrigger, Run, RunState, SendWindow,
     Trigger,
@@ -11,8 +12,8 @@ use tidings_scheduler::campaign::{
 use tidings_scheduler::defs::{Definitions, DefsError, Versioned};
 use tidings_scheduler::inbox::InboxEntry;
 use tidings_scheduler::schedule::Misfire;
-use tidings_scheduler::state::keys;
-use tidings_scheduler::store::{Compare, Op, OpResult, Store, Txn};
+use tidings_scheduler::state::{Write, partition_of};
+use tidings_scheduler::store::Store;
 use tidings_scheduler::timers::{Timer, TimerKind};
 use tidings_scheduler::webhook::Webhook;
 use tidings_scheduler::{now_ms, rules};
@@ -52,14 +53,17 @@ const WRITABLE: [&str; 13] = [
 ];
 
 /// Serves CampaignService.
+#[derive(Clone)]
 pub(crate) struct CampaignApi {
     campaigns: Definitions<Campaign>,
     webhooks: Definitions<Webhook>,
-    store: Arc<dyn Store>,
+    segments: Definitions<tidings_scheduler::segment::Segment>,
+    runs: Runs,
+    contacts: Contacts,
     partitions: u32,
     templates: Arc<tidings_scheduler::template::Templates>,
     cipher: tidings_scheduler::secrets::Cipher,
-    programs: tidings_scheduler::rules::Programs,
+    programs: Arc<tidings_scheduler::rules::Programs>,
 }
 
 fn check_kind(violations: &mut Violations, field: &str, value: &str) {
@@ -132,7 +136,9 @@ impl CampaignApi {
         Self {
             campaigns: Definitions::new(store.clone(), "campaign", "campaigns"),
             webhooks: Definitions::new(store.clone(), "webhook", "webhooks"),
-            store,
+            segments: Definitions::new(store.clone(), "segment", "segments"),
+            runs: Runs::new(store.clone(), partitions),
+            contacts: Contacts::new(store, partitions),
             partitions,
             templates,
             cipher,
@@ -167,54 +173,36 @@ impl CampaignApi {
         let segment_filter = if campaign.audience.segment_id.is_empty() {
             String::new()
         } else {
-            self.store
-                .get(format!("defs/segments/{}", campaign.audience.segment_id).as_bytes())
-                .await?
-                .and_then(|kv| {
-                    serde_json::from_slice::<tidings_scheduler::segment::Segment>(&kv.value).ok()
-                })
-                .map(|s| s.filter)
-                .unwrap_or_else(|| "false".into())
+            // A deleted segment selects nobody.
+            match self.segments.get(&campaign.audience.segment_id).await {
+                Ok(segment) => segment.value.filter,
+                Err(DefsError::NotFound { .. }) => "false".into(),
+                Err(error) => return Err(error.into()),
+            }
         };
         let event_data = request.event_data.as_ref().map(struct_to_json).unwrap_or_default();
         let event = serde_json::json!({"id": "evt_preview", "type": "preview", "data": event_data});
-        let mut audience = 0;
+        let found = self
+            .contacts
+            .audience(&[segment_filter.as_str(), campaign.audience.filter.as_str()], sample)
+            .await?;
+        let audience = found.members;
         let mut items = Vec::new();
-        for partition in 0..self.partitions {
-            let prefix = format!("p/{partition:04}/contacts/");
-            let page = self.store.range_prefix(prefix.as_bytes(), 0).await?;
-            for kv in &page.kvs {
-                let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-                let Ok(contact) =
-                    serde_json::from_slice::<tidings_scheduler::contact::Contact>(&kv.value)
-                else {
-                    continue;
-                };
+        {
+            for member in found.sample {
+                let (id, contact) = (member.id, member.contact);
                 let view = contact.view(&id);
-                let vars = [("contact", &view)];
-                let inside = |source: &str| {
-                    source.is_empty() || self.programs.evaluate(source, &vars).unwrap_or(false)
-                };
-                if !inside(&segment_filter) || !inside(&campaign.audience.filter) {
-                    continue;
-                }
-                audience += 1;
-                if items.len() >= sample {
-                    continue;
-                }
                 let mut skip_reason = String::new();
                 if contact.unsubscribed {
                     skip_reason = "unsubscribed".into();
                 } else if !campaign.rules.is_empty() {
-                    let standing_prefix = format!("p/{partition:04}/status/{id}/");
-                    let standings = self.store.range_prefix(standing_prefix.as_bytes(), 0).await?;
-                    let campaigns: serde_json::Map<String, serde_json::Value> = standings
-                        .kvs
-                        .iter()
-                        .filter_map(|kv| {
-                            let name = String::from_utf8_lossy(&kv.key[standing_prefix.len()..])
-                                .into_owned();
-                            Some((name, serde_json::from_slice(&kv.value).ok()?))
+                    let campaigns: serde_json::Map<String, serde_json::Value> = self
+                        .contacts
+                        .standings(&id)
+                        .await?
+                        .into_iter()
+                        .filter_map(|(name, status)| {
+                            Some((name, serde_json::to_value(status).ok()?))
                         })
                         .collect();
                     let campaigns = serde_json::Value::Object(campaigns);
@@ -257,7 +245,7 @@ impl CampaignApi {
                         unsubscribed: contact.unsubscribed,
                         create_time: Some(timestamp(contact.created_ms)),
                         update_time: Some(timestamp(contact.updated_ms)),
-                        etag: kv.mod_revision.to_string(),
+                        etag: member.version.to_string(),
                     }),
                     request,
                     skip_reason,
@@ -552,13 +540,14 @@ impl CampaignApi {
                 Err(error) => return Err(error.into()),
             }
         }
-        if !campaign.audience.segment_id.is_empty()
-            && self
-                .store
-                .get(format!("defs/segments/{}", campaign.audience.segment_id).as_bytes())
-                .await?
-                .is_none()
-        {
+        let segment = &campaign.audience.segment_id;
+        let segment_missing = !segment.is_empty()
+            && match self.segments.get(segment).await {
+                Ok(_) => false,
+                Err(DefsError::NotFound { .. }) => true,
+                Err(error) => return Err(error.into()),
+            };
+        if segment_missing {
             v.add(
                 "campaign.audience.segment_id",
                 format!("segment {} does not exist", campaign.audience.segment_id),
@@ -694,7 +683,11 @@ impl CampaignApi {
     }
 
     /// Returns the write that starts the interval chain of a campaign being activated.
-    fn first_interval_timer(&self, id: &str, campaign: &Campaign) -> Result<Option<Op>, ApiError> {
+    fn first_interval_timer(
+        &self,
+        id: &str,
+        campaign: &Campaign,
+    ) -> Result<Option<Write>, ApiError> {
         let Trigger::Interval(trigger) = &campaign.trigger else { return Ok(None) };
         let now = now_ms();
         let schedule = trigger
@@ -714,15 +707,8 @@ impl CampaignApi {
                 generation: campaign.generation,
             },
         };
-        Ok(Some(self.inbox_op(id, InboxEntry::Schedule(timer))))
-    }
-
-    fn inbox_op(&self, campaign: &str, entry: InboxEntry) -> Op {
-        let partition = keys::partition_of(campaign, self.partitions);
-        Op::put(
-            keys::inbox_entry(partition, &new_id("in")),
-            serde_json::to_vec(&entry).unwrap_or_default(),
-        )
+        let partition = partition_of(id, self.partitions);
+        Ok(Some(Write::inbox(partition, &new_id("in"), &InboxEntry::Schedule(timer))?))
     }
 
     /// Applies a state change with a compare on the revision read, retrying on a race.
@@ -821,45 +807,10 @@ impl CampaignApi {
         );
         run.data =
             request.data.as_ref().map(struct_to_json).unwrap_or_default().into_iter().collect();
-        let key = keys::run(&request.id, &run_id);
-        let mut ops = vec![Op::put(key.clone(), serde_json::to_vec(&run).unwrap_or_default())];
-        if !later {
-            ops.extend(
-                tidings_scheduler::campaign::fan_out(
-                    &request.id,
-                    &run_id,
-                    0,
-                    self.partitions,
-                    keys::partition_of(&request.id, self.partitions),
-                )?
-                .into_iter()
-                .map(tidings_scheduler::state::Write::into_op),
-            );
+        let (run, started) = self.runs.start(&request.id, &run_id, &run).await?;
+        if started {
+            info!(campaign = %request.id, run = %run_id, scheduled = later, "run started");
         }
-        if later {
-            let timer = Timer {
-                id: run_id.clone(),
-                due_ms: at,
-                kind: TimerKind::Run { campaign: request.id.clone(), run: run_id.clone() },
-            };
-            ops.push(self.inbox_op(&request.id, InboxEntry::Schedule(timer)));
-        }
-        let result = self
-            .store
-            .txn(
-                Txn::new()
-                    .when([Compare::absent(key.clone())])
-                    .and_then(ops)
-                    .or_else([Op::get(key)]),
-            )
-            .await?;
-        if !result.succeeded
-            && let Some(OpResult::Get(Some(kv))) = result.results.first()
-            && let Ok(existing) = serde_json::from_slice::<Run>(&kv.value)
-        {
-            return Ok(run_to_proto(&request.id, &run_id, &existing));
-        }
-        info!(campaign = %request.id, run = %run_id, scheduled = later, "run started");
         Ok(run_to_proto(&request.id, &run_id, &run))
     }
 }
@@ -888,17 +839,11 @@ impl FromProto for RunState {
 impl CampaignApi {
     /// Returns a run with its counters added up.
     async fn read_run(&self, campaign: &str, run_id: &str) -> Result<pb::Run, ApiError> {
-        let kv =
-            self.store.get(keys::run(campaign, run_id).as_bytes()).await?.ok_or_else(|| {
-                ApiError::NotFound(format!("run {run_id} of campaign {campaign} not found"))
-            })?;
-        let run: Run = serde_json::from_slice(&kv.value)
-            .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
-        let run = self.with_shards(campaign, run_id, run).await?;
+        let run = self.runs.get(campaign, run_id).await?;
         Ok(run_to_proto(campaign, run_id, &run))
     }
 
-    /// Pauses, resumes or cancels a run, with a compare on the revision read.
+    /// Pauses, resumes or cancels a run.
     async fn change_run(
         &self,
         campaign: &str,
@@ -911,79 +856,18 @@ impl CampaignApi {
             v.add("run_id", "is required");
         }
         v.check()?;
-        let key = keys::run(campaign, run_id);
-        loop {
-            let kv = self.store.get(key.as_bytes()).await?.ok_or_else(|| {
-                ApiError::NotFound(format!("run {run_id} of campaign {campaign} not found"))
-            })?;
-            let mut run: Run = serde_json::from_slice(&kv.value)
-                .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
-            let current = self.with_shards(campaign, run_id, run.clone()).await?.state;
-            let allowed = match to {
-                RunState::Paused => current == RunState::Running,
-                RunState::Running => current == RunState::Paused,
-                RunState::Cancelled => {
-                    matches!(current, RunState::Scheduled | RunState::Running | RunState::Paused)
-                }
-                RunState::Scheduled | RunState::Completed => false,
-            };
-            if current == to {
-                return self.read_run(campaign, run_id).await;
-            }
-            if !allowed {
-                return Err(ApiError::FailedPrecondition(
-                    format!("run {run_id} is {current:?}; it cannot become {to:?}").to_lowercase(),
-                ));
-            }
-            run.state = to;
-            if to == RunState::Cancelled {
-                run.ended_ms = Some(now_ms());
-            }
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    tidings_scheduler::store::CompareOp::Equal,
-                    kv.mod_revision,
-                )])
-                .and_then([Op::put(key.clone(), serde_json::to_vec(&run).unwrap_or_default())]);
-            if self.store.txn(txn).await?.succeeded {
-                info!(campaign, run = run_id, state = ?to, "run state changed");
-                return self.read_run(campaign, run_id).await;
-            }
-        }
+        let run = self.runs.change(campaign, run_id, to).await?;
+        Ok(run_to_proto(campaign, run_id, &run))
     }
+}
 
-    /// Adds up the run's partition shards into its counters, and completes it when every
-    /// partition is done and every queued delivery has finished.
-    async fn with_shards(
-        &self,
-        campaign: &str,
-        run_id: &str,
-        mut run: Run,
-    ) -> Result<Run, ApiError> {
-        let prefix = format!("shards/{campaign}/{run_id}/");
-        let page = self.store.range_prefix(prefix.as_bytes(), 0).await?;
-        for kv in &page.kvs {
-            let Ok(shard) = serde_json::from_slice::<tidings_scheduler::campaign::Shard>(&kv.value)
-            else {
-                continue;
-            };
-            run.audience += shard.audience;
-            run.queued += shard.queued;
-            run.delivered += shard.delivered;
-            run.failed += shard.failed;
-            for (reason, n) in shard.skipped {
-                *run.skipped.entry(reason).or_default() += n;
-            }
-            run.partitions_done += u32::from(shard.done);
+impl From<RunError> for ApiError {
+    fn from(error: RunError) -> Self {
+        match error {
+            RunError::NotFound { .. } => ApiError::NotFound(error.to_string()),
+            RunError::Refused { .. } => ApiError::FailedPrecondition(error.to_string()),
+            RunError::State(error) => error.into(),
         }
-        if run.state == RunState::Running
-            && run.partitions_done == run.partitions
-            && run.delivered + run.failed >= run.queued
-        {
-            run.state = RunState::Completed;
-        }
-        Ok(run)
     }
 }
 
@@ -1286,21 +1170,7 @@ impl CampaignService for CampaignApi {
             v.add("run_id", "is required");
         }
         v.check()?;
-        let kv = self
-            .store
-            .get(keys::run(&request.campaign_id, &request.run_id).as_bytes())
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| {
-                ApiError::NotFound(format!(
-                    "run {} of campaign {} not found",
-                    request.run_id, request.campaign_id
-                ))
-            })?;
-        let run: Run = serde_json::from_slice(&kv.value)
-            .map_err(|e| ApiError::Internal(format!("unreadable run: {e}")))?;
-        let run = self.with_shards(&request.campaign_id, &request.run_id, run).await?;
-        Ok(Response::new(run_to_proto(&request.campaign_id, &request.run_id, &run)))
+        Ok(Response::new(self.read_run(&request.campaign_id, &request.run_id).await?))
     }
 
     async fn pause_run(
@@ -1341,12 +1211,7 @@ impl CampaignService for CampaignApi {
         // Fails at once for an unknown run.
         self.read_run(&r.campaign_id, &r.run_id).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
-        let this = CampaignApi::new(
-            self.store.clone(),
-            self.partitions,
-            self.templates.clone(),
-            self.cipher.clone(),
-        );
+        let this = self.clone();
         // The task ends when the run ends or the caller goes away.
         tokio::spawn(async move {
             let mut last = None;
@@ -1395,28 +1260,16 @@ impl CampaignService for CampaignApi {
         let mut v = Violations::default();
         check_id(&mut v, "campaign_id", &request.campaign_id);
         v.check()?;
-        let prefix = format!("runs/{}/", request.campaign_id);
-        let start = match parse_page_token(&request.page_token)? {
-            Some(after) => format!("{prefix}{after}\0"),
-            None => prefix.clone(),
-        };
-        let end = tidings_scheduler::store::prefix_end(prefix.as_bytes());
-        let page = self
-            .store
-            .range(start.as_bytes(), &end, page_size(request.page_size))
+        let after = parse_page_token(&request.page_token)?;
+        let (page, more) = self
+            .runs
+            .list(&request.campaign_id, after.as_deref(), page_size(request.page_size))
             .await
             .map_err(ApiError::from)?;
-        let mut runs = Vec::with_capacity(page.kvs.len());
-        for kv in &page.kvs {
-            let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-            if let Ok(run) = serde_json::from_slice::<Run>(&kv.value) {
-                let run =
-                    self.with_shards(&request.campaign_id, &id, run).await.map_err(Status::from)?;
-                runs.push(run_to_proto(&request.campaign_id, &id, &run));
-            }
-        }
+        let runs: Vec<pb::Run> =
+            page.iter().map(|(id, run)| run_to_proto(&request.campaign_id, id, run)).collect();
         let next_page_token = match runs.last() {
-            Some(last) if page.more => page_token(&last.id),
+            Some(last) if more => page_token(&last.id),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListRunsResponse { runs, next_page_token }))

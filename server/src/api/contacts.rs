@@ -127,7 +127,7 @@ impl ContactApi {
         filter: &str,
         sample: usize,
     ) -> Result<(u64, u64, Vec<pb::Contact>), ApiError> {
-        let audience = self.contacts.audience(filter, sample).await?;
+        let audience = self.contacts.audience(&[filter], sample).await?;
         let sample = audience.sample.iter().map(Self::versioned_to_proto).collect();
         Ok((audience.members, audience.examined, sample))
     }
