@@ -70,8 +70,13 @@ pub struct Definitions<T> {
     store: Arc<dyn crate::store::Store>,
     kind: &'static str,
     prefix: String,
+    /// The revision this node's cache of these definitions reflects, when writes wait for it.
+    applied: Option<Arc<tokio::sync::watch::Sender<Revision>>>,
     _type: PhantomData<fn() -> T>,
 }
+
+/// How long a write waits for this node's cache to reflect it.
+const READ_YOUR_WRITES: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl<T> Clone for Definitions<T> {
     fn clone(&self) -> Self {
@@ -79,6 +84,7 @@ impl<T> Clone for Definitions<T> {
             store: self.store.clone(),
             kind: self.kind,
             prefix: self.prefix.clone(),
+            applied: self.applied.clone(),
             _type: PhantomData,
         }
     }
@@ -94,7 +100,31 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
     /// Returns access to the definitions of `kind` (singular, `webhook`) stored under
     /// `defs/{collection}/`.
     pub fn new(store: Arc<dyn Store>, kind: &'static str, collection: &str) -> Self {
-        Self { store, kind, prefix: format!("defs/{collection}/"), _type: PhantomData }
+        Self {
+            store,
+            kind,
+            prefix: format!("defs/{collection}/"),
+            applied: None,
+            _type: PhantomData,
+        }
+    }
+
+    /// Returns access whose writes return only once `cache` reflects them (for up to 2 s),
+    /// so that a caller's next call on this node sees its change: an event published right
+    /// after ActivateCampaign is matched against the active campaign.
+    pub fn read_your_writes(mut self, cache: &Cache<T>) -> Self {
+        self.applied = Some(cache.applied.clone());
+        self
+    }
+
+    async fn settle(&self, revision: Revision) {
+        if let Some(applied) = &self.applied {
+            let mut applied = applied.subscribe();
+            let reached = applied.wait_for(|applied| *applied >= revision);
+            if tokio::time::timeout(READ_YOUR_WRITES, reached).await.is_err() {
+                tracing::debug!(kind = self.kind, revision, "cache behind a write after 2 s");
+            }
+        }
     }
 
     /// Returns the store the definitions live in.
@@ -141,6 +171,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         if !result.succeeded {
             return Err(DefsError::AlreadyExists { kind: self.kind, id: id.to_string() });
         }
+        self.settle(result.revision).await;
         self.decode(id, &bytes, result.revision)
     }
 
@@ -224,6 +255,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
                 _ => DefsError::NotFound { kind: self.kind, id: id.to_string() },
             });
         }
+        self.settle(result.revision).await;
         self.decode(id, &bytes, result.revision)
     }
 
@@ -244,6 +276,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             )
             .await?;
         if result.succeeded {
+            self.settle(result.revision).await;
             return Ok(());
         }
         Err(match result.results.first() {
@@ -259,11 +292,13 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
 /// (event matching, sending) read definitions from here, never from the store.
 pub struct Cache<T> {
     items: Arc<std::sync::RwLock<std::collections::HashMap<String, Arc<T>>>>,
+    /// The store revision the copy reflects; written by the follower only.
+    applied: Arc<tokio::sync::watch::Sender<Revision>>,
 }
 
 impl<T> Clone for Cache<T> {
     fn clone(&self) -> Self {
-        Self { items: self.items.clone() }
+        Self { items: self.items.clone(), applied: self.applied.clone() }
     }
 }
 
@@ -279,7 +314,8 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cache<T> {
         defs: Definitions<T>,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<Self, DefsError> {
-        let cache = Self { items: Default::default() };
+        let cache =
+            Self { items: Default::default(), applied: Arc::new(tokio::sync::watch::channel(0).0) };
         let revision = cache.reload(&defs).await?;
         let task = cache.clone();
         tokio::spawn(async move { task.follow(defs, revision, stop).await });
@@ -311,6 +347,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cache<T> {
             }
         }
         *self.items.write().unwrap_or_else(|p| p.into_inner()) = items;
+        self.applied.send_replace(page.revision);
         Ok(page.revision)
     }
 
@@ -358,6 +395,8 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cache<T> {
                         }
                     }
                 }
+                drop(items);
+                self.applied.send_replace(revision);
             }
             // The watch broke in a way it could not resume from (compaction): start over.
             if let Ok(r) = self.reload(&defs).await {

@@ -250,6 +250,8 @@ pub struct CampaignEngine {
         std::sync::Mutex<std::collections::BTreeMap<StandingId, crate::status::CampaignStatus>>,
     /// The contacts of the owned partitions.
     contacts: Arc<ContactCache>,
+    /// Where decisions read the time.
+    clock: crate::clock::Clock,
     /// Contacts read ahead for the batch of events a partition is handling, by partition and
     /// contact id (`None` when absent). Each batch replaces its partition's entry.
     prefetched: std::sync::Mutex<
@@ -293,7 +295,14 @@ impl CampaignEngine {
             statuses: Default::default(),
             contacts: Default::default(),
             prefetched: Default::default(),
+            clock: crate::clock::Clock::system(),
         }
+    }
+
+    /// Returns the engine reading the time from `clock`.
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Returns the cache of the owned partitions' contacts.
@@ -377,7 +386,7 @@ impl CampaignEngine {
         mut context: Context,
         effects: &mut Effects,
     ) -> EngineResult {
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         let id = record::derived_id(partition, cause.0, cause.1);
         context.delivery = serde_json::json!({ "id": id });
         let campaign_id = origin.campaign_id;
@@ -387,7 +396,7 @@ impl CampaignEngine {
                 delivery.request = Some(request);
                 match defer_until {
                     // Outside the send window: wait for it to open, never drop.
-                    Some(at) => Self::schedule_attempt(delivery, at, effects),
+                    Some(at) => self.schedule_attempt(delivery, at, effects),
                     None => self.start_attempt(partition, delivery, webhook, effects),
                 }
             }
@@ -418,7 +427,7 @@ impl CampaignEngine {
         webhook: &Webhook,
         effects: &mut Effects,
     ) -> EngineResult {
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         delivery.status = Status::Sending;
         delivery.dispatch_seq += 1;
         delivery.next_attempt_ms = None;
@@ -437,10 +446,15 @@ impl CampaignEngine {
     }
 
     /// Schedules the next attempt of a pending delivery at `due`.
-    fn schedule_attempt(mut delivery: Delivery, due: i64, effects: &mut Effects) -> EngineResult {
+    fn schedule_attempt(
+        &self,
+        mut delivery: Delivery,
+        due: i64,
+        effects: &mut Effects,
+    ) -> EngineResult {
         delivery.status = Status::Pending;
         delivery.next_attempt_ms = Some(due);
-        delivery.updated_ms = crate::now_ms();
+        delivery.updated_ms = self.clock.now_ms();
         effects.timers.push(Timer {
             id: delivery.id.clone(),
             due_ms: due,
@@ -475,7 +489,7 @@ impl CampaignEngine {
                 return Ok(());
             }
         };
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         let firing = schedule.on_fire(occurrence_ms, now);
         // Each run takes two writes: a replay of many missed occurrences goes on from where
         // this transaction's share ends, through the interval's own timer due at once.
@@ -609,11 +623,11 @@ impl CampaignEngine {
 
     /// Returns when a send to the contact may happen under the campaign's send window, if
     /// that is later than now.
-    fn window_opening(campaign: &Campaign, contact: &serde_json::Value) -> Option<i64> {
+    fn window_opening(&self, campaign: &Campaign, contact: &serde_json::Value) -> Option<i64> {
         let window = campaign.send_window.as_ref()?;
         let tz = crate::schedule::parse_timezone(contact["timezone"].as_str().unwrap_or_default())
             .ok()?;
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         let window = crate::schedule::Window {
             days: window.days.clone(),
             start_minute: window.start_minute,
@@ -706,7 +720,7 @@ impl CampaignEngine {
         if cap.is_none() && !across_caps {
             return Ok(true);
         }
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         let mut status = self.status(partition, contact, id).await?;
         if let Some(cap) = cap {
             let since = now - cap.period_ms as i64;
@@ -764,7 +778,7 @@ impl CampaignEngine {
         for (name, value) in captured {
             contact.attributes.insert(name.clone(), value.clone());
         }
-        contact.updated_ms = crate::now_ms();
+        contact.updated_ms = self.clock.now_ms();
         tracing::debug!(delivery = %delivery.id, contact = %delivery.contact_id, "response captured");
         effects.writes.push(Write::contact(partition, &delivery.contact_id, &contact)?);
         Ok(())
@@ -836,7 +850,7 @@ impl CampaignEngine {
             origin,
             &webhook,
             (since_ms, &format!("f/{id}/{contact_id}/{after}/{since_ms}")),
-            Self::window_opening(&campaign, &context.contact),
+            self.window_opening(&campaign, &context.contact),
             context,
             effects,
         )
@@ -855,7 +869,7 @@ impl Engine for CampaignEngine {
         event: &Event,
         effects: &mut Effects,
     ) -> EngineResult {
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         // Exit events end the contact's pending follow-ups of the campaigns that list them, in
         // id order; when they do not all fit one transaction, the rest and the event's own
         // campaigns continue in a new inbox entry.
@@ -986,7 +1000,7 @@ impl Engine for CampaignEngine {
                 origin,
                 &webhook,
                 (event.accepted_ms, &format!("e/{}/{campaign_id}", event.id)),
-                Self::window_opening(&campaign, &context.contact),
+                self.window_opening(&campaign, &context.contact),
                 context,
                 effects,
             )?;
@@ -1011,7 +1025,7 @@ impl Engine for CampaignEngine {
                 };
                 if record.state == RunState::Scheduled {
                     record.state = RunState::Running;
-                    record.started_ms = Some(crate::now_ms());
+                    record.started_ms = Some(self.clock.now_ms());
                     tracing::info!(campaign = %campaign, run = %run, partition, "scheduled run started");
                     effects.writes.push(Write::run(campaign, run, &record)?);
                     effects.writes.extend(crate::campaign::fan_out(
@@ -1035,7 +1049,7 @@ impl Engine for CampaignEngine {
                 let Some(found) = self.read_delivery(partition, delivery).await? else {
                     return Ok(());
                 };
-                if self.expired(&found, crate::now_ms()) {
+                if self.expired(&found, self.clock.now_ms()) {
                     effects.writes.push(Write::remove_delivery(partition, delivery));
                 }
                 Ok(())
@@ -1054,7 +1068,7 @@ impl Engine for CampaignEngine {
                         delivery.status = Status::Failed;
                         delivery.reason =
                             format!("webhook {} no longer exists", delivery.webhook_id);
-                        delivery.updated_ms = crate::now_ms();
+                        delivery.updated_ms = self.clock.now_ms();
                         effects.writes.push(put_delivery(&delivery)?);
                         Ok(())
                     }
@@ -1106,7 +1120,7 @@ impl Engine for CampaignEngine {
             Some(RunState::Paused) => {
                 effects.timers.push(Timer {
                     id: format!("rs-{run_id}"),
-                    due_ms: crate::now_ms() + 1000,
+                    due_ms: self.clock.now_ms() + 1000,
                     kind: TimerKind::RunShard {
                         campaign: campaign_id.to_string(),
                         run: run_id.to_string(),
@@ -1213,7 +1227,7 @@ impl Engine for CampaignEngine {
                 origin,
                 &webhook,
                 (run_time_ms, &format!("r/{run_id}/{contact_id}")),
-                Self::window_opening(&campaign, &context.contact),
+                self.window_opening(&campaign, &context.contact),
                 context,
                 effects,
             )?;
@@ -1292,9 +1306,9 @@ impl Engine for CampaignEngine {
         let Outcome { job, attempt, verdict, deferred_until_ms } = outcome;
         let mut delivery = job.delivery.clone();
         effects.cancel_timers.push(job.visibility.clone());
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         if let Some(until) = *deferred_until_ms {
-            return Self::schedule_attempt(delivery, until, effects);
+            return self.schedule_attempt(delivery, until, effects);
         }
         let Some(attempt) = attempt else { return Ok(()) };
         let number = delivery.attempts.len() + 1;
@@ -1321,7 +1335,7 @@ impl Engine for CampaignEngine {
                     Some(wait) => {
                         delivery.retry_index += 1;
                         tracing::info!(delivery = %delivery.id, attempt = number, status = attempt.status_code, error = %attempt.error, retry_in_ms = wait.as_millis() as u64, "attempt failed; retrying");
-                        return Self::schedule_attempt(
+                        return self.schedule_attempt(
                             delivery,
                             now + wait.as_millis() as i64,
                             effects,
@@ -1435,7 +1449,7 @@ impl Engine for CampaignEngine {
         // Delivery ids sort by creation time, so the deliveries that may have outlived the
         // retention all come before the id of one created a retention ago.
         const PAGE: usize = 200;
-        let now = crate::now_ms();
+        let now = self.clock.now_ms();
         let before = record::first_id_at(partition, now - self.retention_ms);
         let (page, more) = self.state.deliveries_between(partition, after, &before, PAGE).await?;
         for (id, found) in page {
@@ -1460,5 +1474,310 @@ impl Engine for CampaignEngine {
         self.prefetched.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
         self.statuses.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != partition);
         self.shards.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.2 != partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::campaign::{Audience, SendWindow};
+    use crate::clock::Clock;
+    use crate::delivery::dispatch::DispatchOptions;
+    use crate::delivery::retry::Verdict;
+    use crate::store::{
+        EmbeddedStore, KeyValue, LeaseId, RangePage, Revision, StoreError, StoreResult, Txn,
+        TxnResult, WatchStream,
+    };
+    use crate::webhook::{Method, RetryPolicy};
+
+    /// 2026-12-01 20:00:00 UTC, a Tuesday.
+    const EVENING_MS: i64 = 1_796_155_200_000;
+
+    /// A store whose reads fail while `failing` is set: the unit tests' stand-in for a store
+    /// that cannot be read.
+    struct Failing {
+        inner: EmbeddedStore,
+        failing: AtomicBool,
+    }
+
+    impl Failing {
+        fn check(&self) -> StoreResult<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("reads fail in this test".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Failing {
+        async fn get(&self, key: &[u8]) -> StoreResult<Option<KeyValue>> {
+            self.check()?;
+            self.inner.get(key).await
+        }
+        async fn range(&self, start: &[u8], end: &[u8], limit: usize) -> StoreResult<RangePage> {
+            self.check()?;
+            self.inner.range(start, end, limit).await
+        }
+        async fn count(&self, start: &[u8], end: &[u8]) -> StoreResult<u64> {
+            self.inner.count(start, end).await
+        }
+        async fn txn(&self, txn: Txn) -> StoreResult<TxnResult> {
+            self.inner.txn(txn).await
+        }
+        async fn watch(&self, prefix: &[u8], start: Revision) -> StoreResult<WatchStream> {
+            self.inner.watch(prefix, start).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, lease: LeaseId) -> StoreResult<Duration> {
+            self.inner.lease_keep_alive(lease).await
+        }
+        async fn lease_time_left(&self, lease: LeaseId) -> StoreResult<Option<Duration>> {
+            self.inner.lease_time_left(lease).await
+        }
+        async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
+            self.inner.lease_revoke(lease).await
+        }
+        async fn revision(&self) -> StoreResult<Revision> {
+            self.inner.revision().await
+        }
+        async fn get_many(&self, keys: &[Vec<u8>]) -> StoreResult<Vec<Option<KeyValue>>> {
+            self.check()?;
+            self.inner.get_many(keys).await
+        }
+    }
+
+    struct Setup {
+        engine: CampaignEngine,
+        store: Arc<Failing>,
+        clock: Clock,
+        _dir: tempfile::TempDir,
+        _stop: tokio_util::sync::CancellationToken,
+    }
+
+    fn webhook() -> Webhook {
+        Webhook {
+            description: String::new(),
+            url: "https://example.com/{{ contact.id }}".into(),
+            method: Method::Post,
+            headers: Vec::new(),
+            body: "{}".into(),
+            content_type: "application/json".into(),
+            timeout_ms: 1_000,
+            retry: RetryPolicy::default(),
+            rate_limit: 0.0,
+            max_in_flight: 0,
+            signing_secrets: Vec::new(),
+            enabled: true,
+            disabled_reason: String::new(),
+            disabled_at_ms: None,
+            labels: Default::default(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn campaign(trigger: Trigger) -> Campaign {
+        Campaign {
+            description: String::new(),
+            webhook_id: "hook".into(),
+            audience: Audience::default(),
+            trigger,
+            rules: Vec::new(),
+            frequency_cap: None,
+            send_window: None,
+            start_ms: None,
+            end_ms: None,
+            exit_events: Vec::new(),
+            data: Default::default(),
+            capture: Default::default(),
+            state: CampaignState::Active,
+            generation: 1,
+            activated_at_ms: 0,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn on_event(kind: &str) -> Trigger {
+        Trigger::Event { event_type: kind.into(), filter: String::new() }
+    }
+
+    async fn setup(campaigns: Vec<(&str, Campaign)>) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let inner = EmbeddedStore::open(&dir.path().join("t.redb")).expect("store");
+        let store = Arc::new(Failing { inner, failing: AtomicBool::new(false) });
+        let shared: Arc<dyn Store> = store.clone();
+        let webhook_defs = Definitions::new(shared.clone(), "webhook", "webhooks");
+        webhook_defs.create("hook", &webhook()).await.expect("webhook");
+        let campaign_defs = Definitions::new(shared.clone(), "campaign", "campaigns");
+        for (id, campaign) in campaigns {
+            campaign_defs.create(id, &campaign).await.expect("campaign");
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let webhooks = Cache::start(webhook_defs.clone(), stop.clone()).await.expect("cache");
+        let campaigns = Cache::start(campaign_defs, stop.clone()).await.expect("cache");
+        let cipher = Cipher::from_base64(&Cipher::generate_key()).expect("cipher");
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let dispatcher = Dispatcher::new(
+            webhooks.clone(),
+            webhook_defs,
+            cipher.clone(),
+            "test".into(),
+            live,
+            DispatchOptions::default(),
+        )
+        .expect("dispatcher");
+        let clock = Clock::manual(EVENING_MS);
+        let engine = CampaignEngine::new(
+            shared,
+            campaigns,
+            webhooks,
+            Arc::new(Templates::new()),
+            cipher,
+            dispatcher,
+            1,
+            Duration::from_secs(3600),
+        )
+        .with_clock(clock.clone());
+        Setup { engine, store, clock, _dir: dir, _stop: stop }
+    }
+
+    fn event(kind: &str, contact: &str, at_ms: i64) -> Event {
+        Event {
+            id: format!("evt-{contact}-{at_ms}"),
+            kind: kind.into(),
+            contact_id: contact.into(),
+            data: Default::default(),
+            occurred_ms: at_ms,
+            accepted_ms: at_ms,
+            resume_after: None,
+            exits_after: None,
+            traceparent: String::new(),
+        }
+    }
+
+    fn delivered(job: Job, at_ms: i64) -> Outcome {
+        let attempt = Attempt {
+            start_ms: at_ms,
+            duration_ms: 5,
+            status_code: 200,
+            error_class: ErrorClass::None,
+            error: String::new(),
+            response_headers: Default::default(),
+            response_body: Vec::new(),
+            node: "test".into(),
+        };
+        Outcome { job, attempt: Some(attempt), verdict: Verdict::Success, deferred_until_ms: None }
+    }
+
+    #[tokio::test]
+    async fn a_follow_up_waits_its_delay_and_is_not_sent_after_a_click() {
+        let follow_up = Trigger::FollowUp {
+            after_campaign_id: "email".into(),
+            on_status: vec!["delivered".into()],
+            delay_ms: 60_000,
+            unless_interactions: vec!["clicked".into()],
+        };
+        let t = setup(vec![("email", campaign(on_event("urgent"))), ("sms", campaign(follow_up))])
+            .await;
+        let mut waits = Vec::new();
+        for contact in ["clicks", "ignores"] {
+            let mut effects = Effects::default();
+            let now = t.clock.now_ms();
+            t.engine
+                .on_event(0, &event("urgent", contact, now), &mut effects)
+                .await
+                .expect("event");
+            let job = effects.dispatch.pop().expect("the email is sent");
+            let mut effects = Effects::default();
+            t.engine.on_outcome(0, &delivered(job, now), &mut effects).await.expect("outcome");
+            let wait = effects.timers.pop().expect("the follow-up waits");
+            assert_eq!(wait.due_ms, now + 60_000, "the wait starts when the email is delivered");
+            waits.push(wait);
+        }
+        let mut effects = Effects::default();
+        let now = t.clock.now_ms();
+        t.engine
+            .on_interaction(0, "clicks", "email", "", "clicked", now + 10, &mut effects)
+            .await
+            .expect("click");
+        t.clock.advance(60_000);
+        let mut sent = Vec::new();
+        for wait in &waits {
+            let mut effects = Effects::default();
+            t.engine.on_timer(0, wait, &mut effects).await.expect("wait ends");
+            sent.extend(effects.dispatch.into_iter().map(|job| job.delivery.contact_id));
+        }
+        assert_eq!(sent, vec!["ignores".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_send_outside_the_window_waits_for_it_to_open() {
+        let mut business_hours = campaign(on_event("notice"));
+        business_hours.send_window =
+            Some(SendWindow { days: vec![], start_minute: 9 * 60, end_minute: 17 * 60 });
+        let t = setup(vec![("notice", business_hours)]).await;
+        let mut effects = Effects::default();
+        let now = t.clock.now_ms();
+        t.engine
+            .on_event(0, &event("notice", "night-owl", now), &mut effects)
+            .await
+            .expect("event");
+        assert!(effects.dispatch.is_empty(), "nothing is sent at 20:00");
+        let attempt = effects.timers.pop().expect("the attempt is scheduled");
+        assert_eq!(attempt.due_ms, EVENING_MS + 13 * 3_600_000, "the next day at 09:00");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_fails_is_an_error_never_a_default() {
+        let every = crate::campaign::IntervalTrigger {
+            every_ms: 60_000,
+            cron: String::new(),
+            timezone: String::new(),
+            start_ms: None,
+            end_ms: None,
+            misfire: crate::schedule::Misfire::Skip,
+            misfire_limit: 0,
+        };
+        let t = setup(vec![
+            ("notice", campaign(on_event("notice"))),
+            ("tick", campaign(Trigger::Interval(every))),
+        ])
+        .await;
+        t.store.failing.store(true, Ordering::SeqCst);
+        let mut effects = Effects::default();
+        let now = t.clock.now_ms();
+        let decided = t.engine.on_event(0, &event("notice", "someone", now), &mut effects).await;
+        assert!(decided.is_err(), "an unreadable contact is not a subscribed one");
+        let tick = Timer {
+            id: "tick-1".into(),
+            due_ms: now,
+            kind: TimerKind::Interval {
+                campaign: "tick".into(),
+                occurrence_ms: now,
+                generation: 1,
+            },
+        };
+        let mut effects = Effects::default();
+        assert!(t.engine.on_timer(0, &tick, &mut effects).await.is_err(), "the chain is kept");
+
+        // Once reads work again the same inputs decide as they should.
+        t.store.failing.store(false, Ordering::SeqCst);
+        let mut effects = Effects::default();
+        t.engine.on_event(0, &event("notice", "someone", now), &mut effects).await.expect("event");
+        assert_eq!(effects.dispatch.len(), 1);
+        let mut effects = Effects::default();
+        t.engine.on_timer(0, &tick, &mut effects).await.expect("interval");
+        assert!(
+            effects.timers.iter().any(|t| matches!(t.kind, TimerKind::Interval { .. })),
+            "the interval chain goes on: {:?}",
+            effects.timers
+        );
     }
 }

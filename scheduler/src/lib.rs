@@ -10,6 +10,7 @@
 //! - [`defs`]: typed definitions (webhooks, segments, campaigns) over the store, with etags;
 //! - [`webhook`], [`campaign`]: definitions of webhooks, campaigns and runs;
 //! - [`rules`]: CEL expressions;
+//! - [`clock`]: the time engine decisions read, injectable for tests;
 
 //! - [`schedule`]: interval math (periods, cron in a time zone, misfires);
 //! - [`secrets`]: encryption of secrets at rest;
@@ -18,6 +19,7 @@
 
 pub mod app;
 pub mod campaign;
+pub mod clock;
 pub mod cluster;
 pub mod contact;
 

@@ -108,8 +108,8 @@ impl Node {
         let retention = config.delivery.retention;
         let engine_parts = (
             store.clone(),
-            campaign_cache,
-            webhook_cache,
+            campaign_cache.clone(),
+            webhook_cache.clone(),
             templates.clone(),
             cipher.clone(),
             dispatcher.clone(),
@@ -130,7 +130,7 @@ impl Node {
         .context("joining the cluster")?;
 
         let webhooks = WebhookApi::new(
-            webhook_defs.clone(),
+            webhook_defs.clone().read_your_writes(&webhook_cache),
             cipher.clone(),
             templates.clone(),
             dispatcher.clone(),
@@ -153,7 +153,8 @@ impl Node {
             cluster.partitions(),
             templates.clone(),
             cipher.clone(),
-        );
+        )
+        .read_your_writes(&campaign_cache);
         let deliveries = DeliveryApi::new(tidings_scheduler::app::Deliveries::new(
             store.clone(),
             ingest.clone(),

@@ -169,6 +169,48 @@ impl NodeProcess {
         Ok(tidings_client::CampaignServiceClient::connect(self.url()).await?)
     }
 
+    /// Waits until every partition's inbox is empty: everything sent to the node so far has
+    /// been decided.
+    pub async fn drained(&self, within: Duration) -> anyhow::Result<()> {
+        self.wait_partitions("every inbox to drain", within, |p| p.inbox_backlog == 0).await
+    }
+
+    /// Waits until every partition's inbox is empty and no timer is pending: nothing more
+    /// will happen without new input. A negative check ("nothing else was sent") holds once
+    /// this returns.
+    pub async fn quiet(&self, within: Duration) -> anyhow::Result<()> {
+        let idle =
+            |p: &tidings_client::v1::Partition| p.inbox_backlog == 0 && p.pending_timers == 0;
+        self.wait_partitions("the node to go quiet (no inbox entry, no timer)", within, idle).await
+    }
+
+    async fn wait_partitions(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&tidings_client::v1::Partition) -> bool,
+    ) -> anyhow::Result<()> {
+        let cluster = self.cluster().await?;
+        let done = &done;
+        // Twice in a row, so that a partition caught between two steps does not count.
+        let seen = std::sync::atomic::AtomicU32::new(0);
+        let seen = &seen;
+        wait_until(what, within, || {
+            let mut cluster = cluster.clone();
+            async move {
+                let request = tidings_client::v1::ListPartitionsRequest {};
+                let partitions = cluster.list_partitions(request).await.ok()?.into_inner();
+                if partitions.partitions.iter().all(done) {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    seen.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
+                (seen.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(())
+            }
+        })
+        .await
+    }
+
     /// Freezes the process with SIGSTOP.
     pub fn pause(&self) {
         if let Some(child) = &self.child {

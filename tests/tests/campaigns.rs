@@ -226,7 +226,7 @@ async fn a_run_reaches_every_member_of_its_segment_once() {
     assert_eq!((done.audience, done.queued, done.delivered, done.failed), (150, 149, 149, 0));
     assert_eq!(done.skipped.get("unsubscribed"), Some(&1));
     assert_eq!((done.partitions_done, done.partitions), (8, 8), "embedded mode has 8 partitions");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.quiet(Duration::from_secs(20)).await.expect("quiet");
     assert_eq!(receiver.received().len(), 149, "no duplicates");
 }
 
@@ -327,7 +327,6 @@ async fn the_chatbot_case_caps_and_exit_events() {
         };
         setup::active_campaign(&node, id, campaign).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut events = node.events().await.expect("client");
     let publish = |kind: &str, data: Option<Struct>| PublishRequest {
         event: Some(Event {
@@ -363,7 +362,8 @@ async fn the_chatbot_case_caps_and_exit_events() {
     events.publish(publish("cart.abandoned", None)).await.expect("publish");
     receiver.wait_for(4, Duration::from_secs(15)).await.expect("arrivals");
     events.publish(publish("order.completed", None)).await.expect("publish");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The reminder's wait ends (without sending) before the node goes quiet.
+    node.quiet(Duration::from_secs(20)).await.expect("quiet");
 
     let received = receiver.received();
     let paths: Vec<&str> = received.iter().map(|r| r.path.as_str()).collect();
@@ -446,7 +446,6 @@ async fn rules_read_the_contacts_standing_in_other_campaigns() {
             .await
             .expect("activate");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut events = node.events().await.expect("client");
     for contact in ["clicker", "ignorer"] {
         events
@@ -470,7 +469,7 @@ async fn rules_read_the_contacts_standing_in_other_campaigns() {
         })
         .await
         .expect("click");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.drained(Duration::from_secs(20)).await.expect("the click is recorded");
     for contact in ["clicker", "ignorer"] {
         events
             .publish(PublishRequest {
@@ -484,7 +483,7 @@ async fn rules_read_the_contacts_standing_in_other_campaigns() {
             .expect("visit");
     }
     receiver.wait_for(3, Duration::from_secs(10)).await.expect("upsell");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    node.quiet(Duration::from_secs(20)).await.expect("quiet");
     let upsells: Vec<String> = receiver
         .received()
         .iter()
@@ -576,7 +575,8 @@ async fn runs_can_be_watched_cancelled_and_refuse_impossible_changes() {
         .expect("cancel")
         .into_inner();
     assert_eq!(cancelled.state, RunState::Cancelled as i32);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The run's timer fires at its time and finds it cancelled.
+    node.quiet(Duration::from_secs(20)).await.expect("quiet");
     assert_eq!(receiver.received().len(), 20, "the cancelled run sent nothing");
     let after = campaigns
         .get_run(GetRunRequest { campaign_id: "blast".into(), run_id: scheduled.id })
@@ -635,7 +635,6 @@ async fn a_closed_send_window_defers_the_send_to_its_opening() {
         };
         setup::active_campaign(&node, id, campaign).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut events = node.events().await.expect("client");
     events
         .publish(PublishRequest {
@@ -832,7 +831,6 @@ async fn responses_are_captured_and_caps_count_every_campaign() {
         across_campaigns: true,
     });
     setup::active_campaign(&node, "promo-b", capped).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut events = node.events().await.expect("client");
     let publish = |kind: &str| PublishRequest {
@@ -869,7 +867,7 @@ async fn responses_are_captured_and_caps_count_every_campaign() {
     events.publish(publish("promo.a")).await.expect("publish");
     receiver.wait_for(4, Duration::from_secs(10)).await.expect("promotions");
     events.publish(publish("promo.b")).await.expect("publish");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.quiet(Duration::from_secs(20)).await.expect("quiet");
     let paths: Vec<String> = receiver.received().into_iter().map(|r| r.path).collect();
     assert_eq!(paths.iter().filter(|p| *p == "/promo-a").count(), 2, "{paths:?}");
     assert_eq!(paths.iter().filter(|p| *p == "/promo-b").count(), 0, "capped: {paths:?}");
@@ -1008,7 +1006,6 @@ async fn runs_and_exit_events_larger_than_one_transaction() {
             assert!(refused.message().contains("64"), "{}", refused.message());
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut events = node.events().await.expect("client");
     let publish = |kind: &str| PublishRequest {
@@ -1021,8 +1018,8 @@ async fn runs_and_exit_events_larger_than_one_transaction() {
     events.publish(publish("hello")).await.expect("hello");
     receiver.wait_for(21, Duration::from_secs(10)).await.expect("greeted");
     events.publish(publish("stop")).await.expect("stop");
-    // Past the follow-up's delay: it was ended by the exit event.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The follow-ups' waits end, ended by the exit event, before the node goes quiet.
+    node.quiet(Duration::from_secs(20)).await.expect("quiet");
     let paths = |received: &[tidings_tests::Received]| {
         received.iter().map(|r| r.path.clone()).collect::<Vec<_>>()
     };

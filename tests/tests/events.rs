@@ -183,11 +183,10 @@ async fn an_event_for_eighty_campaigns_sends_eighty_times() {
         };
         setup::active_campaign(&node, &id, campaign).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut events = node.events().await.expect("client");
     events.publish(PublishRequest { event: Some(event("u1")) }).await.expect("publish");
     receiver.wait_for(80, Duration::from_secs(20)).await.expect("eighty deliveries");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    node.quiet(Duration::from_secs(20)).await.expect("quiet");
     let mut paths: Vec<String> = receiver.received().into_iter().map(|r| r.path).collect();
     paths.sort();
     let expected: Vec<String> = (0..80).map(|i| format!("/c{i:02}")).collect();

@@ -146,6 +146,16 @@ impl CampaignApi {
         }
     }
 
+    /// Returns the service with campaign writes that return once this node's cache of
+    /// campaigns reflects them.
+    pub(crate) fn read_your_writes(
+        mut self,
+        cache: &tidings_scheduler::defs::Cache<Campaign>,
+    ) -> Self {
+        self.campaigns = self.campaigns.read_your_writes(cache);
+        self
+    }
+
     /// Evaluates a campaign's audience without sending: the audience size and, for a sample,
     /// the request each contact would receive or why it would be skipped.
     async fn preview(
