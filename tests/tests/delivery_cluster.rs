@@ -157,6 +157,52 @@ async fn an_attempt_in_flight_on_a_killed_node_is_retried_by_the_new_owner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_handoff_records_the_attempts_in_flight_instead_of_sending_them_again() {
+    let etcd = Etcd::start().await.expect("etcd");
+    let prefix = unique_prefix();
+    let store = etcd.store_at(&prefix).await.expect("store");
+    let mut leaving = NodeProcess::start(options(&etcd, &prefix, "n0", &[])).await.expect("node");
+    let staying = NodeProcess::start(options(&etcd, &prefix, "n1", &[])).await.expect("node");
+    setup::settled(&store, 2).await;
+    let receiver = Receiver::start().await.expect("receiver");
+    // Every answer takes a second, so attempts are in flight on both nodes when n0 leaves.
+    receiver.default_reply(Reply::Delay(Duration::from_secs(1), 200));
+    let webhook = Webhook {
+        url: receiver.url("/slow?c={{ contact.id }}"),
+        timeout: Some(PbDuration { seconds: 3, nanos: 0 }),
+        ..Default::default()
+    };
+    setup(&staying, webhook).await;
+    const CONTACTS: usize = 40;
+    let events = (0..CONTACTS)
+        .map(|i| Event { r#type: "go".into(), contact_id: format!("c{i}"), ..Default::default() })
+        .collect();
+    let mut publisher = staying.events().await.expect("client");
+    publisher.publish_batch(PublishBatchRequest { events }).await.expect("publish");
+    receiver.wait_for(1, Duration::from_secs(15)).await.expect("attempts under way");
+    leaving.terminate().await.expect("n0 leaves gracefully");
+
+    // Every contact's delivery arrives; once n1 is quiet (no inbox entry, no timer: no
+    // attempt waits to be made again) nothing more will.
+    wait_until("a delivery to every contact", Duration::from_secs(30), || async {
+        let contacts: std::collections::BTreeSet<String> =
+            receiver.received().into_iter().map(|r| r.path).collect();
+        (contacts.len() == CONTACTS).then_some(())
+    })
+    .await
+    .expect("all delivered");
+    staying.quiet(Duration::from_secs(60)).await.expect("quiet");
+    let mut per_id: std::collections::BTreeMap<String, usize> = Default::default();
+    for request in receiver.received() {
+        *per_id.entry(request.header("webhook-id").unwrap_or_default().to_string()).or_default() +=
+            1;
+    }
+    let again: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(again.is_empty(), "sent again after the handoff: {again:?}");
+    assert_eq!(per_id.len(), CONTACTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_opens_its_circuit_and_a_probe_closes_it() {
     let etcd = Etcd::start().await.expect("etcd");
     let prefix = unique_prefix();

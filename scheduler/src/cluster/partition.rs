@@ -108,6 +108,8 @@ pub(crate) struct Worker {
     /// The `dispatch_seq` of each delivery's attempt in flight, by delivery id: an outcome
     /// answering an older dispatch is stale. Only this worker's task touches it.
     pub(crate) in_flight: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// How long a worker asked to stop waits for its attempts in flight.
+    pub(crate) drain: Duration,
 }
 
 enum Outcome_ {
@@ -274,8 +276,9 @@ impl Worker {
             inbox = pending.len(),
             "partition started"
         );
-        // Outcomes of this worker's attempts come back here; when the worker stops, late
-        // outcomes are dropped and the attempts' visibility timers take over.
+        // Outcomes of this worker's attempts come back here. A worker asked to stop waits a
+        // bounded time for the attempts in flight (see `drain`); outcomes later than that are
+        // dropped and the attempts' visibility timers take over.
         let (reply, mut outcomes) = mpsc::unbounded_channel();
         let sweep_every = self.engine.sweep_every();
         // Spread the partitions' sweeps over the interval.
@@ -293,7 +296,7 @@ impl Worker {
             self.stats.loaded.store(true, Ordering::Release);
 
             if cancel.is_cancelled() {
-                return Err(Exit::Cancelled);
+                return Err(self.drain(&mut held, &mut outcomes, &mut index, &reply).await);
             }
             if let Ok(outcome) = outcomes.try_recv() {
                 held.push_back(outcome);
@@ -366,7 +369,7 @@ impl Worker {
                 None => sleep,
             };
             tokio::select! {
-                _ = cancel.cancelled() => return Err(Exit::Cancelled),
+                _ = cancel.cancelled() => {}
                 _ = tokio::time::sleep(sleep) => {}
                 Some(outcome) = outcomes.recv() => held.push_back(outcome),
                 batch = stream.next() => {
@@ -400,6 +403,46 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Stops taking new work but waits, up to the drain bound, for the attempts in flight and
+    /// records their outcomes, so that the next owner does not send them again. Attempts still
+    /// out at the bound are left to their visibility timers.
+    async fn drain(
+        &self,
+        held: &mut VecDeque<Outcome>,
+        outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
+        index: &mut TimerIndex,
+        reply: &mpsc::UnboundedSender<Outcome>,
+    ) -> Exit {
+        let deadline = tokio::time::Instant::now() + self.drain;
+        // Commits are retried up to the bound, not stopped by the cancellation being served.
+        let until_deadline = CancellationToken::new();
+        loop {
+            while let Ok(outcome) = outcomes.try_recv() {
+                held.push_back(outcome);
+            }
+            if held.is_empty() {
+                if self.in_flight().is_empty() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, outcomes.recv()).await {
+                    Ok(Some(outcome)) => held.push_back(outcome),
+                    _ => break,
+                }
+            }
+            let step = self.process_outcomes(held, outcomes, index, &until_deadline, reply);
+            match tokio::time::timeout_at(deadline, step).await {
+                Ok(Ok(())) => {}
+                Ok(Err(Halt::Exit(Exit::Fenced))) => return Exit::Fenced,
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        let abandoned = self.in_flight().len();
+        if abandoned > 0 {
+            info!(partition = self.partition, abandoned, "stopping with attempts still in flight");
+        }
+        Exit::Cancelled
     }
 
     /// Reads every timer of the partition into a new index, holding on to the stored timers of
