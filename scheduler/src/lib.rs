@@ -1,21 +1,22 @@
-//! Tidings core: everything below the gRPC surface.
+//! Tidings core: everything below the gRPC surface, from the top down.
 //!
-//! - [`app`]: the application layer the adapters (gRPC, console) call: ingest, …;
-//! - [`store`]: the key-value contract with etcd's semantics, on etcd and on a local redb file;
+//! - [`app`]: the application layer the adapters (gRPC, console) call: ingest, contacts and
+//!   audiences, deliveries, runs;
+//! - [`engine`]: what events, timers and attempt outcomes mean, returned as typed effects;
 //! - [`cluster`]: membership, partition assignment, ownership with epoch fencing, and the
-//!   per-partition workers that consume inboxes and fire timers;
-//! - [`state`]: partition data as typed tables (keys, records, fenced writes);
+//!   per-partition workers that commit the engine's effects and start attempts;
+//! - [`delivery`]: rendering, signing, sending, retries, limits and the attempt log;
+//! - [`state`]: partition data as typed tables (keys, records, reads that fail closed, the
+//!   fenced partition transaction);
+//! - [`store`]: the key-value contract with etcd's semantics, on etcd and on a local redb file;
 //! - [`keys`]: the coordination keys (cluster, nodes, owners);
-//! - [`inbox`], [`timers`]: what partitions hold; [`engine`]: what events and timers mean;
 //! - [`defs`]: typed definitions (webhooks, segments, campaigns) over the store, with etags;
-//! - [`webhook`], [`campaign`]: definitions of webhooks, campaigns and runs;
-//! - [`rules`]: CEL expressions;
-//! - [`clock`]: the time engine decisions read, injectable for tests;
-
+//! - [`inbox`], [`timers`]: what partitions hold;
+//! - [`webhook`], [`campaign`], [`contact`], [`segment`], [`status`]: the domain records;
+//! - [`rules`]: CEL expressions; [`template`]: Liquid templates;
 //! - [`schedule`]: interval math (periods, cron in a time zone, misfires);
 //! - [`secrets`]: encryption of secrets at rest;
-
-//! - [`template`]: Liquid templates.
+//! - [`clock`]: the time engine decisions read, injectable for tests.
 
 pub mod app;
 pub mod campaign;
