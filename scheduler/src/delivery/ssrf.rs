@@ -6,53 +6,30 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-/// An IP network, `address/prefix`.
+/// An IP network, `address/prefix`; a bare address is the network of that address alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Network {
-    address: IpAddr,
-    prefix: u8,
-}
+pub struct Network(ipnet::IpNet);
 
 impl std::str::FromStr for Network {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let (address, prefix) = match text.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (text, None),
-        };
-        let address: IpAddr = address
-            .trim()
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IP address or network"))?;
-        let max = if address.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?,
-            None => max,
-        };
-        Ok(Self { address, prefix })
+        let trimmed = text.trim();
+        if trimmed.contains('/') {
+            return trimmed.parse::<ipnet::IpNet>().map(Self).map_err(|_| {
+                format!("{text:?} is not a network (address/prefix with a valid prefix length)")
+            });
+        }
+        let address: IpAddr =
+            trimmed.parse().map_err(|_| format!("{text:?} is not an IP address or network"))?;
+        Ok(Self(ipnet::IpNet::from(address)))
     }
 }
 
 impl Network {
     /// Returns whether `ip` lies in the network.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.address, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
 }
 
@@ -198,5 +175,15 @@ mod tests {
         assert!(guard.check("::1".parse().expect("ip")).is_none());
         assert!(guard.check("10.0.0.1".parse().expect("ip")).is_some());
         assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!("/8".parse::<Network>().is_err());
+        assert!("10.0.0.0/x".parse::<Network>().is_err());
+        let net = |text: &str| text.parse::<Network>().expect("network");
+        let ip = |text: &str| text.parse::<IpAddr>().expect("ip");
+        assert!(net("10.1.2.3/8").contains(ip("10.200.0.1")), "host bits do not matter");
+        assert!(net(" 192.168.1.7 ").contains(ip("192.168.1.7")));
+        assert!(!net(" 192.168.1.7 ").contains(ip("192.168.1.8")));
+        assert!(net("0.0.0.0/0").contains(ip("8.8.8.8")));
+        assert!(!net("0.0.0.0/0").contains(ip("::1")), "an IPv4 network holds no IPv6 address");
+        assert!(net("fd00::/8").contains(ip("fd12::1")));
     }
 }
