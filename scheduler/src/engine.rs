@@ -1479,7 +1479,6 @@ impl Engine for CampaignEngine {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use super::*;
@@ -1487,74 +1486,15 @@ mod tests {
     use crate::clock::Clock;
     use crate::delivery::dispatch::DispatchOptions;
     use crate::delivery::retry::Verdict;
-    use crate::store::{
-        EmbeddedStore, KeyValue, LeaseId, RangePage, Revision, StoreError, StoreResult, Txn,
-        TxnResult, WatchStream,
-    };
+    use crate::store::{EmbeddedStore, FlakyStore};
     use crate::webhook::{Method, RetryPolicy};
 
     /// 2026-12-01 20:00:00 UTC, a Tuesday.
     const EVENING_MS: i64 = 1_796_155_200_000;
 
-    /// A store whose reads fail while `failing` is set: the unit tests' stand-in for a store
-    /// that cannot be read.
-    struct Failing {
-        inner: EmbeddedStore,
-        failing: AtomicBool,
-    }
-
-    impl Failing {
-        fn check(&self) -> StoreResult<()> {
-            if self.failing.load(Ordering::SeqCst) {
-                return Err(StoreError::Unavailable("reads fail in this test".into()));
-            }
-            Ok(())
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Store for Failing {
-        async fn get(&self, key: &[u8]) -> StoreResult<Option<KeyValue>> {
-            self.check()?;
-            self.inner.get(key).await
-        }
-        async fn range(&self, start: &[u8], end: &[u8], limit: usize) -> StoreResult<RangePage> {
-            self.check()?;
-            self.inner.range(start, end, limit).await
-        }
-        async fn count(&self, start: &[u8], end: &[u8]) -> StoreResult<u64> {
-            self.inner.count(start, end).await
-        }
-        async fn txn(&self, txn: Txn) -> StoreResult<TxnResult> {
-            self.inner.txn(txn).await
-        }
-        async fn watch(&self, prefix: &[u8], start: Revision) -> StoreResult<WatchStream> {
-            self.inner.watch(prefix, start).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, lease: LeaseId) -> StoreResult<Duration> {
-            self.inner.lease_keep_alive(lease).await
-        }
-        async fn lease_time_left(&self, lease: LeaseId) -> StoreResult<Option<Duration>> {
-            self.inner.lease_time_left(lease).await
-        }
-        async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
-            self.inner.lease_revoke(lease).await
-        }
-        async fn revision(&self) -> StoreResult<Revision> {
-            self.inner.revision().await
-        }
-        async fn get_many(&self, keys: &[Vec<u8>]) -> StoreResult<Vec<Option<KeyValue>>> {
-            self.check()?;
-            self.inner.get_many(keys).await
-        }
-    }
-
     struct Setup {
         engine: CampaignEngine,
-        store: Arc<Failing>,
+        store: Arc<FlakyStore>,
         clock: Clock,
         _dir: tempfile::TempDir,
         _stop: tokio_util::sync::CancellationToken,
@@ -1611,7 +1551,7 @@ mod tests {
     async fn setup(campaigns: Vec<(&str, Campaign)>) -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let inner = EmbeddedStore::open(&dir.path().join("t.redb")).expect("store");
-        let store = Arc::new(Failing { inner, failing: AtomicBool::new(false) });
+        let store = FlakyStore::new(Arc::new(inner));
         let shared: Arc<dyn Store> = store.clone();
         let webhook_defs = Definitions::new(shared.clone(), "webhook", "webhooks");
         webhook_defs.create("hook", &webhook()).await.expect("webhook");
@@ -1750,7 +1690,7 @@ mod tests {
             ("tick", campaign(Trigger::Interval(every))),
         ])
         .await;
-        t.store.failing.store(true, Ordering::SeqCst);
+        t.store.fail_reads(true);
         let mut effects = Effects::default();
         let now = t.clock.now_ms();
         let decided = t.engine.on_event(0, &event("notice", "someone", now), &mut effects).await;
@@ -1768,7 +1708,7 @@ mod tests {
         assert!(t.engine.on_timer(0, &tick, &mut effects).await.is_err(), "the chain is kept");
 
         // Once reads work again the same inputs decide as they should.
-        t.store.failing.store(false, Ordering::SeqCst);
+        t.store.fail_reads(false);
         let mut effects = Effects::default();
         t.engine.on_event(0, &event("notice", "someone", now), &mut effects).await.expect("event");
         assert_eq!(effects.dispatch.len(), 1);

@@ -154,8 +154,7 @@ impl Contacts {
     /// Deletes a contact.
     pub async fn delete(&self, id: &str) -> Result<(), ContactError> {
         let key = self.key(id);
-        let Key::Contact { partition, .. } = key else { return Ok(()) };
-        let removal = Write::remove_contact(partition, id);
+        let removal = Write::remove(key.clone());
         match self.state.write_if::<Contact>(&key, Expect::Present, vec![removal]).await? {
             Ok(_) => Ok(()),
             Err(_) => Err(ContactError::NotFound(id.to_string())),

@@ -973,12 +973,8 @@ fn last_write(writes: &[Write], key: &Key) -> Option<usize> {
 impl Batch {
     /// Adds the removal of an inbox entry and the effects it had.
     fn consume(&mut self, key: Key, effects: Effects, partition: PartitionId) -> StateResult {
-        let Key::Inbox { partition: of, id } = &key else {
-            return Ok(());
-        };
-        let removal = Write::remove_inbox(*of, id);
-        self.witness.get_or_insert(key);
-        self.writes.push(removal);
+        self.witness.get_or_insert(key.clone());
+        self.writes.push(Write::remove(key));
         self.add(partition, effects)
     }
 
@@ -1027,9 +1023,7 @@ impl Batch {
                     }
                 }
                 None => {
-                    if let Key::Timer(timer) = key {
-                        self.writes.push(Write::remove_timer(timer));
-                    }
+                    self.writes.push(Write::remove(key));
                     self.removed.push(due);
                 }
             }

@@ -42,7 +42,7 @@ use crate::contact::Contact;
 use crate::delivery::record::Delivery;
 use crate::inbox::InboxEntry;
 use crate::status::CampaignStatus;
-use crate::store::{Compare, CompareOp, Op, OpResult, Revision, Store, StoreError, Txn};
+use crate::store::{Compare, CompareOp, KeyValue, Op, OpResult, Revision, Store, StoreError, Txn};
 use crate::timers::Timer;
 
 /// Failures of the state layer, each naming the key at fault.
@@ -250,7 +250,7 @@ impl Write {
 
     /// Deletes a contact.
     pub fn remove_contact(partition: PartitionId, id: &str) -> Self {
-        Self { key: Key::Contact { partition, id: id.to_string() }, value: None }
+        Self::remove(Key::Contact { partition, id: id.to_string() })
     }
 
     /// Writes a delivery (in its own partition).
@@ -261,7 +261,7 @@ impl Write {
 
     /// Deletes a delivery.
     pub fn remove_delivery(partition: PartitionId, id: &str) -> Self {
-        Self { key: Key::Delivery { partition, id: id.to_string() }, value: None }
+        Self::remove(Key::Delivery { partition, id: id.to_string() })
     }
 
     /// Writes a contact's standing in a campaign.
@@ -302,7 +302,7 @@ impl Write {
 
     /// Removes a processed inbox entry.
     pub fn remove_inbox(partition: PartitionId, id: &str) -> Self {
-        Self { key: Key::Inbox { partition, id: id.to_string() }, value: None }
+        Self::remove(Key::Inbox { partition, id: id.to_string() })
     }
 
     /// Stores a timer.
@@ -312,17 +312,17 @@ impl Write {
 
     /// Removes a timer.
     pub fn remove_timer(timer: TimerRef) -> Self {
-        Self { key: Key::Timer(timer), value: None }
+        Self::remove(Key::Timer(timer))
+    }
+
+    /// Deletes any key.
+    pub fn remove(key: Key) -> Self {
+        Self { key, value: None }
     }
 
     /// Records an idempotency key of Publish.
     pub fn idempotency(key: &str, record: &crate::inbox::IdempotencyRecord) -> StateResult<Self> {
         encoded(Key::Idempotency { key: key.to_string() }, record)
-    }
-
-    /// Forgets an idempotency key.
-    pub fn remove_idempotency(key: &str) -> Self {
-        Self { key: Key::Idempotency { key: key.to_string() }, value: None }
     }
 
     /// Returns the key written.
@@ -473,6 +473,41 @@ impl State {
         }
     }
 
+    /// Reads up to `limit` keys under `prefix` (0 for no limit), after the key `prefix` +
+    /// `after` when given and before `prefix` + `before` when given. Returns each key's part
+    /// after the prefix with what is stored there, and whether more keys follow.
+    async fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        before: Option<&str>,
+        limit: usize,
+    ) -> StateResult<(Vec<(String, KeyValue)>, bool)> {
+        let start = match after {
+            Some(after) => {
+                let mut start = format!("{prefix}{after}").into_bytes();
+                start.push(0);
+                start
+            }
+            None => prefix.as_bytes().to_vec(),
+        };
+        let end = match before {
+            Some(before) => format!("{prefix}{before}").into_bytes(),
+            None => crate::store::prefix_end(prefix.as_bytes()),
+        };
+        let page = self
+            .store
+            .range(&start, &end, limit)
+            .await
+            .map_err(|source| StateError::Read { key: prefix.to_string(), source })?;
+        let found = page
+            .kvs
+            .into_iter()
+            .map(|kv| (String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned(), kv))
+            .collect();
+        Ok((found, page.more))
+    }
+
     /// Returns a contact; `None` when it was never written (or was deleted).
     pub async fn contact(&self, partition: PartitionId, id: &str) -> StateResult<Option<Contact>> {
         self.record(&Key::Contact { partition, id: id.to_string() }).await
@@ -513,25 +548,12 @@ impl State {
         after: &str,
         limit: usize,
     ) -> StateResult<ContactPage> {
-        let prefix = keys::contacts_prefix(partition);
-        let mut start = prefix.clone().into_bytes();
-        if !after.is_empty() {
-            start = keys::contact(partition, after).into_bytes();
-            start.push(0);
-        }
-        let end = crate::store::prefix_end(prefix.as_bytes());
-        let page = self
-            .store
-            .range(&start, &end, limit)
-            .await
-            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
-        let mut contacts = Vec::with_capacity(page.kvs.len());
-        for kv in &page.kvs {
-            let key = String::from_utf8_lossy(&kv.key);
-            let id = key.get(prefix.len()..).unwrap_or_default().to_string();
-            contacts.push((id, decode(&key, &kv.value)?));
-        }
-        Ok(ContactPage { contacts, more: page.more })
+        let (page, more) = self.contacts_versioned(partition, after, limit).await?;
+        let contacts = page
+            .into_iter()
+            .map(|(id, stored)| Ok((id, stored.value?)))
+            .collect::<StateResult<_>>()?;
+        Ok(ContactPage { contacts, more })
     }
 
     /// Returns up to `limit` contacts of a partition after the id `after` (from the first when
@@ -543,28 +565,16 @@ impl State {
         limit: usize,
     ) -> StateResult<(Vec<(String, Stored<Contact>)>, bool)> {
         let prefix = keys::contacts_prefix(partition);
-        let mut start = prefix.clone().into_bytes();
-        if !after.is_empty() {
-            start = keys::contact(partition, after).into_bytes();
-            start.push(0);
-        }
-        let end = crate::store::prefix_end(prefix.as_bytes());
-        let page = self
-            .store
-            .range(&start, &end, limit)
-            .await
-            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let after = (!after.is_empty()).then_some(after);
+        let (page, more) = self.scan(&prefix, after, None, limit).await?;
         let contacts = page
-            .kvs
-            .iter()
-            .map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key);
-                let id = key.get(prefix.len()..).unwrap_or_default().to_string();
-                let stored = Stored { value: decode(&key, &kv.value), version: kv.mod_revision };
-                (id, stored)
+            .into_iter()
+            .map(|(id, kv)| {
+                let value = decode(&String::from_utf8_lossy(&kv.key), &kv.value);
+                (id, Stored { value, version: kv.mod_revision })
             })
             .collect();
-        Ok((contacts, page.more))
+        Ok((contacts, more))
     }
 
     /// Returns a delivery.
@@ -585,32 +595,12 @@ impl State {
         before: &str,
         limit: usize,
     ) -> StateResult<(Vec<(String, StateResult<Delivery>)>, Option<String>)> {
-        let start = match after {
-            None => keys::delivery(partition, "").into_bytes(),
-            Some(after) => {
-                let mut start = keys::delivery(partition, after).into_bytes();
-                start.push(0);
-                start
-            }
-        };
-        let end = keys::delivery(partition, before);
-        let page = self.store.range(&start, end.as_bytes(), limit).await.map_err(|source| {
-            StateError::Read { key: keys::deliveries_prefix(partition), source }
-        })?;
-        let prefix_len = keys::delivery(partition, "").len();
-        let last = match page.kvs.last() {
-            Some(last) if page.more => {
-                Some(String::from_utf8_lossy(&last.key[prefix_len..]).into_owned())
-            }
-            _ => None,
-        };
+        let prefix = keys::deliveries_prefix(partition);
+        let (page, more) = self.scan(&prefix, after, Some(before), limit).await?;
+        let last = page.last().filter(|_| more).map(|(id, _)| id.clone());
         let deliveries = page
-            .kvs
-            .iter()
-            .map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key);
-                (key[prefix_len..].to_string(), decode(&key, &kv.value))
-            })
+            .into_iter()
+            .map(|(id, kv)| (id, decode(&String::from_utf8_lossy(&kv.key), &kv.value)))
             .collect();
         Ok((deliveries, last))
     }
@@ -690,18 +680,12 @@ impl State {
         contact: &str,
     ) -> StateResult<Vec<(String, CampaignStatus)>> {
         let prefix = keys::contact_standings_prefix(partition, contact);
-        let page = self
-            .store
-            .range_prefix(prefix.as_bytes(), 0)
-            .await
-            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
-        let mut standings = Vec::with_capacity(page.kvs.len());
-        for kv in page.kvs {
-            let key = String::from_utf8_lossy(&kv.key);
-            let campaign = key[prefix.len()..].to_string();
-            standings.push((campaign, decode(&key, &kv.value)?));
-        }
-        Ok(standings)
+        let (page, _) = self.scan(&prefix, None, None, 0).await?;
+        page.into_iter()
+            .map(|(campaign, kv)| {
+                Ok((campaign, decode(&String::from_utf8_lossy(&kv.key), &kv.value)?))
+            })
+            .collect()
     }
 
     /// Returns a run.
@@ -804,23 +788,9 @@ impl State {
         before_ms: i64,
         limit: usize,
     ) -> StateResult<(u64, Option<String>)> {
-        let prefix = keys::idempotency("");
-        let start = match after {
-            Some(after) => {
-                let mut start = keys::idempotency(after).into_bytes();
-                start.push(0);
-                start
-            }
-            None => prefix.clone().into_bytes(),
-        };
-        let end = crate::store::prefix_end(prefix.as_bytes());
-        let page = self
-            .store
-            .range(&start, &end, limit)
-            .await
-            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let (page, more) = self.scan(&keys::idempotency(""), after, None, limit).await?;
         let mut deleted = 0;
-        for kv in &page.kvs {
+        for (_, kv) in &page {
             // A record that does not decode is left alone: it may be a newer version's.
             let expired = serde_json::from_slice::<crate::inbox::IdempotencyRecord>(&kv.value)
                 .is_ok_and(|r| r.created_ms < before_ms);
@@ -841,24 +811,17 @@ impl State {
                 Err(source) => return Err(StateError::Write { key, source }),
             }
         }
-        let next = match page.kvs.last() {
-            Some(last) if page.more => {
-                Some(String::from_utf8_lossy(&last.key[prefix.len()..]).into_owned())
-            }
-            _ => None,
-        };
+        let next = page.last().filter(|_| more).map(|(key, _)| key.clone());
         Ok((deleted, next))
     }
 
     /// Returns every partition's counters of a run (the partitions that wrote any).
     pub async fn shards(&self, campaign: &str, run: &str) -> StateResult<Vec<StateResult<Shard>>> {
-        let prefix = keys::run_shards_prefix(campaign, run);
-        let page = self
-            .store
-            .range_prefix(prefix.as_bytes(), 0)
-            .await
-            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
-        Ok(page.kvs.iter().map(|kv| decode(&String::from_utf8_lossy(&kv.key), &kv.value)).collect())
+        let (page, _) = self.scan(&keys::run_shards_prefix(campaign, run), None, None, 0).await?;
+        Ok(page
+            .iter()
+            .map(|(_, kv)| decode(&String::from_utf8_lossy(&kv.key), &kv.value))
+            .collect())
     }
 
     /// Returns up to `limit` runs of a campaign in id order after the run `after`, and
@@ -869,30 +832,12 @@ impl State {
         after: Option<&str>,
         limit: usize,
     ) -> StateResult<(Vec<(String, StateResult<Run>)>, bool)> {
-        let prefix = keys::run(campaign, "");
-        let start = match after {
-            Some(after) => {
-                let mut start = keys::run(campaign, after).into_bytes();
-                start.push(0);
-                start
-            }
-            None => prefix.clone().into_bytes(),
-        };
-        let end = crate::store::prefix_end(prefix.as_bytes());
-        let page = self
-            .store
-            .range(&start, &end, limit)
-            .await
-            .map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+        let (page, more) = self.scan(&keys::run(campaign, ""), after, None, limit).await?;
         let runs = page
-            .kvs
-            .iter()
-            .map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key);
-                (key[prefix.len()..].to_string(), decode(&key, &kv.value))
-            })
+            .into_iter()
+            .map(|(id, kv)| (id, decode(&String::from_utf8_lossy(&kv.key), &kv.value)))
             .collect();
-        Ok((runs, page.more))
+        Ok((runs, more))
     }
 
     /// Returns how many timers a partition holds.

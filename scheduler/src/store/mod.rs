@@ -8,12 +8,14 @@
 //!   [`StoreError::Compacted`] when that history is gone; keys written under a lease are deleted
 //!   when the lease ends.
 //! - [`EtcdStore`]: the contract on etcd, for clusters.
+//! - [`FlakyStore`]: a wrapper whose reads fail on demand, for fault-injection tests.
 //! - [`EmbeddedStore`]: the same contract on a local redb file, for a single node. Its leases
 //!   never expire while the process runs; keys attached to leases are gone after a restart, as
 //!   they would be once an etcd lease expired.
 
 mod embedded;
 mod etcd;
+mod flaky;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -22,6 +24,7 @@ use futures::Stream;
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore};
+pub use flaky::FlakyStore;
 
 /// A store-wide revision number. Revisions start at 1 and only grow.
 pub type Revision = i64;
@@ -390,12 +393,6 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     // Every byte was 0xff (or the prefix was empty): the range runs to the end of the keyspace.
     vec![0]
-}
-
-/// Returns the first string after every string that starts with `prefix`, for ASCII prefixes
-/// (ranges over in-memory maps keyed like the store).
-pub fn prefix_end_string(prefix: &str) -> String {
-    String::from_utf8_lossy(&prefix_end(prefix.as_bytes())).into_owned()
 }
 
 /// The contract both backends implement; see the module documentation.
