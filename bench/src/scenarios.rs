@@ -259,6 +259,7 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     let engine_recorder = recorder.clone();
     let (cluster, task) = Cluster::start(
         store.clone(),
+        tidings_scheduler::state::State::new(store.clone()),
         |_| Arc::new(Counting(engine_recorder)),
         options,
         shutdown.clone(),
@@ -303,6 +304,7 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     let engine_burst = burst.clone();
     let (_cluster, task) = Cluster::start(
         store.clone(),
+        tidings_scheduler::state::State::new(store.clone()),
         |_| Arc::new(Counting(engine_burst)),
         options,
         shutdown.clone(),

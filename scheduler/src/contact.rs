@@ -127,10 +127,12 @@ impl ContactCache {
 
     /// Starts loading and following `partition`'s contacts if this node owns it and does not
     /// follow them yet.
-    pub fn start(self: &Arc<Self>, store: &Arc<dyn Store>, partition: PartitionId) {
+    pub fn start(self: &Arc<Self>, state: &crate::state::State, partition: PartitionId) {
+        // Only a key-value store can be followed; elsewhere the engine reads the store.
+        let Some(store) = state.kv_store() else { return };
         let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
         if let Some(owned) = owned.filter(|o| !o.is_cancelled()) {
-            self.follow(store.clone(), partition, owned);
+            self.follow(store, partition, owned);
         }
     }
 

@@ -220,18 +220,6 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         value: &T,
         expected: Revision,
     ) -> Result<Versioned<T>, DefsError> {
-        self.replace_with(id, value, expected, Vec::new()).await
-    }
-
-    /// Replaces a definition if it is still at `expected` revision, applying `extra` writes in
-    /// the same transaction.
-    pub async fn replace_with(
-        &self,
-        id: &str,
-        value: &T,
-        expected: Revision,
-        extra: Vec<crate::state::Write>,
-    ) -> Result<Versioned<T>, DefsError> {
         let key = self.key(id);
 
         let bytes = self.encode(value);
@@ -240,10 +228,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
             .txn(
                 Txn::new()
                     .when([Compare::mod_revision(key.clone(), CompareOp::Equal, expected)])
-                    .and_then(
-                        std::iter::once(Op::put(key.clone(), bytes.clone()))
-                            .chain(extra.into_iter().map(crate::state::Write::into_op)),
-                    )
+                    .and_then([Op::put(key.clone(), bytes.clone())])
                     .or_else([Op::get(key)]),
             )
             .await?;

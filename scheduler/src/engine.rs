@@ -223,12 +223,15 @@ impl Engine for NoopEngine {
 /// A run's shard: (campaign, run, partition).
 type ShardId = (String, String, PartitionId);
 
+/// How long an interval timer waits for the activation that scheduled it to be stored; past
+/// that, the activation did not happen and the chain ends.
+const ACTIVATION_WAIT_MS: i64 = 60_000;
+
 /// A contact's standing in a campaign: (partition, contact, campaign).
 type StandingId = (PartitionId, String, String);
 
 /// What the campaign engine needs.
 pub struct CampaignEngine {
-    store: Arc<dyn Store>,
     state: State,
     /// Fresh reads of definitions, for decisions that must not act on a stale cache.
     campaign_defs: Definitions<Campaign>,
@@ -270,6 +273,7 @@ impl CampaignEngine {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
+        state: State,
         campaigns: Cache<Campaign>,
         webhooks: Cache<Webhook>,
         templates: Arc<Templates>,
@@ -279,10 +283,9 @@ impl CampaignEngine {
         retention: std::time::Duration,
     ) -> Self {
         Self {
-            state: State::new(store.clone()),
+            state,
             campaign_defs: Definitions::new(store.clone(), "campaign", "campaigns"),
-            segment_defs: Definitions::new(store.clone(), "segment", "segments"),
-            store,
+            segment_defs: Definitions::new(store, "segment", "segments"),
             campaigns,
             webhooks,
             templates,
@@ -363,7 +366,7 @@ impl CampaignEngine {
 
     /// Returns a contact from the owner's cache, or from the store while the cache loads.
     async fn cached_contact(&self, partition: PartitionId, id: &str) -> EngineResult<Contact> {
-        self.contacts.start(&self.store, partition);
+        self.contacts.start(&self.state, partition);
         match self.contacts.get(partition, id) {
             Some(found) => Ok(found.unwrap_or_default()),
             None => self.fresh_contact(partition, id).await,
@@ -477,6 +480,17 @@ impl CampaignEngine {
             return Ok(());
         };
         let Trigger::Interval(trigger) = &campaign.trigger else { return Ok(()) };
+        let now = self.clock.now_ms();
+        if campaign.generation < generation && now - occurrence_ms < ACTIVATION_WAIT_MS {
+            // An activation schedules its first timer just before it writes the campaign:
+            // this one fell due in between, so it waits for the activation to be stored.
+            effects.timers.push(Timer {
+                id: format!("{id}-{generation}"),
+                due_ms: now + 200,
+                kind: TimerKind::Interval { campaign: id.to_string(), occurrence_ms, generation },
+            });
+            return Ok(());
+        }
         if campaign.state != CampaignState::Active || campaign.generation != generation {
             tracing::debug!(campaign = %id, "interval chain of an earlier activation ends");
             return Ok(());
@@ -489,7 +503,6 @@ impl CampaignEngine {
                 return Ok(());
             }
         };
-        let now = self.clock.now_ms();
         let firing = schedule.on_fire(occurrence_ms, now);
         // Each run takes two writes: a replay of many missed occurrences goes on from where
         // this transaction's share ends, through the interval's own timer due at once.
@@ -1150,7 +1163,7 @@ impl Engine for CampaignEngine {
             }
         };
         let after_id = crate::state::resume_after(partition, after);
-        self.contacts.start(&self.store, partition);
+        self.contacts.start(&self.state, partition);
         let page = match self.contacts.page(partition, after_id, EVAL_PAGE) {
             Some(page) => page,
             None => {
@@ -1575,7 +1588,8 @@ mod tests {
         .expect("dispatcher");
         let clock = Clock::manual(EVENING_MS);
         let engine = CampaignEngine::new(
-            shared,
+            shared.clone(),
+            State::new(shared),
             campaigns,
             webhooks,
             Arc::new(Templates::new()),

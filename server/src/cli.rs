@@ -25,6 +25,19 @@ enum Command {
     Serve(ServeArgs),
     /// Prints a new random secrets key (base64 of 32 bytes) for `secrets.key`.
     GenerateKey,
+    /// Applies the PostgreSQL schema migrations not applied yet, then exits (nodes also apply
+    /// them at start; run this ahead of a rolling upgrade).
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// TOML configuration file, applied over the defaults.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// PostgreSQL URL (postgres.url).
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +57,9 @@ struct ServeArgs {
     /// Prefix of Tidings keys in etcd (etcd.prefix).
     #[arg(long)]
     etcd_prefix: Option<String>,
+    /// PostgreSQL URL, required with --etcd (postgres.url).
+    #[arg(long)]
+    postgres: Option<String>,
     /// Node identifier (node.id).
     #[arg(long)]
     node_id: Option<String>,
@@ -67,6 +83,45 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve(args) => serve(args),
+        Command::Migrate(args) => migrate(args),
+    }
+}
+
+fn migrate(args: MigrateArgs) -> ExitCode {
+    let overrides = Overrides { postgres: args.postgres, ..Default::default() };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("tidings: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if config.postgres.url.is_empty() {
+        eprintln!("tidings: postgres.url: required (set --postgres or TIDINGS_POSTGRES__URL)");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tidings: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = config.postgres.options();
+    match runtime.block_on(tidings_scheduler::state::postgres::migrate(&options)) {
+        Ok(applied) if applied.is_empty() => {
+            println!("schema up to date");
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            let names: Vec<String> = applied.iter().map(|v| format!("{v:04}")).collect();
+            println!("applied migrations {}", names.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tidings: postgres.url: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -77,6 +132,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         etcd: args.etcd,
         etcd_prefix: args.etcd_prefix,
+        postgres: args.postgres,
         log_format: args.log_format,
         log_level: args.log_level,
     };

@@ -28,6 +28,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// etcd, for cluster mode.
     pub etcd: EtcdConfig,
+    /// PostgreSQL, which holds the partition data in cluster mode.
+    pub postgres: PostgresConfig,
     /// Encryption of secrets at rest.
     pub secrets: SecretsConfig,
     /// Logging.
@@ -116,6 +118,41 @@ pub struct EtcdConfig {
     pub connect_timeout: Duration,
 }
 
+/// The `[postgres]` section.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://…` URL; required in cluster mode.
+    pub url: String,
+    /// Connections per node.
+    pub pool_size: usize,
+    /// Timeout of a connection (new, or from the pool).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Timeout of one statement.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("PostgresConfig").field("pool_size", &self.pool_size).finish_non_exhaustive()
+    }
+}
+
+impl PostgresConfig {
+    /// Returns the options of the state layer's PostgreSQL backend.
+    pub fn options(&self) -> tidings_scheduler::state::postgres::PgOptions {
+        tidings_scheduler::state::postgres::PgOptions {
+            url: self.url.clone(),
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+            statement_timeout: self.statement_timeout,
+        }
+    }
+}
+
 /// The `[secrets]` section.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,6 +205,8 @@ pub struct Overrides {
     pub etcd: Option<Vec<String>>,
     /// `--etcd-prefix`.
     pub etcd_prefix: Option<String>,
+    /// `--postgres`.
+    pub postgres: Option<String>,
     /// `--log-format`.
     pub log_format: Option<String>,
     /// `--log-level`.
@@ -230,6 +269,22 @@ impl Config {
         }
         if self.delivery.circuit_threshold == 0 {
             return Err(ConfigError("delivery.circuit_threshold: must be at least 1".into()));
+        }
+        if !self.etcd.endpoints.is_empty() && self.postgres.url.is_empty() {
+            return Err(ConfigError(
+                "postgres.url: required in cluster mode, where PostgreSQL holds the partition data \
+                 (set --postgres or TIDINGS_POSTGRES__URL to postgres://user:password@host/database)"
+                    .into(),
+            ));
+        }
+        let url = &self.postgres.url;
+        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError(
+                "postgres.url: must be a URL starting with postgres:// or postgresql://".into(),
+            ));
+        }
+        if self.postgres.pool_size == 0 {
+            return Err(ConfigError("postgres.pool_size: must be at least 1".into()));
         }
         if !self.etcd.endpoints.is_empty() && self.etcd.prefix.is_empty() {
             return Err(ConfigError("etcd.prefix: must not be empty".into()));
@@ -323,6 +378,9 @@ fn flag_layer(overrides: &Overrides) -> serde_json::Value {
     if let Some(v) = &overrides.etcd_prefix {
         set("etcd", "prefix", v.clone().into());
     }
+    if let Some(v) = &overrides.postgres {
+        set("postgres", "url", v.clone().into());
+    }
     if let Some(v) = &overrides.log_format {
         set("log", "format", v.clone().into());
     }
@@ -348,11 +406,20 @@ mod tests {
         let overrides = Overrides {
             listen: Some("127.0.0.1:0".into()),
             etcd: Some(vec!["http://127.0.0.1:2379".into()]),
+            postgres: Some("postgres://tidings@127.0.0.1/tidings".into()),
             ..Default::default()
         };
         let config = Config::load(None, &overrides).expect("loads");
         assert_eq!(config.grpc.listen.port(), 0);
         assert!(config.cluster_mode());
+    }
+
+    #[test]
+    fn cluster_mode_without_postgres_names_the_key() {
+        let overrides =
+            Overrides { etcd: Some(vec!["http://127.0.0.1:2379".into()]), ..Default::default() };
+        let error = Config::load(None, &overrides).expect_err("no postgres").to_string();
+        assert!(error.contains("postgres.url: required in cluster mode"), "{error}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tidings_scheduler::defs::{Cache, Definitions};
 use tidings_scheduler::delivery::dispatch::{DispatchOptions, Dispatcher};
 use tidings_scheduler::engine::CampaignEngine;
 use tidings_scheduler::secrets::Cipher;
+use tidings_scheduler::state::State;
 use tidings_scheduler::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use tidings_scheduler::template::Templates;
 use tokio::net::TcpListener;
@@ -39,17 +40,24 @@ impl Node {
         // The key first: a missing key should not wait for an etcd connection to be reported.
         let cipher = load_cipher(&config)?;
         let store = open_store(&config).await?;
-        Self::serve(config, cipher, store).await
+        let state = open_state(&config, &store).await?;
+        Self::serve(config, cipher, store, state).await
     }
 
     /// Starts serving on a store the caller opened (tests wrap one to inject faults); the
     /// configuration's store settings are not used.
     pub async fn start_on(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let cipher = load_cipher(&config)?;
-        Self::serve(config, cipher, store).await
+        let state = State::new(store.clone());
+        Self::serve(config, cipher, store, state).await
     }
 
-    async fn serve(config: Config, cipher: Cipher, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+    async fn serve(
+        config: Config,
+        cipher: Cipher,
+        store: Arc<dyn Store>,
+        state: State,
+    ) -> anyhow::Result<Self> {
         let templates = Arc::new(Templates::new());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -108,6 +116,7 @@ impl Node {
         let retention = config.delivery.retention;
         let engine_parts = (
             store.clone(),
+            state.clone(),
             campaign_cache.clone(),
             webhook_cache.clone(),
             templates.clone(),
@@ -116,10 +125,12 @@ impl Node {
         );
         let (cluster, cluster_task) = Cluster::start(
             store.clone(),
+            state.clone(),
             move |partitions| {
-                let (store, campaigns, webhooks, templates, cipher, dispatcher) = engine_parts;
+                let (store, state, campaigns, webhooks, templates, cipher, dispatcher) =
+                    engine_parts;
                 Arc::new(CampaignEngine::new(
-                    store, campaigns, webhooks, templates, cipher, dispatcher, partitions,
+                    store, state, campaigns, webhooks, templates, cipher, dispatcher, partitions,
                     retention,
                 ))
             },
@@ -136,7 +147,7 @@ impl Node {
             dispatcher.clone(),
         );
         let ingest = tidings_scheduler::app::Ingest::new(
-            store.clone(),
+            state.clone(),
             cluster.partitions(),
             config.events.idempotency_retention,
         );
@@ -150,17 +161,19 @@ impl Node {
         ));
         let campaigns = CampaignApi::new(
             store.clone(),
+            state.clone(),
             cluster.partitions(),
             templates.clone(),
             cipher.clone(),
         )
         .read_your_writes(&campaign_cache);
         let deliveries = DeliveryApi::new(tidings_scheduler::app::Deliveries::new(
-            store.clone(),
+            state.clone(),
             ingest.clone(),
             cluster.partitions(),
         ));
-        let contacts = Arc::new(ContactApi::new(store.clone(), cluster.partitions()));
+        let contacts =
+            Arc::new(ContactApi::new(store.clone(), state.clone(), cluster.partitions()));
 
         let services: [&str; 7] = [
             "tidings.v1.WebhookService",
@@ -272,6 +285,14 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         })?;
         Ok(Arc::new(store))
     }
+}
+
+/// Opens the state layer: PostgreSQL in cluster mode, the embedded store otherwise.
+async fn open_state(config: &Config, store: &Arc<dyn Store>) -> anyhow::Result<State> {
+    if !config.cluster_mode() {
+        return Ok(State::new(store.clone()));
+    }
+    State::postgres(config.postgres.options()).await.context("postgres.url: cannot open PostgreSQL")
 }
 
 fn load_cipher(config: &Config) -> anyhow::Result<Cipher> {

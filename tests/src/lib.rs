@@ -1,24 +1,28 @@
 //! The test harness: real etcd processes, real nodes, and waiting on conditions.
 //!
 //! - [`Etcd`]: an etcd process on free ports with a temporary data directory;
+//! - [`postgres::Postgres`]: a PostgreSQL server (`initdb` + `postgres`), a fresh database per
+//!   test;
 //! - [`NodeProcess`]: the `tidings` binary as a child process, with its logs captured;
 //! - [`wait_until`]: polls a condition with a deadline and says what it waited for;
 //! - [`faults`]: a store wrapper that fails reads on demand;
 //! - [`conformance`]: the [`Store`](tidings_scheduler::store::Store) contract, checked against
-//!   any backend.
+//!   any backend; [`state_conformance`]: the state layer's, on redb and PostgreSQL.
 
 pub mod conformance;
 mod etcd;
 pub mod faults;
 mod node;
+pub mod postgres;
 mod receiver;
 pub mod setup;
+pub mod state_conformance;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use etcd::Etcd;
-pub use node::{NodeOptions, NodeProcess, node_binary};
+pub use node::{NodeOptions, NodeProcess, cluster_postgres_url, cluster_state, node_binary};
 pub use receiver::{Received, Receiver, Reply};
 
 /// Returns a port that was free a moment ago on 127.0.0.1.

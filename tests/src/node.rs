@@ -19,6 +19,10 @@ pub struct NodeOptions {
     pub etcd: Option<String>,
     /// etcd key prefix.
     pub prefix: Option<String>,
+    /// PostgreSQL URL for cluster mode; when `None` with `etcd` set, a database of the test
+    /// binary's shared server named after the etcd prefix, so the nodes of one cluster share
+    /// it.
+    pub postgres: Option<String>,
     /// Data directory; a fresh temporary one when `None`.
     pub data_dir: Option<PathBuf>,
     /// Log filter; `info` when `None`.
@@ -56,6 +60,34 @@ pub fn node_binary() -> PathBuf {
     profile_dir.join(format!("tidings-node{}", std::env::consts::EXE_SUFFIX))
 }
 
+/// Returns the URL of the PostgreSQL database a cluster started with `etcd` and `prefix` (and
+/// no PostgreSQL URL of its own) keeps its partition data in.
+pub async fn cluster_postgres_url(etcd: &str, prefix: &str) -> anyhow::Result<String> {
+    let name = database_name(Some(etcd), Some(prefix));
+    crate::postgres::shared().await?.database_named(&name).await
+}
+
+/// Returns the state layer of such a cluster, to read its partition data in tests.
+pub async fn cluster_state(
+    etcd: &str,
+    prefix: &str,
+) -> anyhow::Result<tidings_scheduler::state::State> {
+    let url = cluster_postgres_url(etcd, prefix).await?;
+    let options =
+        tidings_scheduler::state::postgres::PgOptions { url, pool_size: 4, ..Default::default() };
+    Ok(tidings_scheduler::state::State::postgres(options).await?)
+}
+
+/// Returns the database name of a cluster: its etcd endpoint and prefix, made a name.
+fn database_name(etcd: Option<&str>, prefix: Option<&str>) -> String {
+    let raw = format!("{}{}", etcd.unwrap_or(""), prefix.unwrap_or("/tidings/"));
+    let name: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect();
+    format!("c_{}", &name[name.len().saturating_sub(50)..])
+}
+
 impl NodeProcess {
     /// Starts a node and waits until its gRPC API listens.
     pub async fn start(options: NodeOptions) -> anyhow::Result<Self> {
@@ -88,6 +120,13 @@ impl NodeProcess {
         }
         if let Some(prefix) = &options.prefix {
             command.args(["--etcd-prefix", prefix]);
+        }
+        if let Some(url) = &options.postgres {
+            command.args(["--postgres", url]);
+        } else if options.etcd.is_some() {
+            let name = database_name(options.etcd.as_deref(), options.prefix.as_deref());
+            let url = crate::postgres::shared().await?.database_named(&name).await?;
+            command.args(["--postgres", &url]);
         }
         let child =
             command.spawn().with_context(|| format!("cannot start {}", node_binary().display()))?;

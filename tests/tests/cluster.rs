@@ -110,8 +110,9 @@ async fn partitions_fail_over_after_kill_and_rebalance_after_restart() {
     let after_restart =
         settled(&store, &["node-a", "node-b", "node-c"], Duration::from_secs(20)).await;
     publish(&c, 1).await;
+    let state = tidings_tests::cluster_state(&etcd.endpoint(), &prefix).await.expect("state");
     wait_until("every inbox to drain", Duration::from_secs(20), || async {
-        (inbox_backlog(&store).await == 0).then_some(())
+        (inbox_backlog(&state).await == 0).then_some(())
     })
     .await
     .expect("drained");
@@ -223,18 +224,42 @@ async fn a_node_frozen_past_its_lease_writes_nothing_after_losing_its_partitions
         })
     });
     assert!(noticed, "node-a did not log that it lost its lease:\n{logs}");
+    let state = tidings_tests::cluster_state(&etcd.endpoint(), &prefix).await.expect("state");
     wait_until("every inbox to drain", Duration::from_secs(20), || async {
-        (inbox_backlog(&store).await == 0).then_some(())
+        (inbox_backlog(&state).await == 0).then_some(())
     })
     .await
     .expect("drained");
     assert_single_owner_history(&store, start_revision).await;
+    assert_fences_recorded(&store, &etcd.endpoint(), &prefix).await;
 }
 
-async fn inbox_backlog(store: &dyn Store) -> u64 {
+/// Every partition's row in PostgreSQL carries the epoch of its owner in etcd: the record
+/// every partition transaction is checked against.
+async fn assert_fences_recorded(store: &dyn Store, etcd: &str, prefix: &str) {
+    let url = tidings_tests::cluster_postgres_url(etcd, prefix).await.expect("url");
+    let (client, connection) =
+        tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let rows = client.query("SELECT id, epoch, owner FROM partitions", &[]).await.expect("rows");
+    let recorded: BTreeMap<i32, (i64, String)> =
+        rows.iter().map(|row| (row.get(0), (row.get(1), row.get(2)))).collect();
+    let page = store.range_prefix(b"owners/", 0).await.expect("owners");
+    assert_eq!(page.kvs.len(), 64, "every partition is owned");
+    for kv in page.kvs {
+        let partition: i32 =
+            String::from_utf8_lossy(&kv.key[7..]).parse().expect("a partition number");
+        let node = String::from_utf8_lossy(&kv.value).into_owned();
+        let (epoch, owner) = recorded.get(&partition).expect("a recorded fence");
+        assert_eq!(*epoch, kv.create_revision, "partition {partition}'s fence");
+        assert_eq!(*owner, format!("{node}/{epoch}"), "partition {partition}'s owner");
+    }
+}
+
+async fn inbox_backlog(state: &tidings_scheduler::state::State) -> u64 {
     let mut total = 0;
     for p in 0..64 {
-        total += store.count_prefix(format!("p/{p:04}/inbox/").as_bytes()).await.unwrap_or(1);
+        total += state.inbox_backlog(p).await.unwrap_or(1);
     }
     total
 }

@@ -251,18 +251,14 @@ async fn a_failing_endpoint_opens_its_circuit_and_a_probe_closes_it() {
     })
     .await
     .expect("closed");
-    let store = etcd.store_at(&prefix).await.expect("store");
+    let state = tidings_tests::cluster_state(&etcd.endpoint(), &prefix).await.expect("state");
     wait_until("every delivery to succeed", Duration::from_secs(30), || async {
-        let mut delivered = 0;
-        for p in 0..64u32 {
-            let page =
-                store.range_prefix(format!("p/{p:04}/deliveries/").as_bytes(), 0).await.ok()?;
-            delivered += page
-                .kvs
-                .iter()
-                .filter(|kv| String::from_utf8_lossy(&kv.value).contains(r#""status":"delivered""#))
-                .count();
-        }
+        let filter = tidings_scheduler::state::DeliveryFilter {
+            status: Some(tidings_scheduler::delivery::record::Status::Delivered),
+            ..Default::default()
+        };
+        let (found, _) = state.deliveries(&filter, (0, None), 64, 100).await.ok()?;
+        let delivered = found.len();
         (delivered == 10).then_some(())
     })
     .await

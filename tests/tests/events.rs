@@ -123,7 +123,8 @@ async fn a_batch_with_idempotency_keys_accepts_each_key_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_expire_and_are_swept() {
-    use tidings_scheduler::store::Store;
+    use tidings_scheduler::inbox::IdempotencyRecord;
+    use tidings_scheduler::state::Key;
     let etcd = tidings_tests::Etcd::start().await.expect("etcd");
     let prefix = tidings_tests::unique_prefix();
     let options = NodeOptions {
@@ -140,10 +141,13 @@ async fn idempotency_keys_expire_and_are_swept() {
         .await
         .expect("first")
         .into_inner();
-    let store = etcd.store_at(&prefix).await.expect("store");
-    assert!(store.get(b"idem/once").await.expect("read").is_some());
+    let state = tidings_tests::cluster_state(&etcd.endpoint(), &prefix).await.expect("state");
+    let key = Key::Idempotency { key: "once".into() };
+    let stored = state.versioned::<IdempotencyRecord>(&key).await.expect("read");
+    assert!(stored.is_some());
     wait_until("the expired key to be swept", Duration::from_secs(20), || async {
-        store.get(b"idem/once").await.ok()?.is_none().then_some(())
+        let stored = state.versioned::<IdempotencyRecord>(&key).await.ok()?;
+        stored.is_none().then_some(())
     })
     .await
     .expect("swept");

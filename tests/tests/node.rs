@@ -129,7 +129,24 @@ fn dump_config_shows_every_layer_and_hides_the_key() {
 
 #[test]
 fn cluster_mode_requires_a_secrets_key() {
-    let (ok, out) = serve(&["--etcd", "http://127.0.0.1:1", "--listen", "127.0.0.1:0"], &[]);
+    let (ok, out) = serve(
+        &[
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--postgres",
+            "postgres://tidings@127.0.0.1:1/tidings",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     assert!(!ok);
     assert!(out.contains("secrets.key"), "{out}");
+}
+
+#[test]
+fn cluster_mode_requires_postgres() {
+    let (ok, out) = serve(&["--etcd", "http://127.0.0.1:1", "--listen", "127.0.0.1:0"], &[]);
+    assert!(!ok);
+    assert!(out.contains("postgres.url: required in cluster mode"), "{out}");
 }

@@ -94,7 +94,7 @@ async fn calls_fail_as_unavailable_while_etcd_is_down() {
 /// whose guard fails is refused alone, the others apply, and none is applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_transactions_keep_their_own_guards() {
-    use tidings_scheduler::cluster::Committer;
+    use tidings_scheduler::state::Committer;
     use tidings_scheduler::store::{Compare, CompareOp};
     let (store, _etcd) = fresh().await;
     let ours = store.put(b"owners/0001", b"me").await.expect("put");

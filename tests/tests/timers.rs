@@ -284,7 +284,7 @@ async fn invalid_schedules_name_the_field() {
 /// becomes a run, and the partition is never refused a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_of_many_missed_occurrences_fires_them_all() {
-    use tidings_scheduler::store::{Store, Txn};
+    use tidings_scheduler::store::Store;
     use tidings_scheduler::timers::{Timer, TimerKind};
     let etcd = tidings_tests::Etcd::start().await.expect("etcd");
     let prefix = tidings_tests::unique_prefix();
@@ -328,7 +328,8 @@ async fn a_replay_of_many_missed_occurrences_fires_them_all() {
         kind: TimerKind::Interval { campaign: "replay".into(), occurrence_ms: due, generation },
     };
     let write = tidings_scheduler::state::Write::timer(5, &timer).expect("timer");
-    store.txn(Txn::new().and_then([write.into_op()])).await.expect("plant the timer");
+    let state = tidings_tests::cluster_state(&etcd.endpoint(), &prefix).await.expect("state");
+    state.write(vec![write]).await.expect("plant the timer");
     // An owner learns of timers it did not write when it loads the partition: stop the node
     // (it hands its partitions back) and start another on the same store.
     let mut node = node;

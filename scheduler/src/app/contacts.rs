@@ -7,7 +7,7 @@ use crate::cluster::PartitionId;
 use crate::contact::Contact;
 use crate::rules::Programs;
 use crate::state::{Expect, Key, State, StateError, Stored, Write, partition_of};
-use crate::store::{Revision, Store};
+use crate::store::Revision;
 
 /// Contacts written per store transaction by an import.
 const WRITES_PER_TXN: usize = 120;
@@ -78,8 +78,8 @@ impl std::fmt::Debug for Contacts {
 
 impl Contacts {
     /// Returns the contacts of a cluster of `partitions` partitions.
-    pub fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
-        Self { state: State::new(store), partitions, programs: Arc::new(Programs::default()) }
+    pub fn new(state: State, partitions: u32) -> Self {
+        Self { state, partitions, programs: Arc::new(Programs::default()) }
     }
 
     fn key(&self, id: &str) -> Key {

@@ -2,48 +2,15 @@
 //! stream of changes, and redelivery (asked of the owner through its inbox, so the owner's
 //! epoch guards the new attempt like any other).
 
-use std::sync::Arc;
-
 use futures::StreamExt;
 
 use crate::cluster::PartitionId;
 use crate::delivery::record::{self, Delivery, Status};
 use crate::state::{State, StateError};
-use crate::store::Store;
 
 use super::Ingest;
 
-/// Which deliveries a list, a watch or a redelivery applies to; empty fields match all.
-#[derive(Clone, Debug, Default)]
-pub struct DeliveryFilter {
-    /// Webhook called.
-    pub webhook_id: String,
-    /// Campaign sent for.
-    pub campaign_id: String,
-    /// Contact sent to.
-    pub contact_id: String,
-    /// Run sent by.
-    pub run_id: String,
-    /// Status now.
-    pub status: Option<Status>,
-    /// Created at or after, Unix milliseconds.
-    pub start_ms: Option<i64>,
-    /// Created before, Unix milliseconds.
-    pub end_ms: Option<i64>,
-}
-
-impl DeliveryFilter {
-    /// Returns whether a delivery passes the filter.
-    pub fn matches(&self, d: &Delivery) -> bool {
-        (self.webhook_id.is_empty() || d.webhook_id == self.webhook_id)
-            && (self.campaign_id.is_empty() || d.campaign_id == self.campaign_id)
-            && (self.contact_id.is_empty() || d.contact_id == self.contact_id)
-            && (self.run_id.is_empty() || d.run_id == self.run_id)
-            && self.status.is_none_or(|s| s == d.status)
-            && self.start_ms.is_none_or(|t| d.created_ms >= t)
-            && self.end_ms.is_none_or(|t| d.created_ms < t)
-    }
-}
+pub use crate::state::DeliveryFilter;
 
 /// Why a delivery call failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +43,10 @@ impl std::fmt::Debug for Deliveries {
     }
 }
 
-/// Records examined per list call before a partial page is returned.
-const SCAN_LIMIT: usize = 20_000;
-
 impl Deliveries {
     /// Returns the deliveries of a cluster of `partitions` partitions.
-    pub fn new(store: Arc<dyn Store>, ingest: Ingest, partitions: u32) -> Self {
-        Self { state: State::new(store), ingest, partitions }
+    pub fn new(state: State, ingest: Ingest, partitions: u32) -> Self {
+        Self { state, ingest, partitions }
     }
 
     fn partition(&self, id: &str) -> Result<PartitionId, DeliveryError> {
@@ -109,35 +73,13 @@ impl Deliveries {
         after: Option<&str>,
         size: usize,
     ) -> Result<(Vec<Delivery>, Option<String>), DeliveryError> {
-        let mut found = Vec::new();
-        let mut examined = 0;
-        let (mut partition, mut from) = match after {
+        let from = match after {
             Some(cursor) => crate::state::parse_cursor(cursor)
                 .ok_or_else(|| DeliveryError::InvalidId(cursor.to_string()))?,
             None => (0, None),
         };
-        while partition < self.partitions {
-            let (page, more) =
-                self.state.deliveries_between(partition, from.as_deref(), "~", 500).await?;
-            for (id, delivery) in page {
-                examined += 1;
-                let delivery = delivery?;
-                if filter.matches(&delivery) {
-                    found.push(delivery);
-                }
-                if found.len() == size || examined >= SCAN_LIMIT {
-                    return Ok((found, Some(crate::state::cursor(partition, &id))));
-                }
-            }
-            match more {
-                Some(last) => from = Some(last),
-                None => {
-                    partition += 1;
-                    from = None;
-                }
-            }
-        }
-        Ok((found, None))
+        let (found, next) = self.state.deliveries(filter, from, self.partitions, size).await?;
+        Ok((found, next.map(|(partition, id)| crate::state::cursor(partition, &id))))
     }
 
     /// Asks the owner to send a finished delivery again; returns it as it was.

@@ -6,12 +6,9 @@
 //! the key is free (never seen, or seen longer than the retention ago); otherwise the first
 //! event's id is returned and nothing is written.
 
-use std::sync::Arc;
-
 use crate::cluster::PartitionId;
 use crate::inbox::{Event, IdempotencyRecord, InboxEntry};
 use crate::state::{Expect, Key, State, StateResult, Write, partition_of};
-use crate::store::Store;
 
 /// Inbox writes per store transaction when a batch is written.
 const WRITES_PER_TXN: usize = 120;
@@ -51,8 +48,8 @@ impl std::fmt::Debug for Ingest {
 
 impl Ingest {
     /// Returns the ingest of a cluster of `partitions` partitions.
-    pub fn new(store: Arc<dyn Store>, partitions: u32, retention: std::time::Duration) -> Self {
-        Self { state: State::new(store), partitions, retention_ms: retention.as_millis() as i64 }
+    pub fn new(state: State, partitions: u32, retention: std::time::Duration) -> Self {
+        Self { state, partitions, retention_ms: retention.as_millis() as i64 }
     }
 
     /// Returns the partition that holds a contact.

@@ -6,12 +6,9 @@
 //! done and whose every queued delivery has finished is completed. [`change`] is the life
 //! cycle: which state a run may move to from which.
 
-use std::sync::Arc;
-
 use crate::campaign::{Run, RunState, Shard};
 use crate::inbox::InboxEntry;
 use crate::state::{Expect, Key, State, StateError, Stored, Write, partition_of};
-use crate::store::Store;
 use crate::timers::{Timer, TimerKind};
 
 /// Why a run call failed.
@@ -116,8 +113,8 @@ impl std::fmt::Debug for Runs {
 
 impl Runs {
     /// Returns the runs of a cluster of `partitions` partitions.
-    pub fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
-        Self { state: State::new(store), partitions }
+    pub fn new(state: State, partitions: u32) -> Self {
+        Self { state, partitions }
     }
 
     /// Starts a run unless one with its id exists: now (fanned out to every partition) or,

@@ -15,10 +15,7 @@
 //!   keys go with it, and the same claim follows.
 
 pub mod assign;
-mod committer;
 mod partition;
-
-pub use committer::Committer;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -125,8 +122,6 @@ struct View {
 struct Shared {
     store: Arc<dyn Store>,
     state: crate::state::State,
-    /// Sends the partition workers' transactions, merged where the store gains from it.
-    committer: Arc<committer::Committer>,
     options: ClusterOptions,
     partitions: u32,
     /// The latest view of members and owners, for status calls. Written only by the manager.
@@ -155,6 +150,7 @@ impl Cluster {
     /// task ends when the node has left.
     pub async fn start(
         store: Arc<dyn Store>,
+        state: crate::state::State,
         engine: impl FnOnce(u32) -> Arc<dyn Engine>,
         options: ClusterOptions,
         shutdown: CancellationToken,
@@ -170,8 +166,7 @@ impl Cluster {
             );
         }
         let shared = Arc::new(Shared {
-            committer: Arc::new(committer::Committer::start(store.clone())),
-            state: crate::state::State::new(store.clone()),
+            state,
             store,
             options,
             partitions,
@@ -492,8 +487,7 @@ impl Manager {
                 let stats = Arc::new(PartitionStats::default());
                 let cancel = session.alive.child_token();
                 let worker = Worker {
-                    store: self.shared.store.clone(),
-                    committer: self.shared.committer.clone(),
+                    state: self.shared.state.clone(),
                     engine: self.engine.clone(),
                     partition,
                     epoch,

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,9 +31,8 @@ use super::PartitionId;
 use crate::delivery::dispatch::{Job, Outcome};
 use crate::engine::{Effects, Engine, EngineError};
 use crate::inbox::InboxEntry;
-use crate::state::keys;
-use crate::state::{Fence, Key, State, StateResult, TimerRef, Write};
-use crate::store::{EventKind, OpResult, Revision, Store, StoreError, WatchStream};
+use crate::state::{Committed, Fence, Key, State, StateResult, TimerRef, Write};
+use crate::store::Revision;
 use crate::timers::{Timer, TimerIndex};
 
 /// Operations per transaction, below etcd's limit of 128 with room for the guard.
@@ -94,8 +92,7 @@ impl From<EngineError> for Halt {
 }
 
 pub(crate) struct Worker {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) committer: Arc<super::committer::Committer>,
+    pub(crate) state: State,
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) partition: PartitionId,
     pub(crate) epoch: Revision,
@@ -194,17 +191,16 @@ impl Worker {
         let mut first = true;
         loop {
             // After a failed attempt that may have committed, the witness must still exist.
-            let txn = State::fenced(&self.fence, writes.clone(), (!first).then_some(witness));
-            match self.committer.txn(txn).await {
-                Ok(result) if result.succeeded => {
-                    self.saw(result.revision);
+            let committed =
+                self.state.commit(&self.fence, writes.clone(), (!first).then_some(witness)).await;
+            match committed {
+                Ok(Committed::Applied(revision)) => {
+                    self.saw(revision);
                     return Ok(Outcome_::Applied);
                 }
-                Ok(result) => {
-                    let still_ours = matches!(result.results.first(),
-                        Some(OpResult::Get(Some(kv))) if kv.create_revision == self.epoch);
+                Ok(Committed::Refused { still_ours, revision }) => {
                     // Read after the earlier attempt committed, when it did.
-                    self.saw(result.revision);
+                    self.saw(revision);
                     return Ok(if still_ours && !first {
                         Outcome_::Applied
                     } else {
@@ -231,10 +227,11 @@ impl Worker {
     }
 
     /// Retries a read while the store is unavailable.
-    async fn read<T, F, Fut>(&self, cancel: &CancellationToken, mut read: F) -> Result<T, Exit>
+    async fn read<T, E, F, Fut>(&self, cancel: &CancellationToken, mut read: F) -> Result<T, Exit>
     where
+        E: std::fmt::Display,
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
+        Fut: std::future::Future<Output = Result<T, E>>,
     {
         let mut pause = Duration::from_millis(50);
         loop {
@@ -266,9 +263,31 @@ impl Worker {
         // Cancelled when this function returns, however it does.
         let owned = cancel.child_token();
         let _owned = owned.clone().drop_guard();
+        if !self.read(cancel, || self.state.claim(&self.fence)).await? {
+            info!(
+                partition = self.partition,
+                epoch = self.epoch,
+                "a newer owner holds the partition"
+            );
+            return Err(Exit::Fenced);
+        }
         self.engine.on_claim(self.partition, &owned);
         let mut index = self.load_timers(cancel).await?;
-        let (mut pending, mut loaded, mut stream) = self.load_inbox(cancel).await?;
+        let mut feed = self.read(cancel, || self.state.inbox(self.partition)).await?;
+        let mut pending: VecDeque<(Key, Vec<u8>)> = VecDeque::new();
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return Err(Exit::Cancelled),
+                first = feed.next() => first,
+            };
+            match first {
+                Ok(first) => break self.take_inbox(&mut pending, first),
+                Err(error) => {
+                    debug!(partition = self.partition, %error, "cannot read the inbox; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         info!(
             partition = self.partition,
             epoch = self.epoch,
@@ -372,37 +391,27 @@ impl Worker {
                 _ = cancel.cancelled() => {}
                 _ = tokio::time::sleep(sleep) => {}
                 Some(outcome) = outcomes.recv() => held.push_back(outcome),
-                batch = stream.next() => {
-                    // Take every batch already received too, so a backlog is handled in full
-                    // transactions rather than one watch message at a time.
-                    let mut next = Some(batch);
-                    while let Some(batch) = next.take() {
-                        match batch {
-                            Some(Ok(batch)) => {
-                                for event in batch.events {
-                                    self.saw(event.kv.mod_revision);
-                                    if event.kind != EventKind::Put
-                                        || loaded.remove(&event.kv.key)
-                                    {
-                                        continue;
-                                    }
-                                    pending.push_back((event.kv.key, event.kv.value));
-                                }
-                                loaded.clear();
-                                next = stream.next().now_or_never();
-                            }
-                            Some(Err(error)) => {
-                                debug!(partition = self.partition, %error, "inbox watch ended; reloading");
-                                (pending, loaded, stream) = self.load_inbox(cancel).await?;
-                            }
-                            None => {
-                                (pending, loaded, stream) = self.load_inbox(cancel).await?;
-                            }
+                batch = feed.next() => match batch {
+                    Ok(batch) => self.take_inbox(&mut pending, batch),
+                    Err(error) => {
+                        debug!(partition = self.partition, %error, "cannot follow the inbox; retrying");
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                         }
                     }
-                }
+                },
             }
         }
+    }
+
+    /// Adds what the inbox feed returned to the entries waiting.
+    fn take_inbox(&self, pending: &mut VecDeque<(Key, Vec<u8>)>, batch: crate::state::InboxBatch) {
+        self.saw(batch.revision);
+        if batch.reset {
+            pending.clear();
+        }
+        pending.extend(batch.entries);
     }
 
     /// Stops taking new work but waits, up to the drain bound, for the attempts in flight and
@@ -448,34 +457,32 @@ impl Worker {
     /// Reads every timer of the partition into a new index, holding on to the stored timers of
     /// the next seconds as a read-ahead would.
     async fn load_timers(&self, cancel: &CancellationToken) -> Result<TimerIndex, Exit> {
-        let prefix = keys::timers_prefix(self.partition);
-        let end = crate::store::prefix_end(prefix.as_bytes());
-        let horizon = keys::timers_until(self.partition, crate::now_ms() + READ_AHEAD_MS);
+        let end = crate::state::timers_until(self.partition, i64::MAX / 2);
+        let horizon = crate::state::timers_until(self.partition, crate::now_ms() + READ_AHEAD_MS);
         let mut index = TimerIndex::default();
         let mut ahead = Vec::new();
         // Where the stored timers held stop: at the horizon, or at the first one not held.
-        let mut ahead_end = horizon.into_bytes();
-        let mut start = prefix.clone().into_bytes();
+        let mut ahead_end = horizon;
+        let mut start = crate::state::timers_start(self.partition);
         loop {
-            let page = self.read(cancel, || self.store.range(&start, &end, 10_000)).await?;
+            let page = self
+                .read(cancel, || self.state.timers(self.partition, &start, &end, 10_000, 0))
+                .await?;
             self.saw(page.revision);
-            for kv in &page.kvs {
-                if let Some(due) = keys::timer_due(&kv.key) {
+            for (position, value) in &page.timers {
+                if let Some(due) = crate::state::timer_due(position) {
                     index.add(due);
                 }
-                if kv.key < ahead_end {
+                if *position < ahead_end {
                     if ahead.len() < READ_AHEAD_MAX {
-                        ahead.push((kv.key.clone(), kv.value.clone()));
+                        ahead.push((position.clone(), value.clone()));
                     } else {
-                        ahead_end = kv.key.clone();
+                        ahead_end = position.clone();
                     }
                 }
             }
-            match page.kvs.last() {
-                Some(last) if page.more => {
-                    start = last.key.clone();
-                    start.push(0);
-                }
+            match page.timers.last() {
+                Some((last, _)) if page.more => start = crate::state::timer_after(last),
                 _ => {
                     index.read_ahead(ahead, ahead_end);
                     return Ok(index);
@@ -486,7 +493,7 @@ impl Worker {
 
     /// Returns whether the stored timers held cover every timer due at or before `due_ms`.
     fn reads_ahead(&self, index: &TimerIndex, due_ms: i64) -> bool {
-        index.ahead_end() >= keys::timers_until(self.partition, due_ms).as_bytes()
+        index.ahead_end() >= crate::state::timers_until(self.partition, due_ms).as_slice()
     }
 
     /// Reads the stored timers due before `now` plus [`READ_AHEAD_MS`] that are not held yet,
@@ -498,61 +505,28 @@ impl Worker {
         cancel: &CancellationToken,
     ) -> Result<(), Exit> {
         let start = match index.ahead_end() {
-            [] => keys::timers_prefix(self.partition).into_bytes(),
+            [] => crate::state::timers_start(self.partition),
             end => end.to_vec(),
         };
-        let end = keys::timers_until(self.partition, now + READ_AHEAD_MS).into_bytes();
+        let end = crate::state::timers_until(self.partition, now + READ_AHEAD_MS);
         // The index knows only timers this worker loaded or committed, all at or before
         // `seen`, so a read reflecting `seen` finds every one of them.
         let page = self
-            .read(cancel, || self.store.range_since(&start, &end, READ_AHEAD_PAGE, self.seen()))
+            .read(cancel, || {
+                self.state.timers(self.partition, &start, &end, READ_AHEAD_PAGE, self.seen())
+            })
             .await?;
-        let stop = match page.kvs.last() {
-            Some(last) if page.more => {
-                let mut key = last.key.clone();
-                key.push(0);
-                key
-            }
+        let stop = match page.timers.last() {
+            Some((last, _)) if page.more => crate::state::timer_after(last),
             _ => end,
         };
-        index.read_ahead(page.kvs.into_iter().map(|kv| (kv.key, kv.value)), stop);
+        index.read_ahead(page.timers, stop);
         Ok(())
-    }
-
-    /// Reads the inbox and opens a watch on it. Entries put between the read and the watch's
-    /// start appear in both; `loaded` remembers them so the watch's copy is skipped.
-    #[allow(clippy::type_complexity)]
-    async fn load_inbox(
-        &self,
-        cancel: &CancellationToken,
-    ) -> Result<(VecDeque<(Vec<u8>, Vec<u8>)>, HashSet<Vec<u8>>, WatchStream), Exit> {
-        let prefix = keys::inbox_prefix(self.partition);
-        loop {
-            let start = self.read(cancel, || self.store.revision()).await?;
-            let stream = match self.store.watch(prefix.as_bytes(), start + 1).await {
-                Ok(stream) => stream,
-                Err(error) => {
-                    debug!(partition = self.partition, %error, "cannot watch the inbox; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(Exit::Cancelled),
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                    }
-                }
-            };
-            let page = self.read(cancel, || self.store.range_prefix(prefix.as_bytes(), 0)).await?;
-            self.saw(page.revision);
-            let mut kvs = page.kvs;
-            kvs.sort_by_key(|kv| kv.mod_revision);
-            let loaded =
-                kvs.iter().filter(|kv| kv.mod_revision > start).map(|kv| kv.key.clone()).collect();
-            let pending = kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
-            return Ok((pending, loaded, stream));
-        }
     }
 
     async fn process_inbox(
         &self,
-        pending: &mut VecDeque<(Vec<u8>, Vec<u8>)>,
+        pending: &mut VecDeque<(Key, Vec<u8>)>,
         index: &mut TimerIndex,
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
@@ -579,16 +553,8 @@ impl Worker {
         let mut taken = 0;
         let mut carried = None;
         while let Some(entry) = parsed.pop_front() {
-            let raw = &pending[taken].0;
-            let effects = self.entry_effects(raw, entry).await?;
-            let key = Key::inbox_at(self.partition, raw).ok_or(Halt::Exit(Exit::Fenced));
-            let key = match key {
-                Ok(key) => key,
-                Err(halt) => {
-                    warn!(partition = self.partition, key = %String::from_utf8_lossy(raw), "an inbox key outside the inbox; dropping the partition");
-                    return Err(halt);
-                }
-            };
+            let key = pending[taken].0.clone();
+            let effects = self.entry_effects(&key, entry).await?;
             // The engine may have cached what these effects write, so they are never dropped:
             // when they do not fit, they go in a transaction of their own right after.
             if taken > 0 && batch.writes.len() + 1 + effects.op_count() > MAX_BATCH_OPS {
@@ -612,7 +578,7 @@ impl Worker {
     /// Asks the engine what an inbox entry means.
     async fn entry_effects(
         &self,
-        key: &[u8],
+        key: &Key,
         entry: serde_json::Result<InboxEntry>,
     ) -> Result<Effects, EngineError> {
         let mut effects = Effects::default();
@@ -653,7 +619,7 @@ impl Worker {
                 // damaged store) fails here; keeping it would stop the partition for good.
                 warn!(
                     partition = self.partition,
-                    key = %String::from_utf8_lossy(key),
+                    %key,
                     %error,
                     "dropping an unreadable inbox entry"
                 );
@@ -771,7 +737,9 @@ impl Worker {
         let timer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes
             .iter()
             .filter_map(|write| match write.key() {
-                Key::Timer(timer) => Some((timer.encode(), write.value().map(<[u8]>::to_vec))),
+                Key::Timer(timer) => {
+                    Some((crate::state::timer_position(timer), write.value().map(<[u8]>::to_vec)))
+                }
                 _ => None,
             })
             .collect();

@@ -58,10 +58,6 @@ pub fn delivery(partition: PartitionId, id: &str) -> String {
     format!("p/{partition:04}/deliveries/{id}")
 }
 
-pub fn standings_prefix(partition: PartitionId) -> String {
-    format!("p/{partition:04}/status/")
-}
-
 pub fn contact_standings_prefix(partition: PartitionId, contact: &str) -> String {
     format!("p/{partition:04}/status/{contact}/")
 }

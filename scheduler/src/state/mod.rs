@@ -27,13 +27,21 @@
 //!
 //! Partition numbers are zero-padded to four digits so keys sort by partition.
 
+mod backend;
+mod committer;
+pub use committer::Committer;
 pub(crate) mod keys;
+mod kv;
+pub mod postgres;
 
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use backend::{Backend, Raw, Table};
+pub use backend::{Committed, TimerPage};
+pub use backend::{DeliveryStream, InboxBatch, InboxFeed};
 pub use keys::partition_of;
 
 use crate::campaign::{Run, Shard};
@@ -42,7 +50,7 @@ use crate::contact::Contact;
 use crate::delivery::record::Delivery;
 use crate::inbox::InboxEntry;
 use crate::status::CampaignStatus;
-use crate::store::{Compare, CompareOp, KeyValue, Op, OpResult, Revision, Store, StoreError, Txn};
+use crate::store::{Compare, CompareOp, Op, Revision, Store, StoreError};
 use crate::timers::Timer;
 
 /// Failures of the state layer, each naming the key at fault.
@@ -233,11 +241,32 @@ pub struct Write {
     key: Key,
     /// The encoded record; `None` deletes the key.
     value: Option<Vec<u8>>,
+    /// What a backend with tables indexes the record by.
+    columns: Columns,
+}
+
+/// The fields of a record that a backend with tables keeps in columns of their own.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub(crate) enum Columns {
+    /// None beyond the key.
+    #[default]
+    None,
+    /// A delivery's filters.
+    Delivery {
+        webhook: String,
+        campaign: String,
+        contact: String,
+        run: String,
+        status: &'static str,
+        created_ms: i64,
+    },
+    /// When an idempotency key was first seen.
+    Created(i64),
 }
 
 fn encoded(key: Key, record: &impl Serialize) -> StateResult<Write> {
     match serde_json::to_vec(record) {
-        Ok(value) => Ok(Write { key, value: Some(value) }),
+        Ok(value) => Ok(Write { key, value: Some(value), columns: Columns::None }),
         Err(source) => Err(StateError::Encode { key: key.encode(), source }),
     }
 }
@@ -256,7 +285,16 @@ impl Write {
     /// Writes a delivery (in its own partition).
     pub fn delivery(delivery: &Delivery) -> StateResult<Self> {
         let key = Key::Delivery { partition: delivery.partition, id: delivery.id.clone() };
-        encoded(key, delivery)
+        let mut write = encoded(key, delivery)?;
+        write.columns = Columns::Delivery {
+            webhook: delivery.webhook_id.clone(),
+            campaign: delivery.campaign_id.clone(),
+            contact: delivery.contact_id.clone(),
+            run: delivery.run_id.clone(),
+            status: delivery.status.name(),
+            created_ms: delivery.created_ms,
+        };
+        Ok(write)
     }
 
     /// Deletes a delivery.
@@ -317,12 +355,14 @@ impl Write {
 
     /// Deletes any key.
     pub fn remove(key: Key) -> Self {
-        Self { key, value: None }
+        Self { key, value: None, columns: Columns::None }
     }
 
     /// Records an idempotency key of Publish.
     pub fn idempotency(key: &str, record: &crate::inbox::IdempotencyRecord) -> StateResult<Self> {
-        encoded(Key::Idempotency { key: key.to_string() }, record)
+        let mut write = encoded(Key::Idempotency { key: key.to_string() }, record)?;
+        write.columns = Columns::Created(record.created_ms);
+        Ok(write)
     }
 
     /// Returns the key written.
@@ -338,6 +378,11 @@ impl Write {
     /// Returns the encoded record a put writes.
     pub(crate) fn value(&self) -> Option<&[u8]> {
         self.value.as_deref()
+    }
+
+    /// Returns the columns a backend with tables keeps.
+    pub(crate) fn columns(&self) -> &Columns {
+        &self.columns
     }
 
     /// Returns the store operation, for the adapters that still build store transactions
@@ -395,10 +440,10 @@ impl Fence {
     }
 }
 
-/// Typed reads and writes of partition data over a store.
+/// Typed reads and writes of partition data, over one of the backends.
 #[derive(Clone)]
 pub struct State {
-    store: Arc<dyn Store>,
+    backend: Arc<dyn Backend>,
 }
 
 impl std::fmt::Debug for State {
@@ -441,9 +486,33 @@ pub fn parse_contact_cursor(cursor: &str) -> Option<(PartitionId, String)> {
     Some((partition, id.to_string()))
 }
 
-/// A stream of deliveries as they are written.
-pub type DeliveryStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = StateResult<Delivery>> + Send>>;
+/// Returns the position of a timer among its partition's timers: positions sort as the
+/// timers fall due.
+pub fn timer_position(timer: &TimerRef) -> Vec<u8> {
+    timer.encode()
+}
+
+/// Returns the position before a partition's first timer.
+pub fn timers_start(partition: PartitionId) -> Vec<u8> {
+    keys::timers_prefix(partition).into_bytes()
+}
+
+/// Returns the position after every timer of `partition` due at or before `due_ms`.
+pub fn timers_until(partition: PartitionId, due_ms: i64) -> Vec<u8> {
+    keys::timers_until(partition, due_ms).into_bytes()
+}
+
+/// Returns the position just after `position`.
+pub fn timer_after(position: &[u8]) -> Vec<u8> {
+    let mut after = position.to_vec();
+    after.push(0);
+    after
+}
+
+/// Returns the due time of the timer at `position`.
+pub fn timer_due(position: &[u8]) -> Option<i64> {
+    keys::timer_due(position)
+}
 
 /// A page of a partition's contacts, in id order.
 #[derive(Clone, Debug, Default)]
@@ -454,58 +523,67 @@ pub struct ContactPage {
     pub more: bool,
 }
 
+/// Which deliveries a list, a watch or a redelivery applies to; empty fields match all.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryFilter {
+    /// Webhook called.
+    pub webhook_id: String,
+    /// Campaign sent for.
+    pub campaign_id: String,
+    /// Contact sent to.
+    pub contact_id: String,
+    /// Run sent by.
+    pub run_id: String,
+    /// Status now.
+    pub status: Option<crate::delivery::record::Status>,
+    /// Created at or after, Unix milliseconds.
+    pub start_ms: Option<i64>,
+    /// Created before, Unix milliseconds.
+    pub end_ms: Option<i64>,
+}
+
+impl DeliveryFilter {
+    /// Returns whether a delivery passes the filter.
+    pub fn matches(&self, d: &Delivery) -> bool {
+        (self.webhook_id.is_empty() || d.webhook_id == self.webhook_id)
+            && (self.campaign_id.is_empty() || d.campaign_id == self.campaign_id)
+            && (self.contact_id.is_empty() || d.contact_id == self.contact_id)
+            && (self.run_id.is_empty() || d.run_id == self.run_id)
+            && self.status.is_none_or(|s| s == d.status)
+            && self.start_ms.is_none_or(|t| d.created_ms >= t)
+            && self.end_ms.is_none_or(|t| d.created_ms < t)
+    }
+}
+
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> StateResult<T> {
     serde_json::from_slice(bytes).map_err(|source| StateError::Decode { key: key.into(), source })
 }
 
+fn stored<T: DeserializeOwned>(key: &Key, raw: Raw) -> Stored<T> {
+    Stored { value: decode(&key.encode(), &raw.value), version: raw.version }
+}
+
 impl State {
-    /// Returns the state layer over `store`.
+    /// Returns the state layer over a key-value store (the embedded node's redb file).
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self { backend: Arc::new(kv::KvBackend::new(store)) }
+    }
+
+    /// Connects to PostgreSQL and applies the schema migrations not applied yet.
+    pub async fn postgres(options: postgres::PgOptions) -> Result<Self, StoreError> {
+        Ok(Self { backend: Arc::new(postgres::PgBackend::connect(options).await?) })
+    }
+
+    /// Returns the key-value store under the state layer, when there is one.
+    pub(crate) fn kv_store(&self) -> Option<Arc<dyn Store>> {
+        self.backend.kv_store()
     }
 
     async fn record<T: DeserializeOwned>(&self, key: &Key) -> StateResult<Option<T>> {
-        let key = key.encode();
-        match self.store.get(key.as_bytes()).await {
-            Ok(Some(kv)) => decode(&key, &kv.value).map(Some),
-            Ok(None) => Ok(None),
-            Err(source) => Err(StateError::Read { key, source }),
+        match self.backend.get(key).await? {
+            Some(raw) => decode(&key.encode(), &raw.value).map(Some),
+            None => Ok(None),
         }
-    }
-
-    /// Reads up to `limit` keys under `prefix` (0 for no limit), after the key `prefix` +
-    /// `after` when given and before `prefix` + `before` when given. Returns each key's part
-    /// after the prefix with what is stored there, and whether more keys follow.
-    async fn scan(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        before: Option<&str>,
-        limit: usize,
-    ) -> StateResult<(Vec<(String, KeyValue)>, bool)> {
-        let start = match after {
-            Some(after) => {
-                let mut start = format!("{prefix}{after}").into_bytes();
-                start.push(0);
-                start
-            }
-            None => prefix.as_bytes().to_vec(),
-        };
-        let end = match before {
-            Some(before) => format!("{prefix}{before}").into_bytes(),
-            None => crate::store::prefix_end(prefix.as_bytes()),
-        };
-        let page = self
-            .store
-            .range(&start, &end, limit)
-            .await
-            .map_err(|source| StateError::Read { key: prefix.to_string(), source })?;
-        let found = page
-            .kvs
-            .into_iter()
-            .map(|kv| (String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned(), kv))
-            .collect();
-        Ok((found, page.more))
     }
 
     /// Returns a contact; `None` when it was never written (or was deleted).
@@ -521,18 +599,15 @@ impl State {
         ids: &[&str],
         at_least: Revision,
     ) -> StateResult<Vec<(String, StateResult<Option<Contact>>)>> {
-        let keys: Vec<Vec<u8>> =
-            ids.iter().map(|id| keys::contact(partition, id).into_bytes()).collect();
-        let found =
-            self.store.get_many_since(&keys, at_least).await.map_err(|source| {
-                StateError::Read { key: keys::contacts_prefix(partition), source }
-            })?;
+        let keys: Vec<Key> =
+            ids.iter().map(|id| Key::Contact { partition, id: id.to_string() }).collect();
+        let found = self.backend.get_many(&keys, at_least).await?;
         Ok(ids
             .iter()
             .zip(keys.iter().zip(found))
-            .map(|(id, (key, kv))| {
-                let contact = match kv {
-                    Some(kv) => decode(&String::from_utf8_lossy(key), &kv.value).map(Some),
+            .map(|(id, (key, raw))| {
+                let contact = match raw {
+                    Some(raw) => decode(&key.encode(), &raw.value).map(Some),
                     None => Ok(None),
                 };
                 (id.to_string(), contact)
@@ -564,14 +639,14 @@ impl State {
         after: &str,
         limit: usize,
     ) -> StateResult<(Vec<(String, Stored<Contact>)>, bool)> {
-        let prefix = keys::contacts_prefix(partition);
         let after = (!after.is_empty()).then_some(after);
-        let (page, more) = self.scan(&prefix, after, None, limit).await?;
+        let (page, more) =
+            self.backend.scan(Table::Contacts(partition), after, None, limit).await?;
         let contacts = page
             .into_iter()
-            .map(|(id, kv)| {
-                let value = decode(&String::from_utf8_lossy(&kv.key), &kv.value);
-                (id, Stored { value, version: kv.mod_revision })
+            .map(|(id, raw)| {
+                let value = decode(&keys::contact(partition, &id), &raw.value);
+                (id, Stored { value, version: raw.version })
             })
             .collect();
         Ok((contacts, more))
@@ -595,42 +670,39 @@ impl State {
         before: &str,
         limit: usize,
     ) -> StateResult<(Vec<(String, StateResult<Delivery>)>, Option<String>)> {
-        let prefix = keys::deliveries_prefix(partition);
-        let (page, more) = self.scan(&prefix, after, Some(before), limit).await?;
+        let (page, more) =
+            self.backend.scan(Table::Deliveries(partition), after, Some(before), limit).await?;
         let last = page.last().filter(|_| more).map(|(id, _)| id.clone());
         let deliveries = page
             .into_iter()
-            .map(|(id, kv)| (id, decode(&String::from_utf8_lossy(&kv.key), &kv.value)))
+            .map(|(id, raw)| {
+                let value = decode(&keys::delivery(partition, &id), &raw.value);
+                (id, value)
+            })
             .collect();
         Ok((deliveries, last))
+    }
+
+    /// Returns up to `size` deliveries that pass `filter`, in partition then id order, from
+    /// after the position `from` on, with the position of the next page (`None` at the end).
+    /// A page may come back short when many deliveries were examined.
+    pub async fn deliveries(
+        &self,
+        filter: &DeliveryFilter,
+        from: (PartitionId, Option<String>),
+        partitions: u32,
+        size: usize,
+    ) -> StateResult<(Vec<Delivery>, Option<(PartitionId, String)>)> {
+        /// Records examined per list call before a partial page is returned.
+        const SCAN_LIMIT: usize = 20_000;
+        let page = self.backend.deliveries(filter, from, partitions, size, SCAN_LIMIT).await?;
+        Ok((page.deliveries, page.next))
     }
 
     /// Streams every delivery written from now on, in every partition. A record that does
     /// not decode is skipped; the stream ends with an error when the store's watch does.
     pub async fn watch_deliveries(&self) -> StateResult<DeliveryStream> {
-        use futures::StreamExt;
-        let stream = self
-            .store
-            .watch(b"p/", 0)
-            .await
-            .map_err(|source| StateError::Read { key: "p/".into(), source })?;
-        let deliveries = stream.flat_map(|batch| {
-            let items: Vec<StateResult<Delivery>> = match batch {
-                Err(source) => vec![Err(StateError::Read { key: "p/".into(), source })],
-                Ok(batch) => batch
-                    .events
-                    .into_iter()
-                    .filter(|event| {
-                        event.kind == crate::store::EventKind::Put
-                            && event.kv.key.windows(12).any(|w| w == b"/deliveries/")
-                    })
-                    .filter_map(|event| serde_json::from_slice(&event.kv.value).ok())
-                    .map(Ok)
-                    .collect(),
-            };
-            futures::stream::iter(items)
-        });
-        Ok(Box::pin(deliveries))
+        self.backend.watch_deliveries().await
     }
 
     /// Returns a contact's standing in a campaign; `None` before anything was recorded.
@@ -656,18 +728,20 @@ impl State {
         pairs: &[(String, String)],
         at_least: Revision,
     ) -> StateResult<Vec<StateResult<Option<CampaignStatus>>>> {
-        let keys: Vec<Vec<u8>> = pairs
+        let keys: Vec<Key> = pairs
             .iter()
-            .map(|(contact, campaign)| keys::standing(partition, contact, campaign).into_bytes())
+            .map(|(contact, campaign)| Key::Standing {
+                partition,
+                contact: contact.clone(),
+                campaign: campaign.clone(),
+            })
             .collect();
-        let found = self.store.get_many_since(&keys, at_least).await.map_err(|source| {
-            StateError::Read { key: keys::standings_prefix(partition), source }
-        })?;
+        let found = self.backend.get_many(&keys, at_least).await?;
         Ok(keys
             .iter()
             .zip(found)
-            .map(|(key, kv)| match kv {
-                Some(kv) => decode(&String::from_utf8_lossy(key), &kv.value).map(Some),
+            .map(|(key, raw)| match raw {
+                Some(raw) => decode(&key.encode(), &raw.value).map(Some),
                 None => Ok(None),
             })
             .collect())
@@ -679,11 +753,12 @@ impl State {
         partition: PartitionId,
         contact: &str,
     ) -> StateResult<Vec<(String, CampaignStatus)>> {
-        let prefix = keys::contact_standings_prefix(partition, contact);
-        let (page, _) = self.scan(&prefix, None, None, 0).await?;
+        let (page, _) =
+            self.backend.scan(Table::Standings(partition, contact), None, None, 0).await?;
         page.into_iter()
-            .map(|(campaign, kv)| {
-                Ok((campaign, decode(&String::from_utf8_lossy(&kv.key), &kv.value)?))
+            .map(|(campaign, raw)| {
+                let key = keys::standing(partition, contact, &campaign);
+                Ok((campaign, decode(&key, &raw.value)?))
             })
             .collect()
     }
@@ -707,12 +782,7 @@ impl State {
     /// Applies `writes` in one transaction, with no condition: what callers send, which no
     /// partition owner has decided on yet. Returns the store revision of the write.
     pub async fn write(&self, writes: Vec<Write>) -> StateResult<Revision> {
-        let key = writes.first().map(|w| w.key.encode()).unwrap_or_default();
-        let txn = Txn::new().and_then(writes.into_iter().map(Write::into_op));
-        match self.store.txn(txn).await {
-            Ok(result) => Ok(result.revision),
-            Err(source) => Err(StateError::Write { key, source }),
-        }
+        self.backend.write(writes).await
     }
 
     /// Applies `writes` only if `key` is as expected. Otherwise writes nothing and returns
@@ -723,44 +793,16 @@ impl State {
         expect: Expect,
         writes: Vec<Write>,
     ) -> StateResult<Result<Revision, Option<Stored<T>>>> {
-        let encoded = key.encode();
-        let compare = match expect {
-            Expect::Absent => Compare::absent(encoded.clone()),
-            Expect::Present => Compare::present(encoded.clone()),
-            Expect::Version(version) => {
-                Compare::mod_revision(encoded.clone(), CompareOp::Equal, version)
-            }
-        };
-        let txn = Txn::new()
-            .when([compare])
-            .and_then(writes.into_iter().map(Write::into_op))
-            .or_else([Op::get(encoded.clone())]);
-        let result = self
-            .store
-            .txn(txn)
-            .await
-            .map_err(|source| StateError::Write { key: encoded.clone(), source })?;
-        if result.succeeded {
-            return Ok(Ok(result.revision));
-        }
-        Ok(Err(match result.results.into_iter().next() {
-            Some(OpResult::Get(Some(kv))) => {
-                Some(Stored { value: decode(&encoded, &kv.value), version: kv.mod_revision })
-            }
-            _ => None,
-        }))
+        Ok(self
+            .backend
+            .write_if(key, expect, writes)
+            .await?
+            .map_err(|held| held.map(|raw| stored(key, raw))))
     }
 
     /// Applies `writes` only if every key in `absent` is absent; returns whether it did.
     pub async fn write_if_absent(&self, absent: &[Key], writes: Vec<Write>) -> StateResult<bool> {
-        let key = absent.first().map(Key::encode).unwrap_or_default();
-        let txn = Txn::new()
-            .when(absent.iter().map(|k| Compare::absent(k.encode())))
-            .and_then(writes.into_iter().map(Write::into_op));
-        match self.store.txn(txn).await {
-            Ok(result) => Ok(result.succeeded),
-            Err(source) => Err(StateError::Write { key, source }),
-        }
+        self.backend.write_if_absent(absent, writes).await
     }
 
     /// Returns a record with its version (the etag of optimistic concurrency).
@@ -768,14 +810,7 @@ impl State {
         &self,
         key: &Key,
     ) -> StateResult<Option<Stored<T>>> {
-        let encoded = key.encode();
-        match self.store.get(encoded.as_bytes()).await {
-            Ok(Some(kv)) => {
-                Ok(Some(Stored { value: decode(&encoded, &kv.value), version: kv.mod_revision }))
-            }
-            Ok(None) => Ok(None),
-            Err(source) => Err(StateError::Read { key: encoded, source }),
-        }
+        Ok(self.backend.get(key).await?.map(|raw| stored(key, raw)))
     }
 
     /// Deletes up to `limit` idempotency records created before `before_ms`, scanning from
@@ -788,39 +823,20 @@ impl State {
         before_ms: i64,
         limit: usize,
     ) -> StateResult<(u64, Option<String>)> {
-        let (page, more) = self.scan(&keys::idempotency(""), after, None, limit).await?;
-        let mut deleted = 0;
-        for (_, kv) in &page {
-            // A record that does not decode is left alone: it may be a newer version's.
-            let expired = serde_json::from_slice::<crate::inbox::IdempotencyRecord>(&kv.value)
-                .is_ok_and(|r| r.created_ms < before_ms);
-            if !expired {
-                continue;
-            }
-            let txn = Txn::new()
-                .when([
-                    fence.guard(),
-                    Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
-                ])
-                .and_then([Op::delete(kv.key.clone())]);
-            let key = String::from_utf8_lossy(&kv.key).into_owned();
-            let result = self.store.txn(txn).await;
-            match result {
-                Ok(result) if result.succeeded => deleted += 1,
-                Ok(_) => {}
-                Err(source) => return Err(StateError::Write { key, source }),
-            }
-        }
-        let next = page.last().filter(|_| more).map(|(key, _)| key.clone());
-        Ok((deleted, next))
+        self.backend.expire_idempotency(fence, after, before_ms, limit).await
     }
 
     /// Returns every partition's counters of a run (the partitions that wrote any).
     pub async fn shards(&self, campaign: &str, run: &str) -> StateResult<Vec<StateResult<Shard>>> {
-        let (page, _) = self.scan(&keys::run_shards_prefix(campaign, run), None, None, 0).await?;
+        let (page, _) = self.backend.scan(Table::Shards(campaign, run), None, None, 0).await?;
         Ok(page
-            .iter()
-            .map(|(_, kv)| decode(&String::from_utf8_lossy(&kv.key), &kv.value))
+            .into_iter()
+            .map(|(partition, raw)| {
+                decode(
+                    &format!("{}{partition}", keys::run_shards_prefix(campaign, run)),
+                    &raw.value,
+                )
+            })
             .collect())
     }
 
@@ -832,41 +848,60 @@ impl State {
         after: Option<&str>,
         limit: usize,
     ) -> StateResult<(Vec<(String, StateResult<Run>)>, bool)> {
-        let (page, more) = self.scan(&keys::run(campaign, ""), after, None, limit).await?;
+        let (page, more) = self.backend.scan(Table::Runs(campaign), after, None, limit).await?;
         let runs = page
             .into_iter()
-            .map(|(id, kv)| (id, decode(&String::from_utf8_lossy(&kv.key), &kv.value)))
+            .map(|(id, raw)| {
+                let value = decode(&keys::run(campaign, &id), &raw.value);
+                (id, value)
+            })
             .collect();
         Ok((runs, more))
     }
 
     /// Returns how many timers a partition holds.
     pub async fn pending_timers(&self, partition: PartitionId) -> Result<u64, StoreError> {
-        self.store.count_prefix(keys::timers_prefix(partition).as_bytes()).await
+        self.backend.count(Table::Timers(partition)).await
     }
 
     /// Returns how many entries wait in a partition's inbox.
     pub async fn inbox_backlog(&self, partition: PartitionId) -> Result<u64, StoreError> {
-        self.store.count_prefix(keys::inbox_prefix(partition).as_bytes()).await
+        self.backend.count(Table::Inbox(partition)).await
     }
 
-    /// Returns the transaction that applies `writes` under `fence`, stamping the partition:
-    /// when the fence does not hold, it reads the owner key instead. With `witness`, it also
-    /// requires that key to exist (to recognise a retried transaction that did commit).
-    pub(crate) fn fenced(fence: &Fence, writes: Vec<Write>, witness: Option<&Key>) -> Txn {
-        let mut txn = Txn::new()
-            .when([fence.guard()])
-            .and_then(
-                writes
-                    .into_iter()
-                    .map(Write::into_op)
-                    .chain([Op::put(keys::applied(fence.partition), fence.signature.clone())]),
-            )
-            .or_else([Op::get(crate::cluster::owner_key(fence.partition))]);
-        if let Some(witness) = witness {
-            txn.when.push(Compare::present(witness.encode()));
-        }
-        txn
+    /// Records that `fence` owns its partition from now on, before its first commit; false
+    /// when a newer owner already does.
+    pub async fn claim(&self, fence: &Fence) -> Result<bool, StoreError> {
+        self.backend.claim(fence).await
+    }
+
+    /// Applies `writes` under `fence` in one transaction, stamping the partition. With
+    /// `witness`, it also requires that key to exist (to recognise a retried transaction that
+    /// did commit).
+    pub async fn commit(
+        &self,
+        fence: &Fence,
+        writes: Vec<Write>,
+        witness: Option<&Key>,
+    ) -> Result<Committed, StoreError> {
+        self.backend.commit(fence, writes, witness).await
+    }
+
+    /// Reads a partition's stored timers from position `start` up to position `end`.
+    pub async fn timers(
+        &self,
+        partition: PartitionId,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        at_least: Revision,
+    ) -> Result<TimerPage, StoreError> {
+        self.backend.timers(partition, start, end, limit, at_least).await
+    }
+
+    /// Opens the feed of a partition's inbox: its first batch is the whole inbox.
+    pub async fn inbox(&self, partition: PartitionId) -> StateResult<Box<dyn InboxFeed>> {
+        self.backend.inbox(partition).await
     }
 }
 

@@ -77,10 +77,11 @@ fn map_error(error: etcd_client::Error) -> StoreError {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
                     StoreError::Unavailable(message)
                 }
-                Code::InvalidArgument
-                | Code::FailedPrecondition
-                | Code::ResourceExhausted
-                | Code::OutOfRange => StoreError::InvalidRequest(message),
+                Code::ResourceExhausted => StoreError::Exhausted(message),
+                _ if status.message().contains("space exceeded") => StoreError::Exhausted(message),
+                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+                    StoreError::InvalidRequest(message)
+                }
                 Code::NotFound if status.message().contains("lease") => {
                     StoreError::LeaseNotFound(0)
                 }

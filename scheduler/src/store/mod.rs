@@ -53,6 +53,10 @@ pub enum StoreError {
     /// The lease does not exist (any more).
     #[error("lease {0} not found")]
     LeaseNotFound(LeaseId),
+    /// The store ran out of something (disk, quota, memory, connections): not the caller's
+    /// fault, and the same operation may succeed once an operator has made room.
+    #[error("store exhausted: {0}")]
+    Exhausted(String),
     /// The request breaks a limit of the store (too many operations, too large).
     #[error("invalid store request: {0}")]
     InvalidRequest(String),
@@ -64,7 +68,7 @@ pub enum StoreError {
 impl StoreError {
     /// Returns whether the same operation may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Exhausted(_))
     }
 }
 

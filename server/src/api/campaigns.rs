@@ -60,6 +60,8 @@ pub(crate) struct CampaignApi {
     segments: Definitions<tidings_scheduler::segment::Segment>,
     runs: Runs,
     contacts: Contacts,
+    /// Where an activation's first interval timer is scheduled.
+    state: tidings_scheduler::state::State,
     partitions: u32,
     templates: Arc<tidings_scheduler::template::Templates>,
     cipher: tidings_scheduler::secrets::Cipher,
@@ -129,6 +131,7 @@ fn run_to_proto(campaign: &str, id: &str, run: &Run) -> pb::Run {
 impl CampaignApi {
     pub(crate) fn new(
         store: Arc<dyn Store>,
+        state: tidings_scheduler::state::State,
         partitions: u32,
         templates: Arc<tidings_scheduler::template::Templates>,
         cipher: tidings_scheduler::secrets::Cipher,
@@ -136,9 +139,10 @@ impl CampaignApi {
         Self {
             campaigns: Definitions::new(store.clone(), "campaign", "campaigns"),
             webhooks: Definitions::new(store.clone(), "webhook", "webhooks"),
-            segments: Definitions::new(store.clone(), "segment", "segments"),
-            runs: Runs::new(store.clone(), partitions),
-            contacts: Contacts::new(store, partitions),
+            segments: Definitions::new(store, "segment", "segments"),
+            runs: Runs::new(state.clone(), partitions),
+            contacts: Contacts::new(state.clone(), partitions),
+            state,
             partitions,
             templates,
             cipher,
@@ -721,6 +725,16 @@ impl CampaignApi {
         Ok(Some(Write::inbox(partition, &new_id("in"), &InboxEntry::Schedule(timer))?))
     }
 
+    /// Schedules an activation's first interval timer, before the definition that activates
+    /// it is written: a timer whose activation did not happen finds its generation stale and
+    /// ends, while an activation without its timer would never fire.
+    async fn schedule(&self, writes: Vec<Write>) -> Result<(), ApiError> {
+        if !writes.is_empty() {
+            self.state.write(writes).await?;
+        }
+        Ok(())
+    }
+
     /// Applies a state change with a compare on the revision read, retrying on a race.
     async fn transition(&self, id: &str, to: CampaignState) -> Result<pb::Campaign, ApiError> {
         let mut v = Violations::default();
@@ -765,7 +779,8 @@ impl CampaignApi {
                 next.activated_at_ms = next.updated_at_ms;
                 extra.extend(self.first_interval_timer(id, &next)?);
             }
-            match self.campaigns.replace_with(id, &next, current.revision, extra).await {
+            self.schedule(extra).await?;
+            match self.campaigns.replace(id, &next, current.revision).await {
                 Ok(stored) => {
                     info!(campaign = %id, state = state_name(to), "campaign state changed");
                     return Ok(self.to_proto(&stored));
@@ -1106,7 +1121,8 @@ impl CampaignService for CampaignApi {
                 updated.activated_at_ms = updated.updated_at_ms;
                 extra.extend(self.first_interval_timer(&proto.id, &updated)?);
             }
-            match self.campaigns.replace_with(&proto.id, &updated, current.revision, extra).await {
+            self.schedule(extra).await.map_err(Status::from)?;
+            match self.campaigns.replace(&proto.id, &updated, current.revision).await {
                 Ok(stored) => return Ok(Response::new(self.to_proto(&stored))),
                 Err(DefsError::Conflict { .. }) if etag.is_none() => continue,
                 Err(error) => return Err(ApiError::from(error).into()),

@@ -51,10 +51,14 @@ impl From<ContactError> for ApiError {
 }
 
 impl ContactApi {
-    pub(crate) fn new(store: Arc<dyn Store>, partitions: u32) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        state: tidings_scheduler::state::State,
+        partitions: u32,
+    ) -> Self {
         Self {
             segments: Definitions::new(store.clone(), "segment", "segments"),
-            contacts: Contacts::new(store.clone(), partitions),
+            contacts: Contacts::new(state, partitions),
             store,
         }
     }

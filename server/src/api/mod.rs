@@ -36,6 +36,7 @@ pub(crate) enum ApiError {
     AlreadyExists(String),
     FailedPrecondition(String),
     Unavailable(String),
+    Exhausted(String),
     Internal(String),
 }
 
@@ -54,6 +55,7 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists(message) => Status::already_exists(message),
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
+            ApiError::Exhausted(message) => Status::resource_exhausted(message),
             ApiError::Internal(message) => Status::internal(message),
         }
     }
@@ -63,6 +65,7 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Unavailable(_) => ApiError::Unavailable(format!("{error}; try again")),
+            StoreError::Exhausted(_) => ApiError::Exhausted(format!("{error}; try again later")),
             StoreError::InvalidRequest(message) => {
                 ApiError::Invalid(vec![("request".into(), message)])
             }
