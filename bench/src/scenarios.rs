@@ -11,8 +11,9 @@ use tidings_scheduler::cluster::{Cluster, ClusterOptions, PartitionId};
 use tidings_scheduler::engine::{Effects, Engine, EngineResult};
 use tidings_scheduler::inbox::Event as InboxEvent;
 use tidings_scheduler::now_ms;
-use tidings_scheduler::state::{Write, partition_of};
-use tidings_scheduler::store::{EmbeddedStore, Op, Store, Txn};
+use tidings_scheduler::state::postgres::PgOptions;
+use tidings_scheduler::state::{State, Write, partition_of};
+use tidings_scheduler::store::{EmbeddedStore, Store};
 use tidings_scheduler::timers::{Timer, TimerKind};
 use tidings_tests::{Etcd, NodeOptions, NodeProcess, unique_prefix, wait_until};
 use tokio_util::sync::CancellationToken;
@@ -50,8 +51,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             other => bail!("unknown flag {other}"),
         }
     }
-    if !["embedded", "etcd", "both"].contains(&parsed.store.as_str()) {
-        bail!("--store must be embedded, etcd or both");
+    if !["embedded", "postgres", "both"].contains(&parsed.store.as_str()) {
+        bail!("--store must be embedded, postgres (a cluster node: etcd + PostgreSQL) or both");
     }
     Ok(parsed)
 }
@@ -59,8 +60,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
 fn stores(args: &Args) -> Vec<&'static str> {
     match args.store.as_str() {
         "embedded" => vec!["embedded"],
-        "etcd" => vec!["etcd"],
-        _ => vec!["embedded", "etcd"],
+        "postgres" => vec!["postgres"],
+        _ => vec!["embedded", "postgres"],
     }
 }
 
@@ -146,17 +147,30 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Opens the stores of `kind`: the coordination store and the state layer (on PostgreSQL for
+/// a cluster, on the same redb file for a single node).
 async fn open_store(
     kind: &str,
-) -> anyhow::Result<(Arc<dyn Store>, Option<Etcd>, tempfile::TempDir)> {
+) -> anyhow::Result<(Arc<dyn Store>, State, Option<Etcd>, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
-    if kind == "etcd" {
+    if kind == "postgres" {
         let etcd = Etcd::start().await?;
-        let store = etcd.store_at(&unique_prefix()).await?;
-        Ok((Arc::new(store), Some(etcd), dir))
+        let prefix = unique_prefix();
+        let store = etcd.store_at(&prefix).await?;
+        let url = postgres_url(&prefix).await?;
+        let state = State::postgres(PgOptions { url, ..Default::default() }).await?;
+        Ok((Arc::new(store), state, Some(etcd), dir))
     } else {
-        Ok((Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb"))?), None, dir))
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("bench.redb"))?);
+        Ok((store.clone(), State::new(store), None, dir))
     }
+}
+
+/// Returns a fresh database of the benchmark's PostgreSQL server, which runs with PostgreSQL's
+/// durable defaults: every commit is flushed before it is acknowledged.
+async fn postgres_url(prefix: &str) -> anyhow::Result<String> {
+    let name: String = prefix.chars().filter(char::is_ascii_alphanumeric).collect();
+    tidings_tests::postgres::durable().await?.database_named(&format!("b{name}")).await
 }
 
 /// Records when each timer fired relative to its due time.
@@ -190,7 +204,7 @@ impl Engine for Counting {
 
 /// Writes `count` timers due from `start_ms`, spread evenly over `window_ms`.
 async fn write_timers(
-    store: &Arc<dyn Store>,
+    state: &State,
     count: u64,
     start_ms: i64,
     window_ms: i64,
@@ -201,14 +215,14 @@ async fn write_timers(
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..16 {
-        let (store, next, chunks) = (store.clone(), next.clone(), chunks.len() as u64);
+        let (state, next, chunks) = (state.clone(), next.clone(), chunks.len() as u64);
         tasks.spawn(async move {
             loop {
                 let chunk = next.fetch_add(1, Ordering::Relaxed);
                 if chunk >= chunks {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let ops = (chunk * per_txn..((chunk + 1) * per_txn).min(count))
+                let writes = (chunk * per_txn..((chunk + 1) * per_txn).min(count))
                     .map(|i| {
                         let due = start_ms + (i as i64 * window_ms) / count.max(1) as i64;
                         let id = format!("t{i}");
@@ -218,10 +232,10 @@ async fn write_timers(
                             kind: TimerKind::Run { campaign: "bench".into(), run: id.clone() },
                         };
                         let partition = (i % u64::from(partitions)) as u32;
-                        Ok(Write::timer(partition, &timer)?.into_op())
+                        Ok(Write::timer(partition, &timer)?)
                     })
-                    .collect::<anyhow::Result<Vec<Op>>>()?;
-                store.txn(Txn::new().and_then(ops)).await?;
+                    .collect::<anyhow::Result<Vec<Write>>>()?;
+                state.write(writes).await?;
             }
         });
     }
@@ -233,7 +247,7 @@ async fn write_timers(
 
 async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     let partitions = 64;
-    let (store, _etcd, _dir) = open_store(kind).await?;
+    let (store, state, _etcd, _dir) = open_store(kind).await?;
     let me = std::process::id();
 
     // Phase 1: `count` timers due over a minute, starting once they are all written and loaded.
@@ -241,7 +255,7 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     let window_ms = 60_000;
     let estimate_ms = 5_000 + (count as i64) / 20;
     let start_ms = now_ms() + estimate_ms;
-    write_timers(&store, count, start_ms, window_ms, partitions).await?;
+    write_timers(&state, count, start_ms, window_ms, partitions).await?;
     let write_secs = written.elapsed().as_secs_f64();
     // Measured after writing, so the figure is what loading and holding the timers costs.
     let (rss_before, _) = memory(me);
@@ -259,7 +273,7 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     let engine_recorder = recorder.clone();
     let (cluster, task) = Cluster::start(
         store.clone(),
-        tidings_scheduler::state::State::new(store.clone()),
+        state.clone(),
         |_| Arc::new(Counting(engine_recorder)),
         options,
         shutdown.clone(),
@@ -291,7 +305,7 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     let burst = Arc::new(Recorder::default());
     shutdown.cancel();
     let _ = task.await;
-    write_timers(&store, count, now_ms() - 1000, 0, partitions).await?;
+    write_timers(&state, count, now_ms() - 1000, 0, partitions).await?;
     let shutdown = CancellationToken::new();
     let options = ClusterOptions {
         node_id: "bench-2".into(),
@@ -304,7 +318,7 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     let engine_burst = burst.clone();
     let (_cluster, task) = Cluster::start(
         store.clone(),
-        tidings_scheduler::state::State::new(store.clone()),
+        state.clone(),
         |_| Arc::new(Counting(engine_burst)),
         options,
         shutdown.clone(),
@@ -351,9 +365,14 @@ async fn start_node(
     id: &str,
     ttl: u64,
 ) -> anyhow::Result<NodeProcess> {
+    let postgres = match etcd {
+        Some(_) => Some(postgres_url(prefix).await?),
+        None => None,
+    };
     let options = NodeOptions {
         etcd: etcd.map(Etcd::endpoint),
         prefix: Some(prefix.to_string()),
+        postgres,
         args: vec!["--node-id".into(), id.into()],
         log_level: Some("warn,tidings_server::node=info".into()),
         env: vec![
@@ -367,7 +386,7 @@ async fn start_node(
 }
 
 async fn publish(kind: &str, seconds: u64) -> anyhow::Result<()> {
-    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let etcd = if kind == "postgres" { Some(Etcd::start().await?) } else { None };
     let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
     let pid = node_pid(&node)?;
     let cpu_before = cpu_seconds(pid);
@@ -473,7 +492,7 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     let store = etcd.store_at(&prefix).await?;
     let mut nodes = Vec::new();
     for i in 0..3 {
-        nodes.push(start_node("etcd", Some(&etcd), &prefix, &format!("node-{i}"), ttl).await?);
+        nodes.push(start_node("postgres", Some(&etcd), &prefix, &format!("node-{i}"), ttl).await?);
     }
     let owners = |store: &tidings_scheduler::store::EtcdStore| {
         let store = store.clone();
@@ -591,7 +610,7 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     let signed =
         |secs: f64| if secs < 0.0 { format!("- {:.2}", -secs) } else { format!("+ {secs:.2}") };
     println!(
-        "failover (3 node processes on etcd, 64 partitions, lease TTL {ttl} s, {RATE} events/s published through the 2 survivors)"
+        "failover (3 node processes on etcd + PostgreSQL, 64 partitions, lease TTL {ttl} s, {RATE} events/s published through the 2 survivors)"
     );
     println!(
         "  kill -9 of a node owning {} partitions: all owned again after {:.2} s (TTL {} s)",
@@ -684,7 +703,7 @@ async fn bench_campaign(node: &NodeProcess, url: &str) -> anyhow::Result<()> {
 }
 
 async fn deliver(kind: &str, count: u64, ceiling: Option<f64>) -> anyhow::Result<()> {
-    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let etcd = if kind == "postgres" { Some(Etcd::start().await?) } else { None };
     let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
     let pid = node_pid(&node)?;
     let (url, arrivals) = crate::receiver::start().await?;
@@ -748,7 +767,7 @@ async fn deliver(kind: &str, count: u64, ceiling: Option<f64>) -> anyhow::Result
 }
 
 async fn latency(kind: &str, rate: u64, seconds: u64) -> anyhow::Result<()> {
-    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let etcd = if kind == "postgres" { Some(Etcd::start().await?) } else { None };
     let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
     let (url, arrivals) = crate::receiver::start().await?;
     bench_campaign(&node, &url).await?;
@@ -920,7 +939,7 @@ async fn run_campaign(
 
 async fn fanout(kind: &str, count: u64) -> anyhow::Result<()> {
     use tidings_client::v1::{CreateWebhookRequest, Webhook};
-    let etcd = if kind == "etcd" { Some(Etcd::start().await?) } else { None };
+    let etcd = if kind == "postgres" { Some(Etcd::start().await?) } else { None };
     let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
     let pid = node_pid(&node)?;
     tokio::time::sleep(Duration::from_secs(1)).await;

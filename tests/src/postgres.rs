@@ -21,6 +21,8 @@ pub struct Postgres {
     owner: Option<(u32, u32)>,
     /// Run under a watchdog that stops it once the test process is gone.
     watched: bool,
+    /// Flushes every commit (tests turn that off: they gain speed and lose nothing).
+    durable: bool,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -88,16 +90,24 @@ static SHARED: tokio::sync::OnceCell<Postgres> = tokio::sync::OnceCell::const_ne
 /// outlives the test that started it: a watchdog stops it, and removes its data, once this
 /// process has exited.
 pub async fn shared() -> anyhow::Result<&'static Postgres> {
-    SHARED.get_or_try_init(|| Postgres::start_with(true)).await
+    SHARED.get_or_try_init(|| Postgres::start_with(true, false)).await
+}
+
+static DURABLE: tokio::sync::OnceCell<Postgres> = tokio::sync::OnceCell::const_new();
+
+/// Returns a server shared like [`shared`]'s but with PostgreSQL's durable defaults (every
+/// commit flushed to disk), for benchmarks.
+pub async fn durable() -> anyhow::Result<&'static Postgres> {
+    DURABLE.get_or_try_init(|| Postgres::start_with(true, true)).await
 }
 
 impl Postgres {
     /// Runs `initdb` and starts the server, waiting until it accepts connections.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with(false).await
+        Self::start_with(false, false).await
     }
 
-    async fn start_with(watched: bool) -> anyhow::Result<Self> {
+    async fn start_with(watched: bool, durable: bool) -> anyhow::Result<Self> {
         let owner = run_as()?;
         let dir = tempfile::Builder::new().prefix("tidings-pg-").tempdir()?;
         chown(dir.path(), owner)?;
@@ -118,7 +128,7 @@ impl Postgres {
         if !output.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         }
-        let mut postgres = Self { child: None, dir, port: free_port()?, owner, watched };
+        let mut postgres = Self { child: None, dir, port: free_port()?, owner, watched, durable };
         postgres.spawn()?;
         postgres.wait_ready().await?;
         Ok(postgres)
@@ -151,11 +161,16 @@ impl Postgres {
             .arg("-k")
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=300", "-c", "shared_buffers=64MB"])
+            .args(["-c", "max_connections=300"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if self.durable {
+            command.args(["-c", "shared_buffers=1GB", "-c", "max_wal_size=4GB"]);
+        } else {
+            command.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
+            command.args(["-c", "full_page_writes=off", "-c", "shared_buffers=64MB"]);
+        }
         if let Some((uid, gid)) = self.owner {
             command.uid(uid).gid(gid);
         }

@@ -61,6 +61,19 @@ pub async fn records_and_pages(state: State) {
     assert!(many[0].1.as_ref().expect("decodes").is_some());
     assert!(many[1].1.as_ref().expect("decodes").is_none());
 
+    let standing = tidings_scheduler::status::CampaignStatus::default();
+    let standings = vec![
+        Write::standing(1, "c01", "k1", &standing).expect("encode"),
+        Write::standing(1, "c02", "k2", &standing).expect("encode"),
+    ];
+    state.write(standings).await.expect("write");
+    let pairs =
+        [("c02", "k2"), ("c01", "k9"), ("c01", "k1")].map(|(c, k)| (c.to_string(), k.to_string()));
+    let found = state.standings_of(1, &pairs, 0).await.expect("standings");
+    let present: Vec<bool> = found.iter().map(|f| f.as_ref().expect("decodes").is_some()).collect();
+    assert_eq!(present, [true, false, true]);
+    assert_eq!(state.standings(1, "c01").await.expect("standings").len(), 1);
+
     let key = Key::Contact { partition: 1, id: "c01".into() };
     let before = state.versioned::<Contact>(&key).await.expect("read").expect("present");
     state

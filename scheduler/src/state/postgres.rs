@@ -684,13 +684,13 @@ async fn next_version(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, St
 }
 
 async fn get_in(
-    client: &impl tokio_postgres::GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     key: &Key,
 ) -> Result<Option<Raw>, StoreError> {
     let (spec, vals) = row(key);
     let sql = format!("SELECT value, version FROM {} WHERE {}", spec.table, where_key(spec, 1));
     let params = params(&vals);
-    let statement = client.prepare(&sql).await.map_err(store_error)?;
+    let statement = client.prepare_cached(&sql).await.map_err(store_error)?;
     let found = client.query_opt(&statement, &refs(&params)).await.map_err(store_error)?;
     Ok(found.map(|row| Raw { value: row.get(0), version: row.get(1) }))
 }
@@ -736,7 +736,7 @@ impl Backend for PgBackend {
     async fn get(&self, key: &Key) -> StateResult<Option<Raw>> {
         let read = |source| StateError::Read { key: key.encode(), source };
         let client = self.client().await.map_err(read)?;
-        get_in(&**client, key).await.map_err(read)
+        get_in(&client, key).await.map_err(read)
     }
 
     async fn get_many(&self, keys: &[Key], _at_least: Revision) -> StateResult<Vec<Option<Raw>>> {
@@ -772,8 +772,51 @@ impl Backend for PgBackend {
                 .collect();
             return Ok(ids.iter().map(|id| found.remove(*id)).collect());
         }
-        let reads = keys.iter().map(|key| get_in(&**client, key));
-        futures::future::try_join_all(reads).await.map_err(read)
+        // Otherwise one statement per table: the keys as arrays, joined with their ordinal.
+        let mut groups: BTreeMap<&'static str, (&'static Spec, Vec<usize>)> = BTreeMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            let (spec, _) = row(key);
+            groups.entry(spec.table).or_insert_with(|| (spec, Vec::new())).1.push(i);
+        }
+        let mut found: Vec<Option<Raw>> = vec![None; keys.len()];
+        for (_, (spec, members)) in groups {
+            let mut columns: Vec<Column> = spec.keys.iter().map(|(_, t)| Column::of(t)).collect();
+            for i in &members {
+                for (column, v) in columns.iter_mut().zip(row(&keys[*i]).1) {
+                    column.push(v);
+                }
+            }
+            let names: Vec<&str> = spec.keys.iter().map(|(n, _)| *n).collect();
+            let unnest: Vec<String> = spec
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| format!("${}::{t}[]", i + 1))
+                .collect();
+            let aliases: Vec<String> = (0..names.len()).map(|i| format!("k{i}")).collect();
+            let join: Vec<String> =
+                names.iter().zip(&aliases).map(|(n, a)| format!("t.{n} = u.{a}")).collect();
+            let sql = format!(
+                "SELECT u.ord, t.value, t.version FROM UNNEST({}) WITH ORDINALITY AS u({}, ord) \
+                 JOIN {} t ON {}",
+                unnest.join(", "),
+                aliases.join(", "),
+                spec.table,
+                join.join(" AND ")
+            );
+            let params: Vec<Box<dyn ToSql + Sync + Send>> =
+                columns.into_iter().map(Column::param).collect();
+            let statement = client.prepare_cached(&sql).await.map_err(|e| read(store_error(e)))?;
+            let rows =
+                client.query(&statement, &refs(&params)).await.map_err(|e| read(store_error(e)))?;
+            for row in rows {
+                let ord: i64 = row.get(0);
+                if let Some(i) = members.get((ord - 1) as usize) {
+                    found[*i] = Some(Raw { value: row.get(1), version: row.get(2) });
+                }
+            }
+        }
+        Ok(found)
     }
 
     async fn scan(
@@ -876,7 +919,7 @@ impl Backend for PgBackend {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(store_error)?;
             lock_keys(&tx, std::slice::from_ref(key)).await?;
-            let held = get_in(&*tx, key).await?;
+            let held = get_in(&tx, key).await?;
             let holds = match (&expect, &held) {
                 (Expect::Absent, None) => true,
                 (Expect::Present, Some(_)) => true,
@@ -901,7 +944,7 @@ impl Backend for PgBackend {
             let tx = client.transaction().await.map_err(store_error)?;
             lock_keys(&tx, absent).await?;
             for key in absent {
-                if get_in(&*tx, key).await?.is_some() {
+                if get_in(&tx, key).await?.is_some() {
                     return Ok(false);
                 }
             }
@@ -1013,7 +1056,7 @@ impl Backend for PgBackend {
             return Ok(Committed::Refused { still_ours: false, revision: version });
         }
         if let Some(witness) = witness
-            && get_in(&*tx, witness).await?.is_none()
+            && get_in(&tx, witness).await?.is_none()
         {
             return Ok(Committed::Refused { still_ours: true, revision: version });
         }
@@ -1084,7 +1127,7 @@ impl Backend for PgBackend {
             pool: self.pool.clone(),
             partition,
             wake: self.wake.of(partition),
-            seen: HashMap::new(),
+            seen: HashSet::new(),
             first: true,
         }))
     }
@@ -1216,37 +1259,66 @@ async fn watch(
     }
 }
 
-/// A partition's inbox on PostgreSQL: read on a notification or every [`INBOX_POLL`];
-/// entries returned before are remembered until they leave the inbox.
+/// A partition's inbox on PostgreSQL, read on a notification and every [`INBOX_POLL`]: it
+/// lists the ids in the inbox (from the primary key alone), then reads the entries it has not
+/// returned yet, in the order their transactions were numbered. Entries returned are
+/// remembered until they leave the inbox, so each is returned once.
 struct PgInbox {
     pool: Pool,
     partition: PartitionId,
     wake: Arc<Notify>,
-    /// Entries returned and still in the inbox, with their arrival order.
-    seen: HashMap<String, i64>,
+    /// Entries returned and still in the inbox.
+    seen: HashSet<String>,
     first: bool,
 }
 
 impl PgInbox {
-    async fn read(&self) -> Result<Vec<(String, i64, Vec<u8>)>, StoreError> {
+    /// Lists every id in the inbox, then reads the entries not seen yet; forgets the entries
+    /// no longer there.
+    async fn read_all(&mut self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
-        let statement = client
-            .prepare_cached(
-                "SELECT id, seq, value FROM inbox WHERE partition = $1 ORDER BY seq LIMIT $2",
-            )
+        let ids = client
+            .prepare_cached("SELECT id FROM inbox WHERE partition = $1 ORDER BY id LIMIT $2")
             .await
             .map_err(store_error)?;
         let rows = client
-            .query(&statement, &[&(self.partition as i32), &INBOX_PAGE])
+            .query(&ids, &[&(self.partition as i32), &INBOX_PAGE])
             .await
             .map_err(store_error)?;
-        Ok(rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect())
+        let present: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
+        let full = present.len() as i64 >= INBOX_PAGE;
+        let unseen: Vec<&String> = present.iter().filter(|id| !self.seen.contains(*id)).collect();
+        let found = if unseen.is_empty() {
+            Vec::new()
+        } else {
+            let values = client
+                .prepare_cached(
+                    "SELECT id, value FROM inbox WHERE partition = $1 AND id = ANY($2)
+                     ORDER BY version, id",
+                )
+                .await
+                .map_err(store_error)?;
+            client
+                .query(&values, &[&(self.partition as i32), &unseen])
+                .await
+                .map_err(store_error)?
+                .into_iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect()
+        };
+        // Past a full page, only the ids up to its last are known to be gone.
+        let last = present.last().cloned().unwrap_or_default();
+        let present: HashSet<String> = present.into_iter().collect();
+        self.seen.retain(|id| present.contains(id) || (full && *id > last));
+        Ok(found)
     }
 }
 
 #[async_trait]
 impl InboxFeed for PgInbox {
     async fn next(&mut self) -> StateResult<InboxBatch> {
+        let partition = self.partition;
+        let read = |source| StateError::Read { key: keys::inbox_prefix(partition), source };
         loop {
             if !self.first {
                 tokio::select! {
@@ -1254,18 +1326,10 @@ impl InboxFeed for PgInbox {
                     _ = tokio::time::sleep(INBOX_POLL) => {}
                 }
             }
-            let rows = self.read().await.map_err(|source| StateError::Read {
-                key: keys::inbox_prefix(self.partition),
-                source,
-            })?;
-            let full = rows.len() as i64 >= INBOX_PAGE;
-            let last = rows.last().map_or(i64::MAX, |(_, seq, _)| *seq);
-            let present: HashSet<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
-            // Entries no longer there were processed; past a full page, nothing is known.
-            self.seen.retain(|id, seq| present.contains(id.as_str()) || (full && *seq > last));
+            let rows = self.read_all().await.map_err(read)?;
             let mut entries = Vec::new();
-            for (id, seq, value) in rows {
-                if self.seen.insert(id.clone(), seq).is_none() {
+            for (id, value) in rows {
+                if self.seen.insert(id.clone()) {
                     entries.push((Key::Inbox { partition: self.partition, id }, value));
                 }
             }
