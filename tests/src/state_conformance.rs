@@ -204,11 +204,15 @@ pub async fn inbox_feed(state: State) {
     let first = feed.next().await.expect("first");
     assert!(first.reset);
     assert_eq!(first.entries.len(), 2);
+    // Well within the fallback poll: the writer's notification wakes the feed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let written = std::time::Instant::now();
     state.write(vec![entry("i3")]).await.expect("write");
-    let next = tokio::time::timeout(Duration::from_secs(5), feed.next())
+    let next = tokio::time::timeout(Duration::from_millis(500), feed.next())
         .await
-        .expect("a new entry is seen within 5s")
+        .expect("a new entry is seen within 500 ms")
         .expect("next");
+    println!("inbox entry seen {:?} after its write", written.elapsed());
     let ids: Vec<String> = next.entries.iter().map(|(k, _)| k.to_string()).collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert!(ids[0].ends_with("i3"), "{ids:?}");

@@ -9,9 +9,11 @@
 //!   waits on it for longer.
 //! - **Versions**: each transaction takes one number from the `versions` sequence and stamps
 //!   every row it writes with it, as a key-value store's revision.
-//! - **The inbox**: writers `NOTIFY tidings_inbox` with the partition in the transaction that
-//!   adds entries; each node `LISTEN`s on one connection and wakes the partition's worker,
-//!   which also reads the inbox every [`INBOX_POLL`] in case a notification was lost.
+//! - **The inbox**: after a commit that adds entries, the writer wakes the owner at once when
+//!   it is on the same node, and sends `NOTIFY tidings_inbox` with the partition, coalesced and
+//!   outside the writing transaction (a notifying transaction holds a database-wide lock
+//!   through its commit); each node `LISTEN`s on one connection and wakes the partition's
+//!   worker, which also reads the inbox every [`INBOX_POLL`] in case a notification was lost.
 //! - **Batches**: the writes of a transaction go as one multi-row statement per table and
 //!   kind (`UNNEST` of arrays), pipelined on one connection.
 
@@ -175,6 +177,8 @@ pub(crate) struct PgBackend {
     pool: Pool,
     /// Wakes the owner of a partition when its inbox gets entries.
     wake: Arc<Wakers>,
+    /// Partitions whose inbox got entries, for the other nodes' owners.
+    notices: tokio::sync::mpsc::UnboundedSender<i32>,
 }
 
 #[derive(Default)]
@@ -284,7 +288,19 @@ impl PgBackend {
         migrate_on(&pool).await?;
         let wake = Arc::new(Wakers::default());
         tokio::spawn(listen(config, tls, Arc::downgrade(&wake)));
-        Ok(Self { pool, wake })
+        let (notices, waiting) = tokio::sync::mpsc::unbounded_channel();
+        // Ends when the backend, and with it the sender, is dropped.
+        tokio::spawn(notify(pool.clone(), waiting));
+        Ok(Self { pool, wake, notices })
+    }
+
+    /// Wakes the owners of `partitions` after a commit that added to their inboxes: at once on
+    /// this node, through a notification on the others.
+    fn notify(&self, partitions: Vec<i32>) {
+        for partition in partitions {
+            self.wake.of(partition as PartitionId).notify_one();
+            let _ = self.notices.send(partition);
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -635,30 +651,44 @@ async fn apply(
     tx: &deadpool_postgres::Transaction<'_>,
     writes: Vec<Write>,
     version: i64,
-) -> Result<(), StoreError> {
+) -> Result<Vec<i32>, StoreError> {
     let notify = inbox_partitions(&writes);
     let statements = statements(writes, version);
-    let mut pending = Vec::with_capacity(statements.len() + 1);
-    for (sql, params) in &statements {
-        pending.push(async move {
-            let statement = tx.prepare_cached(sql).await?;
-            tx.execute(&statement, &refs(params)).await
-        });
-    }
-    let notified = async {
-        if notify.is_empty() {
-            return Ok(0);
+    let pending = statements.iter().map(|(sql, params)| async move {
+        let statement = tx.prepare_cached(sql).await?;
+        tx.execute(&statement, &refs(params)).await
+    });
+    futures::future::try_join_all(pending).await.map_err(store_error)?;
+    Ok(notify)
+}
+
+/// Sends the inbox notifications of committed transactions, coalesced: one statement for every
+/// partition waiting, outside the writers' transactions (a transaction that notifies holds a
+/// database-wide lock through its commit, which would make every writer wait for the others'
+/// flushes). A notification lost to a failure is made up for by the owners' polls.
+async fn notify(pool: Pool, mut partitions: tokio::sync::mpsc::UnboundedReceiver<i32>) {
+    while let Some(first) = partitions.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(more) = partitions.try_recv() {
+            waiting.push(more);
         }
-        tx.execute(
-            "SELECT pg_notify('tidings_inbox', p::text) FROM UNNEST($1::int4[]) AS p",
-            &[&notify],
-        )
-        .await
-    };
-    let (applied, notified) = futures::join!(futures::future::try_join_all(pending), notified);
-    applied.map_err(store_error)?;
-    notified.map_err(store_error)?;
-    Ok(())
+        waiting.sort_unstable();
+        waiting.dedup();
+        let sent = async {
+            let client = pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "SELECT pg_notify('tidings_inbox', p::text) FROM UNNEST($1::int4[]) AS p",
+                    &[&waiting],
+                )
+                .await
+                .map_err(store_error)
+        }
+        .await;
+        if let Err(error) = sent {
+            tracing::debug!(%error, "inbox notification not sent; owners will poll");
+        }
+    }
 }
 
 /// Takes an advisory lock on each key for the rest of the transaction, so that conditional
@@ -901,8 +931,9 @@ impl Backend for PgBackend {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(store_error)?;
             let version = next_version(&tx).await?;
-            apply(&tx, writes.clone(), version).await?;
+            let notify = apply(&tx, writes.clone(), version).await?;
             tx.commit().await.map_err(store_error)?;
+            self.notify(notify);
             Ok(version)
         }
         .await;
@@ -930,8 +961,9 @@ impl Backend for PgBackend {
                 return Ok(Err(held));
             }
             let version = next_version(&tx).await?;
-            apply(&tx, writes.clone(), version).await?;
+            let notify = apply(&tx, writes.clone(), version).await?;
             tx.commit().await.map_err(store_error)?;
+            self.notify(notify);
             Ok(Ok(version))
         }
         .await;
@@ -949,8 +981,9 @@ impl Backend for PgBackend {
                 }
             }
             let version = next_version(&tx).await?;
-            apply(&tx, writes.clone(), version).await?;
+            let notify = apply(&tx, writes.clone(), version).await?;
             tx.commit().await.map_err(store_error)?;
+            self.notify(notify);
             Ok(true)
         }
         .await;
@@ -1060,8 +1093,9 @@ impl Backend for PgBackend {
         {
             return Ok(Committed::Refused { still_ours: true, revision: version });
         }
-        apply(&tx, writes, version).await?;
+        let notify = apply(&tx, writes, version).await?;
         tx.commit().await.map_err(store_error)?;
+        self.notify(notify);
         Ok(Committed::Applied(version))
     }
 

@@ -76,9 +76,20 @@ impl From<StoreError> for ApiError {
 
 impl From<tidings_scheduler::engine::EngineError> for ApiError {
     fn from(error: tidings_scheduler::engine::EngineError) -> Self {
+        use tidings_scheduler::engine::EngineError;
+        let message = error.to_string();
         match error {
-            tidings_scheduler::engine::EngineError::Read { source, .. } => source.into(),
-            other => ApiError::Internal(other.to_string()),
+            EngineError::Read { source, .. } | EngineError::Write { source, .. } => match source {
+                StoreError::Unavailable(_) => {
+                    ApiError::Unavailable(format!("{message}; try again"))
+                }
+                StoreError::Exhausted(_) => {
+                    ApiError::Exhausted(format!("{message}; try again later"))
+                }
+                _ => ApiError::Internal(message),
+            },
+            EngineError::Definition(error) => error.into(),
+            _ => ApiError::Internal(message),
         }
     }
 }
