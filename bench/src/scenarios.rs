@@ -109,11 +109,17 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
     if all || args.scenario == "failover" {
         failover(args.lease_ttl).await?;
     }
-    if !["all", "timers", "publish", "failover", "deliver", "latency", "ceiling", "fanout"]
-        .contains(&args.scenario.as_str())
+    if all || args.scenario == "queries" {
+        queries(args.count).await?;
+    }
+    if ![
+        "all", "timers", "publish", "failover", "deliver", "latency", "ceiling", "fanout",
+        "queries",
+    ]
+    .contains(&args.scenario.as_str())
     {
         bail!(
-            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, ceiling, all",
+            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, queries, ceiling, all",
             args.scenario
         );
     }
@@ -640,6 +646,100 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
 }
 
 /// The hardware's ceiling: the same receiver driven by a plain HTTP load loop.
+/// `count` deliveries stored in a cluster's PostgreSQL, then ListDeliveries pages of 10 filtered
+/// by contact, by campaign and by a status nothing has, timed through the gRPC API.
+async fn queries(count: u64) -> anyhow::Result<()> {
+    use tidings_client::v1::{DeliveryFilter, DeliveryStatus, ListDeliveriesRequest};
+    use tidings_scheduler::delivery::record::{Delivery, Status, derived_id};
+    const CONTACTS: u64 = 100_000;
+    const CAMPAIGNS: u64 = 100;
+    let etcd = Etcd::start().await?;
+    let prefix = unique_prefix();
+    let node = start_node("postgres", Some(&etcd), &prefix, "bench", 10).await?;
+    let url = postgres_url(&prefix).await?;
+    let state = State::postgres(PgOptions { url, ..Default::default() }).await?;
+    let written = Instant::now();
+    let base_ms = now_ms() - 86_400_000;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (state, next) = (state.clone(), next.clone());
+        tasks.spawn(async move {
+            const BATCH: u64 = 2_000;
+            loop {
+                let start = next.fetch_add(BATCH, Ordering::Relaxed);
+                if start >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let writes = (start..(start + BATCH).min(count))
+                    .map(|i| {
+                        let partition = (i % 64) as PartitionId;
+                        let created_ms = base_ms + (i as i64) * 50;
+                        let id = derived_id(partition, created_ms, &format!("bench-{i}"));
+                        let status = if i % 50 == 0 { Status::Failed } else { Status::Delivered };
+                        let delivery: Delivery = serde_json::from_value(serde_json::json!({
+                            "id": id, "partition": partition, "webhook_id": "hook",
+                            "campaign_id": format!("camp{}", i % CAMPAIGNS), "run_id": "",
+                            "contact_id": format!("u{}", i % CONTACTS), "event_id": "",
+                            "status": status, "reason": "", "request": null, "attempts": [],
+                            "retry_index": 0, "dispatch_seq": 0, "next_attempt_ms": null,
+                            "created_ms": created_ms, "updated_ms": created_ms,
+                        }))?;
+                        Ok(Write::delivery(&delivery)?)
+                    })
+                    .collect::<anyhow::Result<Vec<Write>>>()?;
+                state.write(writes).await?;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let write_secs = written.elapsed().as_secs_f64();
+    let mut api = tidings_client::DeliveryServiceClient::connect(node.url()).await?;
+    println!(
+        "queries (a cluster node on etcd + PostgreSQL, {count} deliveries over 64 partitions, {CONTACTS} contacts, {CAMPAIGNS} campaigns; ListDeliveries pages of 10 through the API)"
+    );
+    println!(
+        "  deliveries written:          {:>10.0} /s ({count} in {write_secs:.1} s)",
+        count as f64 / write_secs
+    );
+    let filters = [
+        ("by contact", DeliveryFilter { contact_id: "u4242".into(), ..Default::default() }),
+        ("by campaign", DeliveryFilter { campaign_id: "camp7".into(), ..Default::default() }),
+        (
+            "by a status nothing has",
+            DeliveryFilter { status: DeliveryStatus::Skipped as i32, ..Default::default() },
+        ),
+        ("no filter", DeliveryFilter::default()),
+    ];
+    for (name, filter) in filters {
+        let mut times = Vec::new();
+        let mut found = 0;
+        for _ in 0..20 {
+            let asked = Instant::now();
+            let page = api
+                .list_deliveries(ListDeliveriesRequest {
+                    filter: Some(filter.clone()),
+                    page_size: 10,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner();
+            times.push(asked.elapsed().as_micros() as i64);
+            found = page.deliveries.len();
+        }
+        times.sort_unstable();
+        println!(
+            "  {name:<24} p50 {:>7.2} ms, max {:>7.2} ms ({found} found)",
+            percentile(&times, 0.5) as f64 / 1000.0,
+            *times.last().unwrap_or(&0) as f64 / 1000.0
+        );
+    }
+    println!();
+    Ok(())
+}
+
 async fn ceiling(seconds: u64) -> anyhow::Result<f64> {
     let (url, arrivals) = crate::receiver::start().await?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(64).tcp_nodelay(true).build()?;

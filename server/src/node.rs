@@ -15,6 +15,7 @@ use tidings_scheduler::state::State;
 use tidings_scheduler::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use tidings_scheduler::template::Templates;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -206,22 +207,28 @@ impl Node {
         let mode = if config.cluster_mode() { "cluster" } else { "embedded" };
         info!(%addr, mode, node = %config.node.id, "grpc listening");
 
+        // Responses larger than a segment would otherwise wait for the client's delayed ACK.
+        let incoming = TcpListenerStream::new(listener).map(|stream| {
+            if let Ok(stream) = &stream {
+                let _ = stream.set_nodelay(true);
+            }
+            stream
+        });
         let token = shutdown.clone();
         let grace = config.grpc.shutdown_grace;
         let handoff = config.cluster.handoff_timeout;
         let task = tokio::spawn(async move {
             let stopping = token.clone();
-            let serve =
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    stopping.cancelled().await;
-                    // Tell load balancers first, then stop accepting calls.
-                    for service in services.iter().copied().chain([""]) {
-                        health_reporter
-                            .set_service_status(service, tonic_health::ServingStatus::NotServing)
-                            .await;
-                    }
-                    info!("shutting down");
-                });
+            let serve = router.serve_with_incoming_shutdown(incoming, async move {
+                stopping.cancelled().await;
+                // Tell load balancers first, then stop accepting calls.
+                for service in services.iter().copied().chain([""]) {
+                    health_reporter
+                        .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
+                info!("shutting down");
+            });
             tokio::pin!(serve);
             tokio::select! {
                 result = &mut serve => result.context("grpc server failed")?,
