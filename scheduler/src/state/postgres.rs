@@ -287,10 +287,12 @@ impl PgBackend {
         let (pool, config, tls) = open(&options).await?;
         migrate_on(&pool).await?;
         let wake = Arc::new(Wakers::default());
-        tokio::spawn(listen(config, tls, Arc::downgrade(&wake)));
+        // Tells this node's notifications apart: its own owners were woken already.
+        let tag = format!("{:016x}", rand::random::<u64>());
+        tokio::spawn(listen(config, tls, Arc::downgrade(&wake), tag.clone()));
         let (notices, waiting) = tokio::sync::mpsc::unbounded_channel();
         // Ends when the backend, and with it the sender, is dropped.
-        tokio::spawn(notify(pool.clone(), waiting));
+        tokio::spawn(notify(pool.clone(), waiting, tag));
         Ok(Self { pool, wake, notices })
     }
 
@@ -315,6 +317,7 @@ async fn listen(
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     wake: std::sync::Weak<Wakers>,
+    tag: String,
 ) {
     let mut pause = Duration::from_millis(100);
     loop {
@@ -346,7 +349,11 @@ async fn listen(
                     }
                     while let Some(payload) = receiver.recv().await {
                         let Some(wake) = wake.upgrade() else { return };
-                        if let Ok(partition) = payload.parse() {
+                        let (partition, from) = payload.split_once('/').unwrap_or((&payload, ""));
+                        if from == tag {
+                            continue;
+                        }
+                        if let Ok(partition) = partition.parse() {
                             wake.of(partition).notify_one();
                         }
                     }
@@ -666,7 +673,11 @@ async fn apply(
 /// partition waiting, outside the writers' transactions (a transaction that notifies holds a
 /// database-wide lock through its commit, which would make every writer wait for the others'
 /// flushes). A notification lost to a failure is made up for by the owners' polls.
-async fn notify(pool: Pool, mut partitions: tokio::sync::mpsc::UnboundedReceiver<i32>) {
+async fn notify(
+    pool: Pool,
+    mut partitions: tokio::sync::mpsc::UnboundedReceiver<i32>,
+    tag: String,
+) {
     while let Some(first) = partitions.recv().await {
         let mut waiting = vec![first];
         while let Ok(more) = partitions.try_recv() {
@@ -678,8 +689,8 @@ async fn notify(pool: Pool, mut partitions: tokio::sync::mpsc::UnboundedReceiver
             let client = pool.get().await.map_err(pool_error)?;
             client
                 .execute(
-                    "SELECT pg_notify('tidings_inbox', p::text) FROM UNNEST($1::int4[]) AS p",
-                    &[&waiting],
+                    "SELECT pg_notify('tidings_inbox', p::text || '/' || $2) FROM UNNEST($1::int4[]) AS p",
+                    &[&waiting, &tag],
                 )
                 .await
                 .map_err(store_error)
