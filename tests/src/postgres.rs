@@ -220,11 +220,7 @@ impl Postgres {
     /// Creates a fresh database and returns its URL.
     pub async fn database(&self) -> anyhow::Result<String> {
         let name = format!("t{}_{}", std::process::id(), DATABASES.fetch_add(1, Ordering::Relaxed));
-        let (client, connection) =
-            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-        Ok(self.url(&name))
+        self.database_named(&name).await
     }
 
     /// Returns the server's log.

@@ -133,13 +133,8 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, Option<String>, Strin
             )));
         }
     };
-    rest.push(if mode == "disable" {
-        "sslmode=disable"
-    } else if mode == "prefer" {
-        "sslmode=prefer"
-    } else {
-        "sslmode=require"
-    });
+    let sslmode = format!("sslmode={mode}");
+    rest.push(&sslmode);
     let url = format!("{base}?{}", rest.join("&"));
     let config = tokio_postgres::Config::from_str(&url).map_err(|e| invalid(e.to_string()))?;
     Ok((config, rootcert, mode.to_string()))
@@ -786,34 +781,7 @@ impl Backend for PgBackend {
             source,
         };
         let client = self.client().await.map_err(read)?;
-        // Contacts of one partition, the common case, in one statement.
-        if let Some(Key::Contact { partition, .. }) = keys.first()
-            && keys.iter().all(|k| matches!(k, Key::Contact { partition: q, .. } if q == partition))
-        {
-            let ids: Vec<&str> = keys
-                .iter()
-                .filter_map(|k| match k {
-                    Key::Contact { id, .. } => Some(id.as_str()),
-                    _ => None,
-                })
-                .collect();
-            let statement = client
-                .prepare_cached(
-                    "SELECT id, value, version FROM contacts WHERE partition = $1 AND id = ANY($2)",
-                )
-                .await
-                .map_err(|e| read(store_error(e)))?;
-            let rows = client
-                .query(&statement, &[&(*partition as i32), &ids])
-                .await
-                .map_err(|e| read(store_error(e)))?;
-            let mut found: HashMap<String, Raw> = rows
-                .into_iter()
-                .map(|row| (row.get(0), Raw { value: row.get(1), version: row.get(2) }))
-                .collect();
-            return Ok(ids.iter().map(|id| found.remove(*id)).collect());
-        }
-        // Otherwise one statement per table: the keys as arrays, joined with their ordinal.
+        // One statement per table: the keys as arrays, joined with their ordinal.
         let mut groups: BTreeMap<&'static str, (&'static Spec, Vec<usize>)> = BTreeMap::new();
         for (i, key) in keys.iter().enumerate() {
             let (spec, _) = row(key);
@@ -1047,8 +1015,8 @@ impl Backend for PgBackend {
     async fn claim(&self, fence: &Fence) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let owner = String::from_utf8_lossy(&fence.signature).into_owned();
-        let row = client
-            .query_one(
+        let claimed = client
+            .query_opt(
                 "INSERT INTO partitions AS p (id, epoch, owner) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET epoch = EXCLUDED.epoch, owner = EXCLUDED.owner,
                      claimed_at = now()
@@ -1056,25 +1024,17 @@ impl Backend for PgBackend {
                  RETURNING epoch",
                 &[&(fence.partition as i32), &fence.epoch, &owner],
             )
-            .await;
-        match row {
-            Ok(_) => Ok(true),
-            Err(error)
-                if error.as_db_error().is_none()
-                    && error.to_string().contains("unexpected number of rows") =>
-            {
-                // Nothing updated: the epoch there is ours (a retried claim) or newer.
-                let row = client
-                    .query_one(
-                        "SELECT epoch FROM partitions WHERE id = $1",
-                        &[&(fence.partition as i32)],
-                    )
-                    .await
-                    .map_err(store_error)?;
-                Ok(row.get::<_, i64>(0) == fence.epoch)
-            }
-            Err(error) => Err(store_error(error)),
+            .await
+            .map_err(store_error)?;
+        if claimed.is_some() {
+            return Ok(true);
         }
+        // Nothing updated: the epoch there is ours (a retried claim) or newer.
+        let row = client
+            .query_one("SELECT epoch FROM partitions WHERE id = $1", &[&(fence.partition as i32)])
+            .await
+            .map_err(store_error)?;
+        Ok(row.get::<_, i64>(0) == fence.epoch)
     }
 
     async fn commit(
