@@ -20,5 +20,6 @@ pub use tidings_api::v1::contact_service_client::ContactServiceClient;
 pub use tidings_api::v1::delivery_service_client::DeliveryServiceClient;
 pub use tidings_api::v1::event_service_client::EventServiceClient;
 pub use tidings_api::v1::segment_service_client::SegmentServiceClient;
+pub use tidings_api::v1::token_service_client::TokenServiceClient;
 pub use tidings_api::v1::webhook_service_client::WebhookServiceClient;
 pub use tonic;

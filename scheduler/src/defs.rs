@@ -109,6 +109,11 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         }
     }
 
+    /// Returns access to the definitions of `kind` stored under `prefix` (ending in `/`).
+    pub fn with_prefix(store: Arc<dyn Store>, kind: &'static str, prefix: &str) -> Self {
+        Self { store, kind, prefix: prefix.to_string(), applied: None, _type: PhantomData }
+    }
+
     /// Returns access whose writes return only once `cache` reflects them (for up to 2 s),
     /// so that a caller's next call on this node sees its change: an event published right
     /// after ActivateCampaign is matched against the active campaign.

@@ -32,6 +32,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// Encryption of secrets at rest.
     pub secrets: SecretsConfig,
+    /// Tokens callers authenticate with.
+    pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -55,6 +57,35 @@ pub struct GrpcConfig {
     /// Longest wait for calls in flight at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// TLS of the listener.
+    pub tls: GrpcTlsConfig,
+}
+
+/// The `[grpc.tls]` section: TLS when `cert_file` is set, mutual TLS with `client_ca_file`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcTlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: String,
+    /// PEM private key.
+    pub key_file: String,
+    /// PEM CA bundle client certificates must chain to.
+    pub client_ca_file: String,
+}
+
+impl GrpcTlsConfig {
+    /// Returns the files, or `None` for plaintext.
+    pub fn files(&self) -> Option<crate::tls::TlsFiles> {
+        if self.cert_file.is_empty() {
+            return None;
+        }
+        Some(crate::tls::TlsFiles {
+            cert: self.cert_file.clone().into(),
+            key: self.key_file.clone().into(),
+            client_ca: (!self.client_ca_file.is_empty())
+                .then(|| self.client_ca_file.clone().into()),
+        })
+    }
 }
 
 /// The `[cluster]` section.
@@ -103,7 +134,7 @@ pub struct EventsConfig {
 }
 
 /// The `[etcd]` section.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdConfig {
     /// Client URLs; empty for embedded mode.
@@ -116,6 +147,55 @@ pub struct EtcdConfig {
     /// Timeout of a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// User name, when etcd has authentication enabled.
+    pub username: String,
+    /// Password of `username`.
+    pub password: String,
+    /// TLS to `https://` endpoints.
+    pub tls: EtcdTlsConfig,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("username", &self.username)
+            .field("password", &if self.password.is_empty() { "" } else { "[redacted]" })
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdConfig {
+    /// Returns the options of the etcd client.
+    pub fn options(&self) -> tidings_scheduler::store::EtcdOptions {
+        let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
+        tidings_scheduler::store::EtcdOptions {
+            endpoints: self.endpoints.clone(),
+            prefix: self.prefix.clone(),
+            request_timeout: self.request_timeout,
+            connect_timeout: self.connect_timeout,
+            tls: tidings_scheduler::store::EtcdTls {
+                ca_file: path(&self.tls.ca_file),
+                identity: path(&self.tls.cert_file).zip(path(&self.tls.key_file)),
+            },
+            user: (!self.username.is_empty())
+                .then(|| (self.username.clone(), self.password.clone())),
+        }
+    }
+}
+
+/// The `[etcd.tls]` section.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    /// PEM CA bundle etcd's certificate chains to; the system's roots when empty.
+    pub ca_file: String,
+    /// PEM client certificate, for an etcd that requires one.
+    pub cert_file: String,
+    /// PEM key of `cert_file`.
+    pub key_file: String,
 }
 
 /// The `[postgres]` section.
@@ -151,6 +231,19 @@ impl PostgresConfig {
             statement_timeout: self.statement_timeout,
         }
     }
+}
+
+/// The `[auth]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether calls need a token; unset for the mode's default ([`Config::auth_enabled`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Whether `grpc.health.v1` answers without a token.
+    pub open_health: bool,
+    /// Whether server reflection answers without a token.
+    pub open_reflection: bool,
 }
 
 /// The `[secrets]` section.
@@ -251,6 +344,34 @@ impl Config {
                 )));
             }
         }
+        let tls = &self.grpc.tls;
+        if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+            return Err(ConfigError(
+                "grpc.tls.cert_file and grpc.tls.key_file: give both for TLS, or neither".into(),
+            ));
+        }
+        if tls.cert_file.is_empty() && !tls.client_ca_file.is_empty() {
+            return Err(ConfigError(
+                "grpc.tls.client_ca_file: needs grpc.tls.cert_file and grpc.tls.key_file".into(),
+            ));
+        }
+        let etcd_tls = &self.etcd.tls;
+        if etcd_tls.cert_file.is_empty() != etcd_tls.key_file.is_empty() {
+            return Err(ConfigError(
+                "etcd.tls.cert_file and etcd.tls.key_file: give both for a client certificate, \
+                 or neither"
+                    .into(),
+            ));
+        }
+        let tls_set = !(etcd_tls.ca_file.is_empty() && etcd_tls.cert_file.is_empty());
+        if tls_set && self.etcd.endpoints.iter().any(|e| e.starts_with("http://")) {
+            return Err(ConfigError(
+                "etcd.tls: set, but etcd.endpoints has http:// URLs; use https:// for TLS".into(),
+            ));
+        }
+        if self.etcd.username.is_empty() && !self.etcd.password.is_empty() {
+            return Err(ConfigError("etcd.password: set without etcd.username".into()));
+        }
         if self.cluster.partitions > 4096 {
             return Err(ConfigError(format!(
                 "cluster.partitions: {} must be between 1 and 4096, or 0 for the mode's default",
@@ -312,6 +433,12 @@ impl Config {
         !self.etcd.endpoints.is_empty()
     }
 
+    /// Returns whether calls need a token: as configured, or by default on in cluster mode and
+    /// whenever the API listens beyond loopback.
+    pub fn auth_enabled(&self) -> bool {
+        self.auth.enabled.unwrap_or(self.cluster_mode() || !self.grpc.listen.ip().is_loopback())
+    }
+
     /// Returns the partition count a new cluster gets: the configured one, or for 0, 64 on
     /// etcd and 8 in embedded mode.
     pub fn partitions(&self) -> u32 {
@@ -327,6 +454,9 @@ impl Config {
         let mut shown = self.clone();
         if !shown.secrets.key.is_empty() {
             shown.secrets.key = "[redacted]".into();
+        }
+        if !shown.etcd.password.is_empty() {
+            shown.etcd.password = "[redacted]".into();
         }
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
@@ -412,6 +542,20 @@ mod tests {
         let config = Config::load(None, &overrides).expect("loads");
         assert_eq!(config.grpc.listen.port(), 0);
         assert!(config.cluster_mode());
+    }
+
+    #[test]
+    fn auth_is_on_by_default_except_on_loopback_alone() {
+        let config = Config::load(None, &Overrides::default()).expect("loads");
+        assert!(!config.auth_enabled());
+        let open = Overrides { listen: Some("0.0.0.0:50051".into()), ..Default::default() };
+        assert!(Config::load(None, &open).expect("loads").auth_enabled());
+        let cluster = Overrides {
+            etcd: Some(vec!["http://127.0.0.1:2379".into()]),
+            postgres: Some("postgres://tidings@127.0.0.1/tidings".into()),
+            ..Default::default()
+        };
+        assert!(Config::load(None, &cluster).expect("loads").auth_enabled());
     }
 
     #[test]

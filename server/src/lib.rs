@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the configuration, from defaults, file, environment and flags;
 //! - [`Node`]: a running node (store, gRPC API, graceful shutdown);
+//! - [`auth`]: bearer tokens with scopes, checked in front of every service;
 //! - [`cli`]: the `tidings` command line.
 //!
 //! The gRPC services live in the private `api` module: they map proto messages to the domain
@@ -9,8 +10,10 @@
 //! one place.
 
 mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 mod node;
+pub mod tls;
 
 pub use node::Node;

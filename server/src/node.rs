@@ -12,7 +12,7 @@ use tidings_scheduler::delivery::dispatch::{DispatchOptions, Dispatcher};
 use tidings_scheduler::engine::CampaignEngine;
 use tidings_scheduler::secrets::Cipher;
 use tidings_scheduler::state::State;
-use tidings_scheduler::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+use tidings_scheduler::store::{EmbeddedStore, EtcdStore, Store};
 use tidings_scheduler::template::Templates;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -20,7 +20,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{CampaignApi, ClusterApi, ContactApi, DeliveryApi, EventApi, WebhookApi};
+use crate::api::{
+    CampaignApi, ClusterApi, ContactApi, DeliveryApi, EventApi, TokenApi, WebhookApi,
+};
+use crate::auth::{AuthLayer, OpenServices, Tokens};
 
 use crate::config::Config;
 
@@ -73,6 +76,14 @@ impl Node {
             .build_v1alpha()
             .context("building the reflection service")?;
 
+        let tls = config.grpc.tls.files();
+        let tls = match tls {
+            Some(files) => {
+                let initial = crate::tls::load(&files)?;
+                Some((files, initial))
+            }
+            None => None,
+        };
         let listener = TcpListener::bind(config.grpc.listen)
             .await
             .with_context(|| format!("grpc.listen: cannot listen on {}", config.grpc.listen))?;
@@ -176,7 +187,35 @@ impl Node {
         let contacts =
             Arc::new(ContactApi::new(store.clone(), state.clone(), cluster.partitions()));
 
-        let services: [&str; 7] = [
+        let tokens = Tokens::start(store.clone(), caches_stop.clone())
+            .await
+            .context("loading the tokens")?;
+        let auth = if config.auth_enabled() {
+            let path = config.node.data_dir.join("admin.token");
+            if tokens.bootstrap(&path).await.with_context(|| {
+                format!("node.data_dir: cannot write the first admin token to {}", path.display())
+            })? {
+                info!(file = %path.display(), "auth is on; the first admin token is in this file");
+            } else {
+                info!("auth is on; calls need `authorization: Bearer <token>`");
+            }
+            Some(tokens.clone())
+        } else {
+            info!(
+                %addr,
+                "auth is off: anyone who can reach this address may call every method \
+                 (auth.enabled turns it on)"
+            );
+            None
+        };
+        let open = OpenServices {
+            health: config.auth.open_health,
+            reflection: config.auth.open_reflection,
+        };
+        let token_api = TokenApi::new(tokens);
+
+        let services: [&str; 8] = [
+            "tidings.v1.TokenService",
             "tidings.v1.WebhookService",
             "tidings.v1.ContactService",
             "tidings.v1.SegmentService",
@@ -191,6 +230,7 @@ impl Node {
 
         let shutdown = CancellationToken::new();
         let router = tonic::transport::Server::builder()
+            .layer(AuthLayer::new(auth, open))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
@@ -202,24 +242,26 @@ impl Node {
             .add_service(v1::campaign_service_server::CampaignServiceServer::new(campaigns))
             .add_service(v1::event_service_server::EventServiceServer::new(events))
             .add_service(v1::delivery_service_server::DeliveryServiceServer::new(deliveries))
-            .add_service(v1::cluster_service_server::ClusterServiceServer::new(cluster_api));
+            .add_service(v1::cluster_service_server::ClusterServiceServer::new(cluster_api))
+            .add_service(v1::token_service_server::TokenServiceServer::new(token_api));
 
         let mode = if config.cluster_mode() { "cluster" } else { "embedded" };
-        info!(%addr, mode, node = %config.node.id, "grpc listening");
+        let client_certificates = tls.as_ref().is_some_and(|(files, _)| files.client_ca.is_some());
+        info!(
+            %addr,
+            mode,
+            node = %config.node.id,
+            tls = tls.is_some(),
+            client_certificates,
+            "grpc listening"
+        );
 
-        // Responses larger than a segment would otherwise wait for the client's delayed ACK.
-        let incoming = TcpListenerStream::new(listener).map(|stream| {
-            if let Ok(stream) = &stream {
-                let _ = stream.set_nodelay(true);
-            }
-            stream
-        });
         let token = shutdown.clone();
         let grace = config.grpc.shutdown_grace;
         let handoff = config.cluster.handoff_timeout;
         let task = tokio::spawn(async move {
             let stopping = token.clone();
-            let serve = router.serve_with_incoming_shutdown(incoming, async move {
+            let signal = async move {
                 stopping.cancelled().await;
                 // Tell load balancers first, then stop accepting calls.
                 for service in services.iter().copied().chain([""]) {
@@ -228,7 +270,27 @@ impl Node {
                         .await;
                 }
                 info!("shutting down");
-            });
+            };
+            type Serving = std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+            >;
+            let serve: Serving = match tls {
+                Some((files, initial)) => {
+                    let incoming = crate::tls::incoming(listener, files, initial, token.clone());
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+                }
+                None => {
+                    // Responses larger than a segment would otherwise wait for the client's
+                    // delayed ACK.
+                    let incoming = TcpListenerStream::new(listener).map(|stream| {
+                        if let Ok(stream) = &stream {
+                            let _ = stream.set_nodelay(true);
+                        }
+                        stream
+                    });
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+                }
+            };
             tokio::pin!(serve);
             tokio::select! {
                 result = &mut serve => result.context("grpc server failed")?,
@@ -273,12 +335,7 @@ impl Node {
 
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     if config.cluster_mode() {
-        let options = EtcdOptions {
-            endpoints: config.etcd.endpoints.clone(),
-            prefix: config.etcd.prefix.clone(),
-            request_timeout: config.etcd.request_timeout,
-            connect_timeout: config.etcd.connect_timeout,
-        };
+        let options = config.etcd.options();
         let store = EtcdStore::connect(options).await.with_context(|| {
             format!("etcd.endpoints: cannot reach etcd at {}", config.etcd.endpoints.join(","))
         })?;

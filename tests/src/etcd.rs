@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tempfile::TempDir;
-use tidings_scheduler::store::{EtcdOptions, EtcdStore};
+use tidings_scheduler::store::{EtcdOptions, EtcdStore, EtcdTls};
 
 use crate::{free_port, unique_prefix, wait_until};
 
@@ -16,6 +16,19 @@ pub struct Etcd {
     dir: TempDir,
     client_port: u16,
     peer_port: u16,
+    tls: Option<EtcdTlsFiles>,
+    user: Option<(String, String)>,
+}
+
+/// The certificates of an etcd started with [`Etcd::start_tls`].
+#[derive(Clone, Debug)]
+pub struct EtcdTlsFiles {
+    /// The CA both etcd's and the client's certificates chain to.
+    pub ca: PathBuf,
+    /// A client certificate and key etcd accepts.
+    pub client_cert: PathBuf,
+    /// Key of `client_cert`.
+    pub client_key: PathBuf,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -31,20 +44,105 @@ fn etcd_binary() -> PathBuf {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
-        let mut etcd = Self {
-            child: None,
-            dir: tempfile::Builder::new().prefix("tidings-etcd-").tempdir()?,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-        };
+        let mut etcd = Self::new()?;
         etcd.spawn()?;
         etcd.wait_ready().await?;
         Ok(etcd)
     }
 
+    /// Starts etcd serving clients over TLS only, requiring a client certificate from its CA.
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        let mut etcd = Self::new()?;
+        let ca = crate::certs::Authority::new("etcd test CA")?;
+        let dir = etcd.dir.path().to_path_buf();
+        let (cert, key) = ca.issue(&["localhost", "127.0.0.1"])?;
+        crate::certs::write(&dir, "server.pem", &cert)?;
+        crate::certs::write(&dir, "server.key", &key)?;
+        let (client_cert, client_key) = ca.issue(&["tidings"])?;
+        etcd.tls = Some(EtcdTlsFiles {
+            ca: crate::certs::write(&dir, "ca.pem", &ca.pem)?,
+            client_cert: crate::certs::write(&dir, "client.pem", &client_cert)?,
+            client_key: crate::certs::write(&dir, "client.key", &client_key)?,
+        });
+        etcd.spawn()?;
+        etcd.wait_ready().await?;
+        Ok(etcd)
+    }
+
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            child: None,
+            dir: tempfile::Builder::new().prefix("tidings-etcd-").tempdir()?,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            tls: None,
+            user: None,
+        })
+    }
+
     /// Returns the client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Returns the certificates of a TLS etcd.
+    pub fn tls(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// Returns the environment a node needs to reach this etcd: its TLS files and user.
+    pub fn node_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(tls) = &self.tls {
+            let path = |p: &PathBuf| p.display().to_string();
+            env.push(("TIDINGS_ETCD__TLS__CA_FILE".into(), path(&tls.ca)));
+            env.push(("TIDINGS_ETCD__TLS__CERT_FILE".into(), path(&tls.client_cert)));
+            env.push(("TIDINGS_ETCD__TLS__KEY_FILE".into(), path(&tls.client_key)));
+        }
+        if let Some((name, password)) = &self.user {
+            env.push(("TIDINGS_ETCD__USERNAME".into(), name.clone()));
+            env.push(("TIDINGS_ETCD__PASSWORD".into(), password.clone()));
+        }
+        env
+    }
+
+    /// Turns on etcd's authentication with a root user `name`; clients of this harness use it
+    /// from then on.
+    pub async fn enable_auth(&mut self, name: &str, password: &str) -> anyhow::Result<()> {
+        let mut client = etcd_client::Client::connect([self.endpoint()], self.client_options()?)
+            .await
+            .context("connecting to etcd")?;
+        let _ = client.role_add("root").await;
+        client.user_add(name, password, None).await.context("adding the user")?;
+        client.user_grant_role(name, "root").await.context("granting root")?;
+        client.auth_enable().await.context("enabling auth")?;
+        self.user = Some((name.to_string(), password.to_string()));
+        Ok(())
+    }
+
+    fn client_options(&self) -> anyhow::Result<Option<etcd_client::ConnectOptions>> {
+        let mut options = etcd_client::ConnectOptions::new();
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(&tls.ca)?))
+                    .identity(etcd_client::Identity::from_pem(
+                        std::fs::read(&tls.client_cert)?,
+                        std::fs::read(&tls.client_key)?,
+                    )),
+            );
+        }
+        if let Some((name, password)) = &self.user {
+            options = options.with_user(name, password);
+        }
+        Ok(Some(options))
+    }
+
+    /// Returns the size of etcd's database file, what its space quota counts.
+    pub fn db_size(&self) -> u64 {
+        let db = self.dir.path().join("data").join("member").join("snap").join("db");
+        std::fs::metadata(db).map_or(0, |m| m.len())
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -63,6 +161,15 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .args(["--log-level", "warn", "--logger", "zap"])
+            .args(self.tls.iter().flat_map(|_| {
+                let dir = self.dir.path();
+                [
+                    format!("--cert-file={}", dir.join("server.pem").display()),
+                    format!("--key-file={}", dir.join("server.key").display()),
+                    format!("--trusted-ca-file={}", dir.join("ca.pem").display()),
+                    "--client-cert-auth".to_string(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -88,6 +195,11 @@ impl Etcd {
             prefix: prefix.to_string(),
             request_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
+            tls: EtcdTls {
+                ca_file: self.tls.as_ref().map(|t| t.ca.clone()),
+                identity: self.tls.as_ref().map(|t| (t.client_cert.clone(), t.client_key.clone())),
+            },
+            user: self.user.clone(),
         };
         Ok(EtcdStore::connect(options).await?)
     }
@@ -119,7 +231,8 @@ impl Etcd {
 
     /// Compacts the history up to `revision`.
     pub async fn compact(&self, revision: i64) -> anyhow::Result<()> {
-        let mut client = etcd_client::Client::connect([self.endpoint()], None).await?;
+        let mut client =
+            etcd_client::Client::connect([self.endpoint()], self.client_options()?).await?;
         client.compact(revision, None).await?;
         Ok(())
     }

@@ -9,6 +9,7 @@
 //! - [`conformance`]: the [`Store`](tidings_scheduler::store::Store) contract, checked against
 //!   any backend; [`state_conformance`]: the state layer's, on redb and PostgreSQL.
 
+pub mod certs;
 pub mod conformance;
 mod etcd;
 pub mod faults;
@@ -21,7 +22,7 @@ pub mod state_conformance;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdTlsFiles};
 pub use node::{NodeOptions, NodeProcess, cluster_postgres_url, cluster_state, node_binary};
 pub use receiver::{Received, Receiver, Reply};
 

@@ -31,6 +31,9 @@ pub struct NodeOptions {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Whether calls need a token (`auth.enabled`). Off unless asked for, so that tests of
+    /// other features call without one; `env` may still set it.
+    pub auth: bool,
 }
 
 /// A running node process, killed when dropped.
@@ -110,6 +113,7 @@ impl NodeProcess {
             .arg(&data_dir)
             .env_remove("RUST_LOG")
             .env("TIDINGS_SECRETS__KEY", TEST_SECRETS_KEY)
+            .env("TIDINGS_AUTH__ENABLED", if options.auth { "true" } else { "false" })
             .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args(&options.args)
             .stdin(Stdio::null())

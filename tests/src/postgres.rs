@@ -171,6 +171,11 @@ impl Postgres {
             command.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
             command.args(["-c", "full_page_writes=off", "-c", "shared_buffers=64MB"]);
         }
+        // More server settings, `-c name=value` each, for example to load pg_stat_statements
+        // when looking into a benchmark.
+        if let Ok(extra) = std::env::var("TIDINGS_TEST_POSTGRES_OPTIONS") {
+            command.args(extra.split_whitespace());
+        }
         if let Some((uid, gid)) = self.owner {
             command.uid(uid).gid(gid);
         }

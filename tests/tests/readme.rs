@@ -48,14 +48,18 @@ fn grpcurl() -> PathBuf {
 }
 
 /// Runs a block of the walkthrough with bash; returns each grpcurl call's exit status and
-/// output, in order.
+/// output, in order. A call's output also goes to its caller, so `$(grpcurl …)` works.
 fn run(block: &str, grpcurl: &Path) -> Vec<(i32, String)> {
+    let log = tempfile::NamedTempFile::new().expect("log file");
     let script = format!(
-        "grpcurl() {{ command {:?} \"$@\" 2>&1; echo \"<<exit $?>>\"; }}\n{block}",
-        grpcurl.display().to_string()
+        "grpcurl() {{ local out status; out=$(command {:?} \"$@\" 2>&1); status=$?; \
+         printf '%s\\n<<exit %d>>' \"$out\" \"$status\" >> {:?}; printf '%s\\n' \"$out\"; \
+         return $status; }}\n{block}",
+        grpcurl.display().to_string(),
+        log.path().display().to_string()
     );
-    let output = Command::new("bash").arg("-c").arg(script).output().expect("bash");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    Command::new("bash").arg("-c").arg(script).output().expect("bash");
+    let text = std::fs::read_to_string(log.path()).expect("log");
     let mut calls = Vec::new();
     let mut rest = text.as_str();
     while let Some(at) = rest.find("<<exit ") {
@@ -196,4 +200,36 @@ async fn the_walkthrough_works_as_written() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}; http.server logged:\n{}", receiver.log()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_security_walkthrough_works_as_written() {
+    let readme = readme();
+    let blocks = blocks(&readme, "## Security");
+    assert!(blocks.len() >= 2, "the security section's sh blocks changed; update this test");
+    assert!(blocks[0].contains("TIDINGS_AUTH__ENABLED=true"), "{}", blocks[0]);
+    let grpcurl = grpcurl();
+    let node =
+        NodeProcess::start(NodeOptions { auth: true, ..Default::default() }).await.expect("node");
+    let token = node.data_dir().join("admin.token");
+    let block = blocks[1]
+        .replace("127.0.0.1:50051", &node.addr().to_string())
+        .replace("data/admin.token", &token.display().to_string());
+    let expected = [
+        Code("Unauthenticated"),  // ListWebhooks without a token
+        Succeeds,                 // health
+        Succeeds,                 // ListWebhooks with the admin token
+        Succeeds,                 // CreateToken
+        Succeeds,                 // Publish with the publish token
+        Code("PermissionDenied"), // CreateWebhook with the publish token
+        Succeeds,                 // ListTokens
+        Succeeds,                 // RevokeToken
+        Code("Unauthenticated"),  // Publish with the revoked token
+    ];
+    let calls = run(&block, &grpcurl);
+    check(&calls, &expected, &block);
+    assert!(calls[3].1.contains("\"secret\""), "CreateToken shows the secret:\n{}", calls[3].1);
+    assert!(calls[5].1.contains("`write`"), "the denial names the scope:\n{}", calls[5].1);
+    assert!(!calls[6].1.contains("\"secret\""), "ListTokens shows no secret:\n{}", calls[6].1);
+    assert!(calls[7].1.contains("revokeTime"), "the token is revoked:\n{}", calls[7].1);
 }

@@ -1,5 +1,5 @@
-//! The state layer on a key-value store with etcd's semantics (the layout in
-//! [`super::keys`]): redb for a single node.
+//! The state layer on a key-value store (the layout in [`super::keys`]): redb, for a single
+//! node. (etcd has the same semantics but holds coordination only; see [`super::postgres`].)
 //!
 //! A partition commit is one store transaction that compares the create revision of
 //! `owners/{p}` with the writer's epoch, and stamps `p/{p}/applied` with its signature. The
@@ -15,7 +15,6 @@ use futures::StreamExt;
 use super::backend::{
     Backend, Committed, DeliveryPage, DeliveryStream, InboxBatch, InboxFeed, Raw, Table, TimerPage,
 };
-use super::committer::Committer;
 use super::{DeliveryFilter, Expect, Fence, Key, StateError, StateResult, Write, keys};
 use crate::cluster::PartitionId;
 use crate::delivery::record::Delivery;
@@ -27,12 +26,11 @@ use crate::store::{
 /// The state layer over a key-value store.
 pub(crate) struct KvBackend {
     store: Arc<dyn Store>,
-    committer: Committer,
 }
 
 impl KvBackend {
     pub(crate) fn new(store: Arc<dyn Store>) -> Self {
-        Self { committer: Committer::start(store.clone()), store }
+        Self { store }
     }
 }
 
@@ -234,7 +232,7 @@ impl Backend for KvBackend {
         writes: Vec<Write>,
         witness: Option<&Key>,
     ) -> Result<Committed, StoreError> {
-        let result = self.committer.txn(fenced(fence, writes, witness)).await?;
+        let result = self.store.txn(fenced(fence, writes, witness)).await?;
         if result.succeeded {
             return Ok(Committed::Applied(result.revision));
         }

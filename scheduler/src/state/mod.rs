@@ -10,7 +10,7 @@
 //! - [`Fence`]: the partition and epoch a partition transaction is guarded by;
 //!   [`State::fenced`] turns a fence and writes into the one transaction the store applies.
 //!
-//! The layout below is that of the key-value stores (redb, etcd); a backend with tables maps
+//! The layout below is that of the key-value store (redb); a backend with tables maps
 //! each [`Key`] variant to a table whose primary key starts with the partition.
 //!
 //! ```text
@@ -28,8 +28,6 @@
 //! Partition numbers are zero-padded to four digits so keys sort by partition.
 
 mod backend;
-mod committer;
-pub use committer::Committer;
 pub(crate) mod keys;
 mod kv;
 pub mod postgres;
@@ -862,6 +860,11 @@ impl State {
     /// Returns how many timers a partition holds.
     pub async fn pending_timers(&self, partition: PartitionId) -> Result<u64, StoreError> {
         self.backend.count(Table::Timers(partition)).await
+    }
+
+    /// Returns how many delivery records a partition keeps.
+    pub async fn kept_deliveries(&self, partition: PartitionId) -> Result<u64, StoreError> {
+        self.backend.count(Table::Deliveries(partition)).await
     }
 
     /// Returns how many entries wait in a partition's inbox.

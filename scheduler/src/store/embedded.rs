@@ -583,10 +583,6 @@ impl Store for EmbeddedStore {
         kv.get(key).map_err(storage_error)?.map(|record| decode(key, record.value())).transpose()
     }
 
-    fn groups_commits(&self) -> bool {
-        true
-    }
-
     async fn get_many(&self, keys: &[Vec<u8>]) -> StoreResult<Vec<Option<KeyValue>>> {
         let tx = self.inner.shared.db.begin_read().map_err(storage_error)?;
         let kv = tx.open_table(KV).map_err(storage_error)?;

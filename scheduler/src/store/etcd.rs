@@ -34,6 +34,10 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
+    /// TLS to `https://` endpoints.
+    pub tls: EtcdTls,
+    /// User name and password, when etcd has authentication enabled.
+    pub user: Option<(String, String)>,
 }
 
 impl Default for EtcdOptions {
@@ -43,7 +47,46 @@ impl Default for EtcdOptions {
             prefix: "/tidings/".into(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
+            tls: EtcdTls::default(),
+            user: None,
         }
+    }
+}
+
+/// TLS to etcd: the CA its certificate chains to (the system's roots when `None`), and a
+/// client certificate for an etcd started with `--client-cert-auth`.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdTls {
+    /// PEM CA bundle.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate and its key.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> StoreResult<etcd_client::TlsOptions> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                StoreError::InvalidRequest(format!("{what}: cannot read {}: {e}", path.display()))
+            })
+        };
+        let mut tls = etcd_client::TlsOptions::new();
+        match &self.ca_file {
+            Some(ca) => {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(
+                    ca,
+                    "etcd.tls.ca_file",
+                )?));
+            }
+            None => tls = tls.with_webpki_roots(),
+        }
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read(cert, "etcd.tls.cert_file")?,
+                read(key, "etcd.tls.key_file")?,
+            ));
+        }
+        Ok(tls)
     }
 }
 
@@ -114,10 +157,16 @@ fn with_lease(error: StoreError, lease: LeaseId) -> StoreError {
 impl EtcdStore {
     /// Connects to etcd and checks that it answers.
     pub async fn connect(options: EtcdOptions) -> StoreResult<Self> {
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
+        if options.endpoints.iter().any(|e| e.starts_with("https://")) {
+            connect = connect.with_tls(options.tls.options()?);
+        }
+        if let Some((name, password)) = &options.user {
+            connect = connect.with_user(name, password).with_auto_token_refresh(true);
+        }
         let connect_one = || async {
             tokio::time::timeout(
                 options.connect_timeout + options.request_timeout,

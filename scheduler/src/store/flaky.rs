@@ -106,10 +106,6 @@ impl Store for FlakyStore {
         self.inner.get_many(keys).await
     }
 
-    fn groups_commits(&self) -> bool {
-        self.inner.groups_commits()
-    }
-
     async fn get_many_since(
         &self,
         keys: &[Vec<u8>],

@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::Stream;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use flaky::FlakyStore;
 
 /// A store-wide revision number. Revisions start at 1 and only grow.
@@ -462,12 +462,6 @@ pub trait Store: Send + Sync + 'static {
             }
         }
         Ok(found)
-    }
-
-    /// Whether the store already commits concurrent transactions together (one fsync for all
-    /// of them), so that merging them first gains nothing.
-    fn groups_commits(&self) -> bool {
-        false
     }
 
     /// Like [`Store::get_many`], but the answer may come from a replica's state as long as

@@ -6,6 +6,7 @@ mod contacts;
 mod convert;
 mod deliveries;
 mod events;
+mod tokens;
 mod webhooks;
 
 pub(crate) use campaigns::CampaignApi;
@@ -13,6 +14,7 @@ pub(crate) use cluster::ClusterApi;
 pub(crate) use contacts::ContactApi;
 pub(crate) use deliveries::DeliveryApi;
 pub(crate) use events::EventApi;
+pub(crate) use tokens::TokenApi;
 pub(crate) use webhooks::WebhookApi;
 
 use base64::Engine;
