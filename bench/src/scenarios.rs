@@ -18,7 +18,7 @@ use tidings_scheduler::timers::{Timer, TimerKind};
 use tidings_tests::{Etcd, NodeOptions, NodeProcess, unique_prefix, wait_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::proc_stats::{cpu_seconds, memory, mib};
+use crate::proc_stats::{cpu_seconds, kib, memory, mib};
 
 /// Parsed command line.
 struct Args {
@@ -28,6 +28,7 @@ struct Args {
     seconds: u64,
     lease_ttl: u64,
     rate: u64,
+    retention: u64,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
@@ -38,6 +39,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         seconds: 10,
         lease_ttl: 10,
         rate: 1000,
+        retention: 120,
     };
     let mut rest = args.iter().skip(1);
     while let Some(flag) = rest.next() {
@@ -48,6 +50,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--seconds" => parsed.seconds = value.parse().context("--seconds")?,
             "--lease-ttl" => parsed.lease_ttl = value.parse().context("--lease-ttl")?,
             "--rate" => parsed.rate = value.parse().context("--rate")?,
+            "--retention" => parsed.retention = value.parse().context("--retention")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -112,14 +115,27 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
     if all || args.scenario == "queries" {
         queries(args.count).await?;
     }
+    if args.scenario == "sustained" {
+        let rate = if args.rate == 1000 { 3000 } else { args.rate };
+        let seconds = if args.seconds == 10 { 300 } else { args.seconds };
+        sustained(rate, seconds, args.retention).await?;
+    }
     if ![
-        "all", "timers", "publish", "failover", "deliver", "latency", "ceiling", "fanout",
+        "all",
+        "timers",
+        "publish",
+        "failover",
+        "deliver",
+        "latency",
+        "ceiling",
+        "fanout",
         "queries",
+        "sustained",
     ]
     .contains(&args.scenario.as_str())
     {
         bail!(
-            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, queries, ceiling, all",
+            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, queries, sustained, ceiling, all",
             args.scenario
         );
     }
@@ -371,6 +387,18 @@ async fn start_node(
     id: &str,
     ttl: u64,
 ) -> anyhow::Result<NodeProcess> {
+    start_node_with(kind, etcd, prefix, id, ttl, Vec::new()).await
+}
+
+/// Starts a node process with extra environment settings.
+async fn start_node_with(
+    kind: &str,
+    etcd: Option<&Etcd>,
+    prefix: &str,
+    id: &str,
+    ttl: u64,
+    extra: Vec<(String, String)>,
+) -> anyhow::Result<NodeProcess> {
     let postgres = match etcd {
         Some(_) => Some(postgres_url(prefix).await?),
         None => None,
@@ -381,10 +409,13 @@ async fn start_node(
         postgres,
         args: vec!["--node-id".into(), id.into()],
         log_level: Some("warn,tidings_server::node=info".into()),
-        env: vec![
+        env: [
             ("TIDINGS_CLUSTER__LEASE_TTL".into(), format!("{ttl}s")),
             ("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into()),
-        ],
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect(),
         ..Default::default()
     };
     let _ = kind;
@@ -923,6 +954,107 @@ async fn latency(kind: &str, rate: u64, seconds: u64) -> anyhow::Result<()> {
         ms(percentile(&latencies, 0.99)),
         ms(latencies.last().copied().unwrap_or(0)),
         latencies.len()
+    );
+    println!();
+    Ok(())
+}
+
+/// One cluster node on etcd + PostgreSQL taking `rate` events/s for `seconds`, each event one
+/// delivery, with `delivery.retention` at `retention` seconds: what arrived, what was refused,
+/// etcd's database size and the deliveries PostgreSQL keeps, every 30 s and at the end.
+async fn sustained(rate: u64, seconds: u64, retention: u64) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let prefix = unique_prefix();
+    let env = vec![("TIDINGS_DELIVERY__RETENTION".to_string(), format!("{retention}s"))];
+    let node = start_node_with("postgres", Some(&etcd), &prefix, "bench", 10, env).await?;
+    let pid = node_pid(&node)?;
+    let url = postgres_url(&prefix).await?;
+    let state = State::postgres(PgOptions { url, ..Default::default() }).await?;
+    let (hook, arrivals) = crate::receiver::start().await?;
+    bench_campaign(&node, &hook).await?;
+    let partitions = node
+        .cluster()
+        .await?
+        .list_partitions(ListPartitionsRequest {})
+        .await?
+        .into_inner()
+        .partitions
+        .len() as PartitionId;
+    let kept = || async {
+        let mut total = 0;
+        for partition in 0..partitions {
+            total += state.kept_deliveries(partition).await?;
+        }
+        Ok::<_, anyhow::Error>(total)
+    };
+    println!(
+        "sustained (a cluster node on etcd + PostgreSQL, {rate} events/s for {seconds} s with PublishBatch every 100 ms, one webhook each, delivery.retention {retention} s)"
+    );
+    println!(
+        "  {:>6} {:>10} {:>10} {:>8} {:>10} {:>12} {:>9}",
+        "s", "published", "arrived", "refused", "etcd db", "deliveries", "node RSS"
+    );
+    let published = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let api = tidings_client::EventServiceClient::connect(node.url()).await?;
+    let per_tick = rate / 10;
+    let ticks = seconds * 10;
+    let began = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let report = |at: u64| {
+        let (published, refused, arrivals) = (published.clone(), refused.clone(), arrivals.clone());
+        let etcd_size = etcd.db_size();
+        async move {
+            let kept = kept().await?;
+            let (rss, _) = memory(pid);
+            println!(
+                "  {at:>6} {:>10} {:>10} {:>8} {:>10} {:>12} {:>9}",
+                published.load(Ordering::Relaxed),
+                arrivals.count.load(Ordering::Relaxed),
+                refused.load(Ordering::Relaxed),
+                kib(etcd_size),
+                kept,
+                mib(rss)
+            );
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    for tick in 0..ticks {
+        tokio::time::sleep_until((began + Duration::from_millis(tick * 100)).into()).await;
+        if tick > 0 && tick % 300 == 0 {
+            report(tick / 10).await?;
+        }
+        let (mut api, published, refused) = (api.clone(), published.clone(), refused.clone());
+        tasks.spawn(async move {
+            let events = (0..per_tick)
+                .map(|i| Event {
+                    r#type: "bench".into(),
+                    contact_id: format!("c{tick}-{i}"),
+                    ..Default::default()
+                })
+                .collect();
+            match api.publish_batch(PublishBatchRequest { events }).await {
+                Ok(_) => published.fetch_add(per_tick, Ordering::Relaxed),
+                Err(_) => refused.fetch_add(per_tick, Ordering::Relaxed),
+            };
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let total = published.load(Ordering::Relaxed);
+    let _ = wait_until("every delivery to arrive", Duration::from_secs(120), || async {
+        (arrivals.count.load(Ordering::Relaxed) >= total).then_some(())
+    })
+    .await;
+    report(began.elapsed().as_secs()).await?;
+    let arrived = arrivals.count.load(Ordering::Relaxed);
+    println!(
+        "  {total} published, {} refused, {arrived} arrived ({} missing); etcd database {}; {} deliveries kept for a retention of {retention} s (about {} at {rate}/s)",
+        refused.load(Ordering::Relaxed),
+        total.saturating_sub(arrived),
+        kib(etcd.db_size()),
+        kept().await?,
+        rate * retention
     );
     println!();
     Ok(())

@@ -898,6 +898,9 @@ impl Backend for PgBackend {
             Table::Inbox(partition) => {
                 ("SELECT count(*) FROM inbox WHERE partition = $1", partition)
             }
+            Table::Deliveries(partition) => {
+                ("SELECT count(*) FROM deliveries WHERE partition = $1", partition)
+            }
             other => return Err(StoreError::InvalidRequest(format!("cannot count {other:?}"))),
         };
         let client = self.client().await?;
