@@ -1461,7 +1461,7 @@ impl Engine for CampaignEngine {
     ) -> EngineResult<Option<String>> {
         // Delivery ids sort by creation time, so the deliveries that may have outlived the
         // retention all come before the id of one created a retention ago.
-        const PAGE: usize = 200;
+        const PAGE: usize = 500;
         let now = self.clock.now_ms();
         let before = record::first_id_at(partition, now - self.retention_ms);
         let (page, more) = self.state.deliveries_between(partition, after, &before, PAGE).await?;

@@ -219,6 +219,39 @@ pub async fn inbox_feed(state: State) {
     assert_eq!(state.inbox_backlog(7).await.expect("count"), 3);
 }
 
+/// A backlog many pages long, written `per_transaction` entries at a time (a backend with
+/// large transactions: more than a page in one), comes out of the feed whole, each entry once.
+pub async fn inbox_backlog(state: State, per_transaction: usize) {
+    let entry = |id: &str| {
+        let timer =
+            Timer { id: id.into(), due_ms: 1, kind: TimerKind::Attempt { delivery: id.into() } };
+        Write::inbox(8, id, &InboxEntry::Schedule(timer)).expect("encode")
+    };
+    let first: Vec<Write> = (0..4_500).map(|i| entry(&format!("b{i:05}"))).collect();
+    for chunk in first.chunks(per_transaction) {
+        state.write(chunk.to_vec()).await.expect("write");
+    }
+    for t in 0..3 {
+        let writes: Vec<Write> = (0..500).map(|i| entry(&format!("c{t}-{i:03}"))).collect();
+        for chunk in writes.chunks(per_transaction) {
+            state.write(chunk.to_vec()).await.expect("write");
+        }
+    }
+    let mut feed = state.inbox(8).await.expect("feed");
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 6_000 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), feed.next())
+            .await
+            .unwrap_or_else(|_| panic!("the feed stopped after {} of 6000", seen.len()))
+            .expect("next");
+        for (key, _) in batch.entries {
+            assert!(seen.insert(key.to_string()), "{key} returned twice");
+        }
+    }
+    assert_eq!(state.inbox_backlog(8).await.expect("count"), 6_000);
+    assert_eq!(state.kept_deliveries(8).await.expect("count"), 0);
+}
+
 /// Delivery lists filter by campaign, contact and status, in pages.
 pub async fn delivery_queries(state: State) {
     let mut writes = Vec::new();

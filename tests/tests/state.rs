@@ -28,6 +28,7 @@ async fn the_embedded_backend_conforms() {
     suite::fenced_commits(state.clone(), false).await;
     suite::timer_ranges(state.clone(), false).await;
     suite::inbox_feed(state.clone()).await;
+    suite::inbox_backlog(state.clone(), 100).await;
     suite::delivery_queries(state).await;
 }
 
@@ -39,5 +40,56 @@ async fn the_postgres_backend_conforms() {
     suite::fenced_commits(postgres(&server).await, true).await;
     suite::timer_ranges(postgres(&server).await, true).await;
     suite::inbox_feed(postgres(&server).await).await;
+    suite::inbox_backlog(postgres(&server).await, 4_500).await;
     suite::delivery_queries(postgres(&server).await).await;
+}
+
+/// An inbox row whose transaction began before a later one but commits after it is still
+/// seen: the feed reads from the oldest transaction that was open at its previous read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_committing_inbox_write_is_not_missed() {
+    use std::time::Duration;
+    use tidings_scheduler::inbox::InboxEntry;
+    use tidings_scheduler::state::Write;
+    use tidings_scheduler::timers::{Timer, TimerKind};
+    let server = Postgres::start().await.expect("postgres");
+    let url = server.database().await.expect("database");
+    let state = State::postgres(PgOptions { url: url.clone(), pool_size: 4, ..Default::default() })
+        .await
+        .expect("state");
+    let entry = |id: &str| {
+        let timer =
+            Timer { id: id.into(), due_ms: 1, kind: TimerKind::Attempt { delivery: id.into() } };
+        Write::inbox(2, id, &InboxEntry::Schedule(timer)).expect("encode")
+    };
+    let mut feed = state.inbox(2).await.expect("feed");
+    assert!(feed.next().await.expect("first").entries.is_empty());
+
+    // A transaction takes its id and writes a row, and stays open.
+    let (mut slow, connection) =
+        tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let slow = slow.transaction().await.expect("begin");
+    slow.execute(
+        "INSERT INTO inbox (partition, id, value, version) VALUES (2, 'early', '\\x00', 0)",
+        &[],
+    )
+    .await
+    .expect("insert");
+    // A later transaction commits first, and is read.
+    state.write(vec![entry("later")]).await.expect("write");
+    let batch = tokio::time::timeout(Duration::from_secs(3), feed.next())
+        .await
+        .expect("the later entry is read")
+        .expect("next");
+    let ids: Vec<String> = batch.entries.iter().map(|(k, _)| k.to_string()).collect();
+    assert!(ids.len() == 1 && ids[0].ends_with("later"), "{ids:?}");
+    // The earlier one commits now: the next reads find it.
+    slow.commit().await.expect("commit");
+    let batch = tokio::time::timeout(Duration::from_secs(3), feed.next())
+        .await
+        .expect("the early entry is read")
+        .expect("next");
+    let ids: Vec<String> = batch.entries.iter().map(|(k, _)| k.to_string()).collect();
+    assert!(ids.len() == 1 && ids[0].ends_with("early"), "{ids:?}");
 }

@@ -327,25 +327,8 @@ impl Worker {
                 self.recover(step, &mut failures, cancel).await?;
                 continue;
             }
-            if !pending.is_empty() {
-                let step = self.process_inbox(&mut pending, &mut index, cancel, &reply).await;
-                self.recover(step, &mut failures, cancel).await?;
-                continue;
-            }
-            let now = crate::now_ms();
-            if index.next_due().is_some_and(|due| due <= now) {
-                let step = self.fire_timers(&mut index, now, cancel, &reply).await;
-                self.recover(step, &mut failures, cancel).await?;
-                continue;
-            }
-            // Idle: read the timers of the next seconds now, rather than when they fall due.
-            if index.next_due().is_some_and(|due| due <= now + READ_AHEAD_MS)
-                && !self.reads_ahead(&index, now + READ_AHEAD_MS / 2)
-                && index.ahead_len() < READ_AHEAD_MAX
-            {
-                self.read_ahead(&mut index, now, cancel).await?;
-                continue;
-            }
+            // A due sweep takes its turn before the inbox, so that retention keeps up under
+            // sustained load: a pass alternates its pages with the other work until it is done.
             if let (Some(at), Some(every)) = (next_sweep, sweep_every)
                 && at <= tokio::time::Instant::now()
             {
@@ -372,12 +355,31 @@ impl Worker {
                     };
                     self.recover(step, &mut failures, cancel).await?;
                 }
-                // A pass that stopped at a full page goes on at once, after the other work.
+                // A pass that stopped at a full page goes on at the next turn.
                 next_sweep = Some(
                     tokio::time::Instant::now()
                         + if more.is_some() { Duration::ZERO } else { every },
                 );
                 sweep_from = more;
+                continue;
+            }
+            if !pending.is_empty() {
+                let step = self.process_inbox(&mut pending, &mut index, cancel, &reply).await;
+                self.recover(step, &mut failures, cancel).await?;
+                continue;
+            }
+            let now = crate::now_ms();
+            if index.next_due().is_some_and(|due| due <= now) {
+                let step = self.fire_timers(&mut index, now, cancel, &reply).await;
+                self.recover(step, &mut failures, cancel).await?;
+                continue;
+            }
+            // Idle: read the timers of the next seconds now, rather than when they fall due.
+            if index.next_due().is_some_and(|due| due <= now + READ_AHEAD_MS)
+                && !self.reads_ahead(&index, now + READ_AHEAD_MS / 2)
+                && index.ahead_len() < READ_AHEAD_MAX
+            {
+                self.read_ahead(&mut index, now, cancel).await?;
                 continue;
             }
             let sleep = index.next_due().map_or(Duration::from_secs(3600), |due| {

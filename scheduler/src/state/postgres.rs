@@ -14,6 +14,9 @@
 //!   outside the writing transaction (a notifying transaction holds a database-wide lock
 //!   through its commit); each node `LISTEN`s on one connection and wakes the partition's
 //!   worker, which also reads the inbox every [`INBOX_POLL`] in case a notification was lost.
+//!   Each inbox row carries the id of the transaction that wrote it (`xid8`): a read takes the
+//!   rows from the oldest transaction still open at the previous read on, so it reads what is
+//!   new, not the whole backlog.
 //! - **Batches**: the writes of a transaction go as one multi-row statement per table and
 //!   kind (`UNNEST` of arrays), pipelined on one connection.
 
@@ -48,8 +51,10 @@ const WATCH_POLL: Duration = Duration::from_millis(200);
 const MIGRATION_LOCK: i64 = 0x7469_6469_6e67;
 
 /// The migrations, in order: (version, name, SQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "partition data", include_str!("../../migrations/0001_partition_data.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "partition data", include_str!("../../migrations/0001_partition_data.sql")),
+    (2, "inbox transaction ids", include_str!("../../migrations/0002_inbox_xid.sql")),
+];
 
 /// How to reach PostgreSQL.
 #[derive(Clone, Debug)]
@@ -201,8 +206,10 @@ async fn open(
 ) -> Result<(Pool, tokio_postgres::Config, tokio_postgres_rustls::MakeRustlsConnect), StoreError> {
     let (mut config, rootcert, _) = parse_url(&options.url)?;
     config.connect_timeout(options.connect_timeout);
+    // The partition tables are read by key and mostly cached: random reads cost about what
+    // sequential ones do, which keeps the planner on the indexes.
     config.options(format!(
-        "-c idle_in_transaction_session_timeout={} -c statement_timeout={}",
+        "-c idle_in_transaction_session_timeout={} -c statement_timeout={} -c random_page_cost=1.1",
         IDLE_IN_TRANSACTION.as_millis(),
         options.statement_timeout.as_millis()
     ));
@@ -589,8 +596,12 @@ fn statements(
         let unnest: Vec<String> =
             types.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", i + 1)).collect();
         let key_names: Vec<&str> = spec.keys.iter().map(|(n, _)| *n).collect();
-        let set: Vec<String> =
+        let mut set: Vec<String> =
             names[spec.keys.len()..].iter().map(|n| format!("{n} = EXCLUDED.{n}")).collect();
+        if spec.table == "inbox" {
+            // A rewritten entry is new to the owner's feed.
+            set.push("xid = pg_current_xact_id()".into());
+        }
         let sql = format!(
             "INSERT INTO {} ({}) SELECT * FROM UNNEST({}) ON CONFLICT ({}) DO UPDATE SET {}",
             spec.table,
@@ -805,9 +816,11 @@ impl Backend for PgBackend {
             let aliases: Vec<String> = (0..names.len()).map(|i| format!("k{i}")).collect();
             let join: Vec<String> =
                 names.iter().zip(&aliases).map(|(n, a)| format!("t.{n} = u.{a}")).collect();
+            // One primary-key lookup per key, whatever the planner thinks of the table's size:
+            // a join would turn into a scan of the whole table for a few hundred keys.
             let sql = format!(
                 "SELECT u.ord, t.value, t.version FROM UNNEST({}) WITH ORDINALITY AS u({}, ord) \
-                 JOIN {} t ON {}",
+                 JOIN LATERAL (SELECT value, version FROM {} t WHERE {} OFFSET 0) t ON true",
                 unnest.join(", "),
                 aliases.join(", "),
                 spec.table,
@@ -1131,13 +1144,7 @@ impl Backend for PgBackend {
     }
 
     async fn inbox(&self, partition: PartitionId) -> StateResult<Box<dyn InboxFeed>> {
-        Ok(Box::new(PgInbox {
-            pool: self.pool.clone(),
-            partition,
-            wake: self.wake.of(partition),
-            seen: HashSet::new(),
-            first: true,
-        }))
+        Ok(Box::new(PgInbox::new(self.pool.clone(), partition, self.wake.of(partition))))
     }
 
     async fn watch_deliveries(&self) -> StateResult<DeliveryStream> {
@@ -1268,56 +1275,92 @@ async fn watch(
 }
 
 /// A partition's inbox on PostgreSQL, read on a notification and every [`INBOX_POLL`]: it
-/// lists the ids in the inbox (from the primary key alone), then reads the entries it has not
-/// returned yet, in the order their transactions were numbered. Entries returned are
-/// remembered until they leave the inbox, so each is returned once.
+/// returns each entry once, in the order of the transactions that wrote them.
+///
+/// A read takes, in one statement, the rows whose writing transaction is at or after `from`,
+/// and the snapshot's `xmin`: every transaction before it has ended, so its rows are visible
+/// now or never, and a transaction still open has an id at or after it. Once a read has seen
+/// everything, the next starts at the smallest `xmin` seen since the previous such read. A
+/// backlog larger than a page is read page by page after the last row read. Rows read twice
+/// are recognised by id.
 struct PgInbox {
     pool: Pool,
     partition: PartitionId,
     wake: Arc<Notify>,
-    /// Entries returned and still in the inbox.
-    seen: HashSet<String>,
+    /// The transaction id reads start at.
+    from: i64,
+    /// While reading a backlog page by page: the last row read, as (transaction, id).
+    after: Option<(i64, String)>,
+    /// The smallest `xmin` seen since `from` last moved.
+    xmin: i64,
+    /// Entries returned whose transaction is at or after `from`, by id, with that transaction.
+    seen: HashMap<String, i64>,
     first: bool,
 }
 
 impl PgInbox {
-    /// Lists every id in the inbox, then reads the entries not seen yet; forgets the entries
-    /// no longer there.
-    async fn read_all(&mut self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn new(pool: Pool, partition: PartitionId, wake: Arc<Notify>) -> Self {
+        Self {
+            pool,
+            partition,
+            wake,
+            from: 0,
+            after: None,
+            xmin: i64::MAX,
+            seen: HashMap::new(),
+            first: true,
+        }
+    }
+
+    /// Reads the entries not returned yet, a page at most.
+    async fn read_new(&mut self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
-        let ids = client
-            .prepare_cached("SELECT id FROM inbox WHERE partition = $1 ORDER BY id LIMIT $2")
+        let statement = client
+            .prepare_cached(
+                "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin)
+                 SELECT s.xmin, i.id, i.value, i.xid FROM s LEFT JOIN LATERAL (
+                     SELECT id, value, xid::text::int8 AS xid FROM inbox
+                     WHERE partition = $1 AND xid >= $2::text::xid8
+                       AND (xid > $3::text::xid8 OR (xid = $3::text::xid8 AND id > $4))
+                     ORDER BY xid, id LIMIT $5
+                 ) i ON true",
+            )
             .await
             .map_err(store_error)?;
-        let rows = client
-            .query(&ids, &[&(self.partition as i32), &INBOX_PAGE])
-            .await
-            .map_err(store_error)?;
-        let present: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
-        let full = present.len() as i64 >= INBOX_PAGE;
-        let unseen: Vec<&String> = present.iter().filter(|id| !self.seen.contains(*id)).collect();
-        let found = if unseen.is_empty() {
-            Vec::new()
+        // Real transaction ids start above 0.
+        let (after_xid, after_id) = self.after.clone().unwrap_or((0, String::new()));
+        let lower = self.from.max(after_xid);
+        let params: [&(dyn ToSql + Sync); 5] = [
+            &(self.partition as i32),
+            &lower.to_string(),
+            &after_xid.to_string(),
+            &after_id,
+            &INBOX_PAGE,
+        ];
+        let rows = client.query(&statement, &params).await.map_err(store_error)?;
+        let xmin: i64 = rows.first().map_or(self.from, |row| row.get(0));
+        self.xmin = self.xmin.min(xmin);
+        let mut found = Vec::new();
+        let mut returned = 0;
+        let mut last = None;
+        for row in rows {
+            let Some(id) = row.get::<_, Option<String>>(1) else { continue };
+            let xid: i64 = row.get(3);
+            returned += 1;
+            if self.seen.insert(id.clone(), xid).is_none() {
+                found.push((id.clone(), row.get(2)));
+            }
+            last = Some((xid, id));
+        }
+        if returned >= INBOX_PAGE {
+            self.after = last;
         } else {
-            let values = client
-                .prepare_cached(
-                    "SELECT id, value FROM inbox WHERE partition = $1 AND id = ANY($2)
-                     ORDER BY version, id",
-                )
-                .await
-                .map_err(store_error)?;
-            client
-                .query(&values, &[&(self.partition as i32), &unseen])
-                .await
-                .map_err(store_error)?
-                .into_iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect()
-        };
-        // Past a full page, only the ids up to its last are known to be gone.
-        let last = present.last().cloned().unwrap_or_default();
-        let present: HashSet<String> = present.into_iter().collect();
-        self.seen.retain(|id| present.contains(id) || (full && *id > last));
+            self.after = None;
+            self.from = self.from.max(self.xmin);
+            self.xmin = i64::MAX;
+            let from = self.from;
+            self.seen.retain(|_, xid| *xid >= from);
+        }
         Ok(found)
     }
 }
@@ -1334,13 +1377,13 @@ impl InboxFeed for PgInbox {
                     _ = tokio::time::sleep(INBOX_POLL) => {}
                 }
             }
-            let rows = self.read_all().await.map_err(read)?;
-            let mut entries = Vec::new();
-            for (id, value) in rows {
-                if self.seen.insert(id.clone()) {
-                    entries.push((Key::Inbox { partition: self.partition, id }, value));
-                }
-            }
+            let entries: Vec<(Key, Vec<u8>)> = self
+                .read_new()
+                .await
+                .map_err(read)?
+                .into_iter()
+                .map(|(id, value)| (Key::Inbox { partition, id }, value))
+                .collect();
             let reset = std::mem::take(&mut self.first);
             if reset || !entries.is_empty() {
                 return Ok(InboxBatch { entries, reset, revision: 0 });
