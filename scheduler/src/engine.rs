@@ -1532,6 +1532,8 @@ mod tests {
             labels: Default::default(),
             created_at_ms: 0,
             updated_at_ms: 0,
+            oauth2: None,
+            client_certificate: None,
         }
     }
 

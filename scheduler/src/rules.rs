@@ -3,11 +3,71 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// Deepest nesting of parentheses, brackets and braces.
+pub const MAX_DEPTH: usize = 32;
+
+/// The comprehension macros: each runs its body once per item of a list or map.
+const MACROS: &[&str] = &["all", "exists", "exists_one", "map", "filter"];
+
+/// Checks what evaluating `source` may cost, on its text: nesting at most [`MAX_DEPTH`] deep
+/// (the parser recurses per level), and no comprehension inside another one's body (a nested
+/// `.all` over two lists runs their product of steps per contact; one level stays linear in
+/// the data).
+pub fn check_cost(source: &str) -> Result<(), String> {
+    // For each open bracket: whether it opened a macro's arguments.
+    let mut open: Vec<bool> = Vec::new();
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let bytes = source.as_bytes();
+    for (i, c) in source.char_indices() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => quote = Some(c),
+            '(' | '[' | '{' => {
+                if open.len() >= MAX_DEPTH {
+                    return Err(format!("nests deeper than {MAX_DEPTH} levels (at byte {i})"));
+                }
+                let name_end = i;
+                let name_start = source[..name_end]
+                    .rfind(|ch: char| !(ch.is_alphanumeric() || ch == '_'))
+                    .map_or(0, |at| at + 1);
+                let is_macro = c == '('
+                    && name_start > 0
+                    && bytes[name_start - 1] == b'.'
+                    && MACROS.contains(&&source[name_start..name_end]);
+                if is_macro && open.iter().any(|m| *m) {
+                    return Err(format!(
+                        "a comprehension ({}) inside another one's body (at byte {i}) can take \
+                         the product of the lists' sizes in steps",
+                        &source[name_start..name_end]
+                    ));
+                }
+                open.push(is_macro);
+            }
+            ')' | ']' | '}' => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `source` is a valid CEL expression; the error says where and why it is not.
 pub fn check(source: &str) -> Result<(), String> {
     if source.len() > 8 * 1024 {
         return Err("must be at most 8 KiB".into());
     }
+    check_cost(source)?;
     cel::Program::compile(source).map(|_| ()).map_err(|errors| {
         errors
             .to_string()
@@ -43,6 +103,8 @@ impl Programs {
             match compiled.get(source) {
                 Some(program) => program.clone(),
                 None => {
+                    // Expressions stored before these bounds existed are held to them too.
+                    check_cost(source)?;
                     let program =
                         Arc::new(cel::Program::compile(source).map_err(|e| e.to_string())?);
                     if compiled.len() > 10_000 {
@@ -80,6 +142,19 @@ mod tests {
     fn reports_syntax_errors() {
         assert!(super::check("contact.attributes.plan == 'pro'").is_ok());
         assert!(!super::check("contact.attributes.plan ==").expect_err("incomplete").is_empty());
+    }
+
+    #[test]
+    fn costly_expressions_are_refused() {
+        let deep = format!("{}1{}", "(".repeat(40), ")".repeat(40));
+        assert!(super::check(&deep).expect_err("deep").contains("deeper than 32"));
+        let nested = "contact.attributes.a.all(x, contact.attributes.b.all(y, x != y))";
+        assert!(super::check(nested).expect_err("nested").contains("comprehension"));
+        assert!(super::check("contact.attributes.tags.exists(t, t == 'vip')").is_ok());
+        assert!(super::check("'((((' + \"[[[[\" == 'x'").is_ok(), "brackets in strings count not");
+        let programs = super::Programs::default();
+        let contact = json!({"attributes": {"a": [1], "b": [2]}});
+        assert!(programs.evaluate(nested, &[("contact", &contact)]).is_err());
     }
 
     #[test]

@@ -128,6 +128,36 @@ pub fn check_signing_secret(secret: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// OAuth 2.0 client credentials of a webhook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OAuth2 {
+    /// Token endpoint.
+    pub token_url: String,
+    /// Client identifier.
+    pub client_id: String,
+    /// Client secret, sealed.
+    pub client_secret: Sealed,
+    /// Scopes asked for.
+    pub scopes: Vec<String>,
+    /// `audience` parameter, when not empty.
+    pub audience: String,
+}
+
+/// A client certificate of a webhook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientCertificate {
+    /// PEM chain.
+    pub certificate_pem: String,
+    /// PEM private key, sealed.
+    pub private_key: Sealed,
+}
+
+/// Checks that `certificate_pem` holds a PEM certificate chain and `key_pem` its key.
+pub fn check_client_certificate(certificate_pem: &str, key_pem: &str) -> bool {
+    let pem = format!("{}\n{}", certificate_pem.trim_end(), key_pem);
+    reqwest::Identity::from_pem(pem.as_bytes()).is_ok()
+}
+
 /// A webhook as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Webhook {
@@ -165,4 +195,46 @@ pub struct Webhook {
     pub created_at_ms: i64,
     /// Last change, Unix milliseconds.
     pub updated_at_ms: i64,
+    /// OAuth 2.0 client credentials.
+    #[serde(default)]
+    pub oauth2: Option<OAuth2>,
+    /// Client certificate for mutual TLS.
+    #[serde(default)]
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// Returns the origin (`scheme://host:port`) of a URL or URL template, or `None` when the part
+/// before its path is not plain text or not a valid origin. Templates may shape the path and
+/// query only, so a webhook's requests all go to this origin.
+pub fn origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() || crate::template::has_markup(authority) {
+        return None;
+    }
+    let parsed = reqwest::Url::parse(&format!("{scheme}://{authority}/")).ok()?;
+    parsed.host_str()?;
+    Some(parsed.origin().ascii_serialization())
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::origin;
+
+    #[test]
+    fn the_origin_is_the_text_before_the_path() {
+        assert_eq!(
+            origin("https://api.example.com/v1/{{ contact.id }}").as_deref(),
+            Some("https://api.example.com")
+        );
+        assert_eq!(
+            origin("HTTPS://API.example.com:443?x={{ y }}").as_deref(),
+            Some("https://api.example.com")
+        );
+        assert_eq!(origin("http://example.com:8080").as_deref(), Some("http://example.com:8080"));
+        assert_eq!(origin("https://{{ event.data.host }}/x"), None);
+        assert_eq!(origin("https://example.com{{ event.data.suffix }}/x"), None);
+        assert_eq!(origin("https://user:{{ x }}@example.com/"), None);
+    }
 }

@@ -286,7 +286,10 @@ impl Tokens {
         if !result.succeeded {
             return Ok(false);
         }
-        write_private(path, format!("{secret}\n").as_bytes())?;
+        if let Some(dir) = path.parent() {
+            crate::files::private_dir(dir)?;
+        }
+        crate::files::write_private(path, format!("{secret}\n").as_bytes())?;
         Ok(true)
     }
 }
@@ -308,20 +311,6 @@ fn new_token(
         revoke_ms: None,
     };
     (id, secret, record)
-}
-
-/// Writes a file only its owner can read.
-pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    std::os::unix::fs::PermissionsExt::set_mode(&mut file.metadata()?.permissions(), 0o600);
-    file.write_all(contents)?;
-    file.sync_all()
 }
 
 /// The layer that checks every call's token before the services see it.

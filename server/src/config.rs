@@ -57,6 +57,8 @@ pub struct GrpcConfig {
     /// Longest wait for calls in flight at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Most watch streams served at once.
+    pub max_streams: usize,
     /// TLS of the listener.
     pub tls: GrpcTlsConfig,
 }
@@ -122,6 +124,12 @@ pub struct DeliveryConfig {
     /// How long finished deliveries are kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Proxy URL for every webhook request; none when empty.
+    pub proxy: String,
+    /// Ports webhooks may reach; any when empty.
+    pub ports: Vec<u16>,
+    /// PEM bundle of CAs trusted for webhook endpoints besides the Mozilla roots.
+    pub ca_file: String,
 }
 
 /// The `[events]` section.
@@ -344,6 +352,9 @@ impl Config {
                 )));
             }
         }
+        if self.grpc.max_streams == 0 {
+            return Err(ConfigError("grpc.max_streams: must be at least 1".into()));
+        }
         let tls = &self.grpc.tls;
         if tls.cert_file.is_empty() != tls.key_file.is_empty() {
             return Err(ConfigError(
@@ -387,6 +398,14 @@ impl Config {
             if let Err(reason) = network.parse::<tidings_scheduler::delivery::ssrf::Network>() {
                 return Err(ConfigError(format!("delivery.allow_networks: {reason}")));
             }
+        }
+        if !self.delivery.proxy.is_empty()
+            && let Err(error) = url::Url::parse(&self.delivery.proxy)
+        {
+            return Err(ConfigError(format!("delivery.proxy: not a URL: {error}")));
+        }
+        if self.delivery.ports.contains(&0) {
+            return Err(ConfigError("delivery.ports: 0 is not a port".into()));
         }
         if self.delivery.circuit_threshold == 0 {
             return Err(ConfigError("delivery.circuit_threshold: must be at least 1".into()));

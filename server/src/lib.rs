@@ -13,6 +13,7 @@ mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+mod files;
 mod node;
 pub mod tls;
 

@@ -1,7 +1,6 @@
 //! One Tidings node: opens the store, serves the gRPC API, and shuts down in order.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -114,6 +113,15 @@ impl Node {
             circuit_threshold: config.delivery.circuit_threshold,
             circuit_cooldown: config.delivery.circuit_cooldown,
             disable_after: config.delivery.disable_after,
+            proxy: (!config.delivery.proxy.is_empty()).then(|| config.delivery.proxy.clone()),
+            ports: config.delivery.ports.clone(),
+            roots: match config.delivery.ca_file.as_str() {
+                "" => Vec::new(),
+                file => vec![
+                    std::fs::read(file)
+                        .with_context(|| format!("delivery.ca_file: cannot read {file}"))?,
+                ],
+            },
         };
         let dispatcher = Dispatcher::new(
             webhook_cache.clone(),
@@ -171,19 +179,24 @@ impl Node {
             cluster.clone(),
             caches_stop.clone(),
         ));
+        let streams = crate::api::Streams::new(config.grpc.max_streams);
         let campaigns = CampaignApi::new(
             store.clone(),
             state.clone(),
             cluster.partitions(),
             templates.clone(),
             cipher.clone(),
+            streams.clone(),
         )
         .read_your_writes(&campaign_cache);
-        let deliveries = DeliveryApi::new(tidings_scheduler::app::Deliveries::new(
-            state.clone(),
-            ingest.clone(),
-            cluster.partitions(),
-        ));
+        let deliveries = DeliveryApi::new(
+            tidings_scheduler::app::Deliveries::new(
+                state.clone(),
+                ingest.clone(),
+                cluster.partitions(),
+            ),
+            streams,
+        );
         let contacts =
             Arc::new(ContactApi::new(store.clone(), state.clone(), cluster.partitions()));
 
@@ -342,11 +355,14 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         Ok(Arc::new(store))
     } else {
         let dir = &config.node.data_dir;
-        std::fs::create_dir_all(dir)
+        crate::files::private_dir(dir)
             .with_context(|| format!("node.data_dir: cannot create {}", dir.display()))?;
-        let store = EmbeddedStore::open(&dir.join("tidings.redb")).with_context(|| {
+        let file = dir.join("tidings.redb");
+        let store = EmbeddedStore::open(&file).with_context(|| {
             format!("node.data_dir: cannot open the store in {}", dir.display())
         })?;
+        crate::files::restrict(&file, 0o600)
+            .with_context(|| format!("node.data_dir: cannot restrict {}", file.display()))?;
         Ok(Arc::new(store))
     }
 }
@@ -383,24 +399,11 @@ fn load_cipher(config: &Config) -> anyhow::Result<Cipher> {
         return Cipher::from_base64(&key).with_context(|| format!("{}", path.display()));
     }
     let key = Cipher::generate_key();
-    std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
+    crate::files::private_dir(&config.node.data_dir).with_context(|| {
         format!("node.data_dir: cannot create {}", config.node.data_dir.display())
     })?;
-    write_private(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::files::write_private(&path, key.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     info!(path = %path.display(), "generated a secrets key");
     Cipher::from_base64(&key).context("generated key")
-}
-
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
 }

@@ -3,6 +3,7 @@
 //! epoch guards the new attempt like any other).
 
 use futures::StreamExt;
+use std::sync::Arc;
 
 use crate::cluster::PartitionId;
 use crate::delivery::record::{self, Delivery, Status};
@@ -124,11 +125,13 @@ impl Deliveries {
         &self,
         filter: DeliveryFilter,
         buffer: usize,
-    ) -> Result<tokio::sync::mpsc::Receiver<Result<Delivery, DeliveryError>>, DeliveryError> {
+    ) -> Result<DeliveryWatch, DeliveryError> {
         let mut changes = self.state.watch_deliveries().await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(buffer);
+        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lagging = lagged.clone();
         // Owned by the caller: it ends as soon as the receiver is dropped, even while no
-        // delivery changes.
+        // delivery changes, and when the caller reads too slowly to keep up.
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
@@ -137,8 +140,13 @@ impl Deliveries {
                 };
                 match next {
                     Some(Ok(delivery)) if filter.matches(&delivery) => {
-                        if sender.send(Ok(delivery)).await.is_err() {
-                            return;
+                        match sender.send_timeout(Ok(delivery), SLOW_CALLER).await {
+                            Ok(()) => {}
+                            Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                                lagging.store(true, std::sync::atomic::Ordering::Release);
+                                return;
+                            }
+                            Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
                         }
                     }
                     Some(Ok(_)) => {}
@@ -150,6 +158,19 @@ impl Deliveries {
                 }
             }
         });
-        Ok(receiver)
+        Ok(DeliveryWatch { changes: receiver, lagged })
     }
+}
+
+/// How long a watcher may leave its buffer full before it is dropped.
+pub const SLOW_CALLER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A watch of delivery changes.
+#[derive(Debug)]
+pub struct DeliveryWatch {
+    /// The changes that match the filter, in order.
+    pub changes: tokio::sync::mpsc::Receiver<Result<Delivery, DeliveryError>>,
+    /// Set when the watch ended because the caller left its buffer full for
+    /// [`SLOW_CALLER`].
+    pub lagged: Arc<std::sync::atomic::AtomicBool>,
 }

@@ -26,6 +26,23 @@ use crate::webhook::Webhook;
 /// Bytes of response body kept in the attempt log.
 pub const RESPONSE_EXCERPT: usize = 4096;
 
+/// Whether a response header carries a credential, whose value the attempt log leaves out.
+pub fn redacted(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "set-cookie"
+            | "set-cookie2"
+            | "authorization"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "www-authenticate"
+            | "cookie"
+    ) || ["token", "secret", "api-key", "apikey", "password", "session", "credential"]
+        .iter()
+        .any(|part| name.contains(part))
+}
+
 /// How the dispatcher behaves.
 #[derive(Clone, Debug)]
 pub struct DispatchOptions {
@@ -37,11 +54,21 @@ pub struct DispatchOptions {
     pub circuit_cooldown: Duration,
     /// How long a webhook may keep failing before it is disabled.
     pub disable_after: Duration,
+    /// Proxy every request goes through; none when `None` (the `HTTP_PROXY` family of
+    /// variables is ignored).
+    pub proxy: Option<String>,
+    /// Ports webhooks may reach; any when empty.
+    pub ports: Vec<u16>,
+    /// PEM bundles of CAs trusted besides the Mozilla roots.
+    pub roots: Vec<Vec<u8>>,
 }
 
 impl Default for DispatchOptions {
     fn default() -> Self {
         Self {
+            proxy: None,
+            ports: Vec::new(),
+            roots: Vec::new(),
             allow: Vec::new(),
             circuit_threshold: 5,
             circuit_cooldown: Duration::from_secs(30),
@@ -95,6 +122,7 @@ struct Endpoint {
 
 struct Inner {
     client: reqwest::Client,
+    credentials: super::credentials::Credentials,
     guard: Guard,
     webhooks: Cache<Webhook>,
     defs: Definitions<Webhook>,
@@ -154,6 +182,40 @@ fn traceparent(parent: &str) -> String {
     }
 }
 
+/// Builds the HTTP client webhooks are sent with: the address guard on every resolution, no
+/// redirects, only the configured proxy (one from the environment would receive every
+/// webhook's credentials), the configured extra CAs, and `identity` as client certificate.
+fn http_client(
+    options: &DispatchOptions,
+    guard: &Guard,
+    identity: Option<reqwest::Identity>,
+) -> Result<reqwest::Client, String> {
+    let mut builder = match &options.proxy {
+        Some(proxy) => reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(proxy).map_err(|e| format!("delivery.proxy: {e}"))?),
+        None => reqwest::Client::builder().no_proxy(),
+    };
+    for pem in &options.roots {
+        for root in reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("delivery.ca_file: {e}"))?
+        {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    builder
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone() }))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .user_agent(concat!("Tidings/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 impl Dispatcher {
     /// Returns a dispatcher.
     pub fn new(
@@ -165,18 +227,11 @@ impl Dispatcher {
         options: DispatchOptions,
     ) -> Result<Self, String> {
         let guard = Guard::new(options.allow.clone());
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone() }))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .user_agent(concat!("Tidings/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = http_client(&options, &guard, None)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                credentials: Default::default(),
                 guard,
                 webhooks,
                 defs,
@@ -238,7 +293,10 @@ impl Dispatcher {
                     bucket.tokens -= 1.0;
                     return;
                 }
-                Duration::from_secs_f64((1.0 - bucket.tokens) / rate)
+                // A rate too small to wait for (refused at write time) waits an hour a try.
+                Duration::try_from_secs_f64((1.0 - bucket.tokens) / rate)
+                    .unwrap_or(Duration::from_secs(3600))
+                    .min(Duration::from_secs(3600))
             };
             tokio::time::sleep(wait).await;
         }
@@ -317,6 +375,35 @@ impl Dispatcher {
         }
     }
 
+    /// Returns the webhook's OAuth 2.0 token, fetched with `client` when none is cached; the
+    /// token endpoint is held to the address guard like any webhook URL.
+    async fn token(
+        &self,
+        client: &reqwest::Client,
+        webhook: &str,
+        oauth: &crate::webhook::OAuth2,
+    ) -> Result<Secret, (ErrorClass, String)> {
+        let url = reqwest::Url::parse(&oauth.token_url)
+            .map_err(|e| (ErrorClass::Credentials, format!("oauth2.token_url: {e}")))?;
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = literal
+            && let Some(reason) = self.inner.guard.check(ip)
+        {
+            let error =
+                format!("oauth2.token_url: {ip} is a {reason} address, which is not allowed");
+            return Err((ErrorClass::Blocked, error));
+        }
+        self.inner
+            .credentials
+            .bearer(client, &self.inner.cipher, webhook, oauth)
+            .await
+            .map_err(|error| (ErrorClass::Credentials, error))
+    }
+
     /// Makes one HTTP attempt.
     pub async fn send(&self, delivery: &Delivery, webhook: &Webhook) -> (Attempt, Verdict) {
         let start_ms = crate::now_ms();
@@ -334,6 +421,14 @@ impl Dispatcher {
                 return (self.failed_attempt(start_ms, ErrorClass::Render, error), Verdict::Fail);
             }
         };
+        let ports = &self.inner.options.ports;
+        if let Some(port) = url.port_or_known_default()
+            && !ports.is_empty()
+            && !ports.contains(&port)
+        {
+            let error = format!("port {port} is not one of delivery.ports {ports:?}");
+            return (self.failed_attempt(start_ms, ErrorClass::Blocked, error), Verdict::Fail);
+        }
         // IP literals never reach the resolver: check them here.
         let literal = match url.host() {
             Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
@@ -357,9 +452,39 @@ impl Dispatcher {
             .filter_map(|s| self.inner.cipher.open(&s.sealed).ok())
             .collect();
         let body = request.body.clone().into_bytes();
-        let mut builder = self
-            .inner
-            .client
+        let client = match &webhook.client_certificate {
+            Some(certificate) => {
+                let built = self.inner.credentials.client_with(
+                    &self.inner.cipher,
+                    &delivery.webhook_id,
+                    certificate,
+                    |identity| http_client(&self.inner.options, &self.inner.guard, Some(identity)),
+                );
+                match built {
+                    Ok(client) => client,
+                    Err(error) => {
+                        let attempt = self.failed_attempt(start_ms, ErrorClass::Credentials, error);
+                        return (attempt, Verdict::Fail);
+                    }
+                }
+            }
+            None => self.inner.client.clone(),
+        };
+        let bearer = match &webhook.oauth2 {
+            Some(oauth) => match self.token(&client, &delivery.webhook_id, oauth).await {
+                Ok(token) => Some(token),
+                Err((class, error)) => {
+                    let verdict = if class == ErrorClass::Blocked {
+                        Verdict::Fail
+                    } else {
+                        classify(None, None)
+                    };
+                    return (self.failed_attempt(start_ms, class, error), verdict);
+                }
+            },
+            None => None,
+        };
+        let mut builder = client
             .request(method.clone(), url)
             .timeout(Duration::from_millis(webhook.timeout_ms))
             .header("webhook-id", &delivery.id)
@@ -387,6 +512,9 @@ impl Dispatcher {
                 }
             }
         }
+        if let Some(token) = &bearer {
+            builder = builder.header("authorization", format!("Bearer {}", token.expose()));
+        }
         if method != reqwest::Method::GET {
             builder = builder.body(body);
         }
@@ -400,10 +528,12 @@ impl Dispatcher {
                     .iter()
                     .take(64)
                     .map(|(k, v)| {
-                        (
-                            k.as_str().to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).chars().take(1024).collect(),
-                        )
+                        let value = if redacted(k.as_str()) {
+                            "[redacted]".to_string()
+                        } else {
+                            String::from_utf8_lossy(v.as_bytes()).chars().take(1024).collect()
+                        };
+                        (k.as_str().to_string(), value)
                     })
                     .collect();
                 let retry_after = response
@@ -427,7 +557,13 @@ impl Dispatcher {
                         _ => break,
                     }
                 }
-                let verdict = classify(Some(status), retry_after);
+                let mut verdict = classify(Some(status), retry_after);
+                if status == 401 && bearer.is_some() {
+                    // The token was refused (revoked, or expired early): the next attempt
+                    // fetches a new one.
+                    self.inner.credentials.forget(&delivery.webhook_id);
+                    verdict = classify(None, None);
+                }
                 if verdict != Verdict::Success {
                     attempt.error_class = ErrorClass::HttpStatus;
                     attempt.error = format!("endpoint answered {status}");

@@ -7,6 +7,7 @@
 //! - [`record`]: the delivery record and its attempt log;
 //! - [`dispatch`]: the HTTP sender with limits and circuits.
 
+mod credentials;
 pub mod dispatch;
 pub mod record;
 pub mod render;

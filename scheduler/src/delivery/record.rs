@@ -55,6 +55,8 @@ pub enum ErrorClass {
     Render,
     /// Webhook disabled or circuit open.
     EndpointDisabled,
+    /// The webhook's credentials could not be obtained.
+    Credentials,
 }
 
 /// One attempt.

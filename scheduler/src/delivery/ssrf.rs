@@ -41,7 +41,21 @@ pub fn blocked_reason(ip: IpAddr) -> Option<&'static str> {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return blocked_v4(v4);
             }
-            let first = v6.segments()[0];
+            let segments = v6.segments();
+            let first = segments[0];
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                // NAT64 (64:ff9b::/96) embeds an IPv4 address that a gateway then reaches.
+                return Some("NAT64");
+            }
+            if segments[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+                return Some("IPv4-compatible IPv6");
+            }
+            if first == 0x2002 {
+                return Some("6to4");
+            }
+            if first == 0x2001 && segments[1] == 0 {
+                return Some("Teredo");
+            }
             if v6.is_loopback() {
                 Some("loopback")
             } else if v6.is_unspecified() {
@@ -77,6 +91,8 @@ fn blocked_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("unspecified or broadcast")
     } else if a >= 240 {
         Some("reserved")
+    } else if a == 192 && b == 0 && ip.octets()[2] == 0 {
+        Some("IETF protocol assignments")
     } else {
         None
     }
@@ -159,6 +175,11 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "64:ff9b::7f00:1",
+            "::7f00:1",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "192.0.0.8",
         ] {
             assert!(blocked_reason(ip.parse().expect("ip")).is_some(), "{ip}");
         }

@@ -1,4 +1,8 @@
-//! Liquid templates for URLs, header values and bodies.
+//! Liquid templates for URLs, header values and bodies, bounded in what they may ask of a
+//! node ([`limits`] on the source, [`filters`] at render time).
+
+mod filters;
+pub mod limits;
 
 /// Parses and renders Liquid templates with the standard filters.
 pub struct Templates {
@@ -17,7 +21,22 @@ impl Templates {
     /// Returns an engine with Liquid's standard tags and filters.
     pub fn new() -> Self {
         // Building only fails for partials that do not parse, and there are none.
-        let parser = liquid::ParserBuilder::with_stdlib().filter(Json).build().unwrap_or_default();
+        // The bounded filters and capture replace the standard ones of the same names.
+        let parser = liquid::ParserBuilder::with_stdlib()
+            .filter(Json)
+            .filter(filters::Append)
+            .filter(filters::Prepend)
+            .filter(filters::Replace)
+            .filter(filters::ReplaceFirst)
+            .filter(filters::Concat)
+            .filter(filters::Plus)
+            .filter(filters::Minus)
+            .filter(filters::Times)
+            .filter(filters::DividedBy)
+            .filter(filters::Modulo)
+            .block(filters::CaptureBlock)
+            .build()
+            .unwrap_or_default();
         Self { parser, parsed: Default::default() }
     }
 
@@ -26,6 +45,7 @@ impl Templates {
         if let Some(template) = self.parsed.lock().unwrap_or_else(|p| p.into_inner()).get(source) {
             return Ok(template.clone());
         }
+        limits::check(source)?;
         let template = std::sync::Arc::new(
             self.parser.parse(source).map_err(|error| first_line(&error.to_string()))?,
         );
@@ -39,6 +59,7 @@ impl Templates {
 
     /// Checks that `source` is a valid template; the error says where and why it is not.
     pub fn check(&self, source: &str) -> Result<(), String> {
+        limits::check(source)?;
         self.parser.parse(source).map(|_| ()).map_err(|error| first_line(&error.to_string()))
     }
 }
@@ -92,6 +113,60 @@ mod tests {
         let template = templates.parse(r#"{{ x | json }} {{ s | json }}"#).expect("parses");
         let globals = liquid::object!({"x": [1, "a"], "s": "say \"hi\""});
         assert_eq!(template.render(&globals).expect("renders"), r#"[1,"a"] "say \"hi\"""#);
+    }
+
+    #[test]
+    fn bounded_filters_keep_their_standard_behaviour() {
+        let templates = Templates::new();
+        let render = |source: &str| {
+            let template = templates.parse(source).expect("parses");
+            template.render(&liquid::object!({"s": "ab"})).map_err(|e| e.to_string())
+        };
+        assert_eq!(render("{{ s | append: 'c' | prepend: '>' }}").as_deref(), Ok(">abc"));
+        assert_eq!(
+            render("{{ 'aXbX' | replace: 'X', '-' }} {{ 'aXbX' | replace_first: 'X', '-' }}")
+                .as_deref(),
+            Ok("a-b- a-bX")
+        );
+        assert_eq!(render("{{ 7 | plus: 3 }} {{ 7 | minus: 3 }} {{ 7 | times: 3 }} {{ 7 | divided_by: 2 }} {{ 7 | modulo: 3 }} {{ 7.5 | divided_by: 2 }}").as_deref(), Ok("10 4 21 3 1 3.75"));
+        assert_eq!(
+            render("{% capture c %}[{{ s }}]{% endcapture %}{{ c }}").as_deref(),
+            Ok("[ab]")
+        );
+        assert!(render("{{ 1 | divided_by: 0 }}").expect_err("zero").contains("divide by zero"));
+        assert!(
+            render("{{ 9223372036854775807 | plus: 1 }}")
+                .expect_err("overflow")
+                .contains("overflow")
+        );
+        let joined =
+            "{% assign a = '1,2' | split: ',' %}{% assign b = a | concat: a %}{{ b | join: '' }}";
+        assert_eq!(render(joined).as_deref(), Ok("1212"));
+    }
+
+    #[test]
+    fn limits_hold_on_the_source() {
+        let templates = Templates::new();
+        let nested = format!("{}x{}", "{% if true %}".repeat(40), "{% endif %}".repeat(40));
+        assert!(templates.check(&nested).expect_err("deep").contains("nest more than 32"));
+        let fine = format!("{}x{}", "{% if true %}".repeat(10), "{% endif %}".repeat(10));
+        assert!(templates.check(&fine).is_ok());
+        assert!(
+            templates
+                .check("{% for i in (1..100) %}{% for j in (1..100) %}{% endfor %}{% endfor %}")
+                .is_ok()
+        );
+        assert!(
+            templates
+                .check("{% for i in (1..1000) %}{% for j in (1..1000) %}{% endfor %}{% endfor %}")
+                .expect_err("product")
+                .contains("iterations")
+        );
+        assert!(
+            templates.check("{% raw %}{% for i in (1..99999999) %}{% endraw %}").is_ok(),
+            "raw is text"
+        );
+        assert!(templates.check("{{ a.b.c.d }}").is_ok());
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub(crate) struct CampaignApi {
     templates: Arc<tidings_scheduler::template::Templates>,
     cipher: tidings_scheduler::secrets::Cipher,
     programs: Arc<tidings_scheduler::rules::Programs>,
+    /// Places for WatchRun streams.
+    streams: super::Streams,
 }
 
 fn check_kind(violations: &mut Violations, field: &str, value: &str) {
@@ -135,8 +137,10 @@ impl CampaignApi {
         partitions: u32,
         templates: Arc<tidings_scheduler::template::Templates>,
         cipher: tidings_scheduler::secrets::Cipher,
+        streams: super::Streams,
     ) -> Self {
         Self {
+            streams,
             campaigns: Definitions::new(store.clone(), "campaign", "campaigns"),
             webhooks: Definitions::new(store.clone(), "webhook", "webhooks"),
             segments: Definitions::new(store, "segment", "segments"),
@@ -1234,12 +1238,14 @@ impl CampaignService for CampaignApi {
             v.add("run_id", "is required");
         }
         v.check()?;
+        let permit = self.streams.open()?;
         // Fails at once for an unknown run.
         self.read_run(&r.campaign_id, &r.run_id).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
         let this = self.clone();
         // The task ends when the run ends or the caller goes away.
         tokio::spawn(async move {
+            let _permit = permit;
             let mut last = None;
             loop {
                 let run = match this.read_run(&r.campaign_id, &r.run_id).await {

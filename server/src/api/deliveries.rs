@@ -18,6 +18,7 @@ use super::{ApiError, Violations, invalid, page_size};
 /// Serves DeliveryService.
 pub(crate) struct DeliveryApi {
     deliveries: Deliveries,
+    streams: super::Streams,
 }
 
 impl From<DeliveryError> for ApiError {
@@ -91,6 +92,7 @@ pub(crate) fn attempt_to_proto(a: &Attempt) -> pb::Attempt {
             ErrorClass::Blocked => pb::ErrorClass::Blocked,
             ErrorClass::Render => pb::ErrorClass::Render,
             ErrorClass::EndpointDisabled => pb::ErrorClass::EndpointDisabled,
+            ErrorClass::Credentials => pb::ErrorClass::Credentials,
         } as i32,
         error: a.error.clone(),
         response_headers: a.response_headers.clone().into_iter().collect(),
@@ -136,8 +138,8 @@ fn to_proto(d: &Delivery) -> pb::Delivery {
 }
 
 impl DeliveryApi {
-    pub(crate) fn new(deliveries: Deliveries) -> Self {
-        Self { deliveries }
+    pub(crate) fn new(deliveries: Deliveries, streams: super::Streams) -> Self {
+        Self { deliveries, streams }
     }
 }
 
@@ -215,13 +217,26 @@ impl DeliveryService for DeliveryApi {
         request: Request<pb::WatchDeliveriesRequest>,
     ) -> Result<Response<BoxStream<pb::Delivery>>, GrpcStatus> {
         let filter = Filter::parse(request.into_inner().filter.as_ref())?;
-        let changes = self.deliveries.watch(filter, 256).await.map_err(ApiError::from)?;
-        let stream = ReceiverStream::new(changes).map(|change| match change {
+        let permit = self.streams.open()?;
+        let watch = self.deliveries.watch(filter, 256).await.map_err(ApiError::from)?;
+        let lagged = watch.lagged;
+        let stream = ReceiverStream::new(watch.changes).map(|change| match change {
             Ok(delivery) => Ok(to_proto(&delivery)),
             Err(_) => {
                 Err(GrpcStatus::unavailable("the delivery stream was interrupted; watch again"))
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        // A caller too slow to keep up learns why its stream ended.
+        let end = futures::stream::once(async move {
+            let _permit = permit;
+            lagged.load(std::sync::atomic::Ordering::Acquire).then(|| {
+                GrpcStatus::resource_exhausted(format!(
+                    "this watch fell behind: its buffer stayed full for {} s; watch again and read faster",
+                    tidings_scheduler::app::deliveries::SLOW_CALLER.as_secs()
+                ))
+            })
+        })
+        .filter_map(|error| error.map(Err));
+        Ok(Response::new(Box::pin(stream.chain(end))))
     }
 }

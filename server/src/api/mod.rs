@@ -29,6 +29,30 @@ pub(crate) const MAX_PAGE_SIZE: u32 = 1000;
 /// Items a List call returns when the caller does not say.
 pub(crate) const DEFAULT_PAGE_SIZE: u32 = 50;
 
+/// The long-lived streams (WatchDeliveries, WatchRun) this node serves at once.
+#[derive(Clone, Debug)]
+pub(crate) struct Streams {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+impl Streams {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)), max }
+    }
+
+    /// Takes a place for one stream, held until the permit is dropped.
+    pub(crate) fn open(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Exhausted(format!(
+                "this node already serves {} watch streams, its limit (grpc.max_streams); \
+                 try again later",
+                self.max
+            ))
+        })
+    }
+}
+
 /// Every failure a caller can see, by the status it maps to.
 #[derive(Debug)]
 pub(crate) enum ApiError {

@@ -10,8 +10,8 @@ use tidings_scheduler::defs::{Definitions, DefsError, Versioned};
 use tidings_scheduler::secrets::{Cipher, Secret};
 use tidings_scheduler::template::{Templates, has_markup};
 use tidings_scheduler::webhook::{
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT_MS, Header, HeaderValue, Method, RetryPolicy,
-    SigningSecret, Webhook, check_signing_secret, generate_signing_secret,
+    ClientCertificate, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT_MS, Header, HeaderValue, Method,
+    OAuth2, RetryPolicy, SigningSecret, Webhook, check_signing_secret, generate_signing_secret,
 };
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
@@ -34,6 +34,8 @@ const MAX_RETRIES: usize = 20;
 const MAX_RETRY_DELAY_MS: u64 = 24 * 3600 * 1000;
 const MAX_JITTER: f64 = 0.5;
 const MAX_RATE_LIMIT: f64 = 100_000.0;
+/// Smallest non-zero rate limit: one request a day is below it (about 0.0000116 per second).
+const MIN_RATE_LIMIT: f64 = 0.001;
 const MAX_IN_FLIGHT: u32 = 10_000;
 const MAX_LABELS: usize = 32;
 const MAX_GRACE_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -57,7 +59,7 @@ const CREDENTIAL_HEADERS: [&str; 5] =
     ["authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"];
 
 /// Fields an update mask may name.
-const WRITABLE: [&str; 12] = [
+const WRITABLE: [&str; 14] = [
     "description",
     "url",
     "method",
@@ -70,6 +72,8 @@ const WRITABLE: [&str; 12] = [
     "max_in_flight",
     "enabled",
     "labels",
+    "oauth2",
+    "client_certificate",
 ];
 
 /// Serves WebhookService over the webhook definitions.
@@ -200,14 +204,31 @@ impl WebhookApi {
         let retry = self.retry(proto.retry_policy.as_ref(), violations);
         if !proto.rate_limit.is_finite()
             || proto.rate_limit < 0.0
+            || (proto.rate_limit > 0.0 && proto.rate_limit < MIN_RATE_LIMIT)
             || proto.rate_limit > MAX_RATE_LIMIT
         {
-            violations.add("webhook.rate_limit", format!("must be between 0 and {MAX_RATE_LIMIT}"));
+            violations.add(
+                "webhook.rate_limit",
+                format!(
+                    "must be 0 (no limit) or between {MIN_RATE_LIMIT} and {MAX_RATE_LIMIT} requests per second"
+                ),
+            );
         }
         if proto.max_in_flight > MAX_IN_FLIGHT {
             violations.add("webhook.max_in_flight", format!("must be at most {MAX_IN_FLIGHT}"));
         }
         let labels = check_labels(&proto.labels, violations);
+        let oauth2 = self.oauth2(proto.oauth2.as_ref(), existing, violations);
+        let client_certificate =
+            self.client_certificate(proto.client_certificate.as_ref(), existing, violations);
+        if proto.oauth2.is_some()
+            && proto.headers.iter().any(|h| h.name.eq_ignore_ascii_case("authorization"))
+        {
+            violations.add(
+                "webhook.headers",
+                "Authorization is sent from oauth2's token; remove the header or oauth2",
+            );
+        }
 
         let enabled = proto.enabled.unwrap_or(true);
         let (disabled_reason, disabled_at_ms) = match existing {
@@ -240,7 +261,119 @@ impl WebhookApi {
             labels,
             created_at_ms: existing.map_or(now, |w| w.created_at_ms),
             updated_at_ms: now,
+            oauth2,
+            client_certificate,
         }
+    }
+
+    /// Maps OAuth 2.0 client credentials; an empty secret keeps the stored one.
+    fn oauth2(
+        &self,
+        proto: Option<&pb::OAuth2ClientCredentials>,
+        existing: Option<&Webhook>,
+        violations: &mut Violations,
+    ) -> Option<OAuth2> {
+        const FIELD: &str = "webhook.oauth2";
+        let proto = proto?;
+        let before = violations.len();
+        match url::Url::parse(&proto.token_url) {
+            _ if proto.token_url.is_empty() => {
+                violations.add(format!("{FIELD}.token_url"), "is required")
+            }
+            _ if has_markup(&proto.token_url) => {
+                violations.add(format!("{FIELD}.token_url"), "must be a plain URL, without Liquid")
+            }
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {}
+            Ok(_) => violations.add(format!("{FIELD}.token_url"), "must be an http or https URL"),
+            Err(error) => {
+                violations.add(format!("{FIELD}.token_url"), format!("is not a valid URL: {error}"))
+            }
+        }
+        if proto.token_url.len() > MAX_URL {
+            violations
+                .add(format!("{FIELD}.token_url"), format!("must be at most {MAX_URL} characters"));
+        }
+        if proto.client_id.is_empty() || proto.client_id.len() > 256 {
+            violations.add(format!("{FIELD}.client_id"), "is required, at most 256 characters");
+        }
+        if proto.client_secret.len() > 4096 {
+            violations.add(format!("{FIELD}.client_secret"), "must be at most 4,096 characters");
+        }
+        if proto.scopes.len() > 32
+            || proto.scopes.iter().any(|s| s.is_empty() || s.len() > 256 || s.contains(' '))
+        {
+            violations.add(
+                format!("{FIELD}.scopes"),
+                "at most 32, each 1 to 256 characters without spaces",
+            );
+        }
+        if proto.audience.len() > 1024 {
+            violations.add(format!("{FIELD}.audience"), "must be at most 1,024 characters");
+        }
+        let client_secret = if proto.client_secret.is_empty() {
+            match existing.and_then(|w| w.oauth2.as_ref()) {
+                Some(old) => old.client_secret.clone(),
+                None => {
+                    violations.add(format!("{FIELD}.client_secret"), "is required");
+                    return None;
+                }
+            }
+        } else {
+            self.cipher.seal(&Secret::new(proto.client_secret.clone()))
+        };
+        (violations.len() == before).then(|| OAuth2 {
+            token_url: proto.token_url.clone(),
+            client_id: proto.client_id.clone(),
+            client_secret,
+            scopes: proto.scopes.clone(),
+            audience: proto.audience.clone(),
+        })
+    }
+
+    /// Maps a client certificate; an empty key keeps the stored one.
+    fn client_certificate(
+        &self,
+        proto: Option<&pb::ClientCertificate>,
+        existing: Option<&Webhook>,
+        violations: &mut Violations,
+    ) -> Option<ClientCertificate> {
+        const FIELD: &str = "webhook.client_certificate";
+        let proto = proto?;
+        if proto.certificate_pem.len() > 64 * 1024 || proto.private_key_pem.len() > 64 * 1024 {
+            violations.add(FIELD, "the certificate and the key must be at most 64 KiB each");
+            return None;
+        }
+        let key = if proto.private_key_pem.is_empty() {
+            match existing.and_then(|w| w.client_certificate.as_ref()) {
+                Some(old) => match self.cipher.open(&old.private_key) {
+                    Ok(key) => key,
+                    Err(error) => {
+                        violations.add(format!("{FIELD}.private_key_pem"), error.to_string());
+                        return None;
+                    }
+                },
+                None => {
+                    violations.add(format!("{FIELD}.private_key_pem"), "is required");
+                    return None;
+                }
+            }
+        } else {
+            Secret::new(proto.private_key_pem.clone())
+        };
+        if !tidings_scheduler::webhook::check_client_certificate(
+            &proto.certificate_pem,
+            key.expose(),
+        ) {
+            violations.add(
+                FIELD,
+                "certificate_pem must hold a PEM certificate chain and private_key_pem its PEM key",
+            );
+            return None;
+        }
+        Some(ClientCertificate {
+            certificate_pem: proto.certificate_pem.clone(),
+            private_key: self.cipher.seal(&key),
+        })
     }
 
     fn check_url(&self, url: &str, violations: &mut Violations) {
@@ -264,9 +397,14 @@ impl WebhookApi {
             return;
         };
         if has_markup(url) {
-            // The host may come from the template; it is checked again once rendered.
             if rest.starts_with('/') || rest.is_empty() {
                 violations.add(FIELD, "must name a host after the scheme");
+            } else if tidings_scheduler::webhook::origin(url).is_none() {
+                // Event data must not choose where a webhook's credentials go.
+                violations.add(
+                    FIELD,
+                    "scheme, host and port must be plain text: only the path and query may use Liquid",
+                );
             }
             return;
         }
@@ -473,6 +611,17 @@ impl WebhookApi {
             create_time: Some(timestamp(w.created_at_ms)),
             update_time: Some(timestamp(w.updated_at_ms)),
             etag: webhook.revision.to_string(),
+            oauth2: w.oauth2.as_ref().map(|o| pb::OAuth2ClientCredentials {
+                token_url: o.token_url.clone(),
+                client_id: o.client_id.clone(),
+                client_secret: String::new(),
+                scopes: o.scopes.clone(),
+                audience: o.audience.clone(),
+            }),
+            client_certificate: w.client_certificate.as_ref().map(|c| pb::ClientCertificate {
+                certificate_pem: c.certificate_pem.clone(),
+                private_key_pem: String::new(),
+            }),
         }
     }
 
@@ -571,8 +720,62 @@ impl WebhookApi {
             if named("labels") {
                 merged.labels = proto.labels.clone();
             }
+            if named("oauth2") {
+                merged.oauth2 = proto.oauth2.clone();
+            }
+            if named("client_certificate") {
+                merged.client_certificate = proto.client_certificate.clone();
+            }
             let mut violations = Violations::default();
             let updated = self.to_domain(&merged, Some(&current.value), &mut violations);
+            let (from, to) = (
+                tidings_scheduler::webhook::origin(&current.value.url),
+                tidings_scheduler::webhook::origin(&updated.url),
+            );
+            if from != to {
+                // Secrets kept by an update go along to the new origin: only someone who knows
+                // them may send them elsewhere.
+                for header in &current.value.headers {
+                    let given = named("headers")
+                        && proto.headers.iter().any(|h| {
+                            h.name.eq_ignore_ascii_case(&header.name) && !h.value.is_empty()
+                        });
+                    if matches!(header.value, HeaderValue::Secret(_)) && !given {
+                        violations.add(
+                            "webhook.headers",
+                            format!(
+                                "the URL moves from {} to {}: give the value of secret header {} again in this update",
+                                from.as_deref().unwrap_or("?"),
+                                to.as_deref().unwrap_or("?"),
+                                header.name
+                            ),
+                        );
+                    }
+                }
+            }
+            if from != to {
+                let kept_secret = current.value.oauth2.is_some()
+                    && updated.oauth2.is_some()
+                    && proto.oauth2.as_ref().is_none_or(|o| o.client_secret.is_empty());
+                if kept_secret {
+                    violations.add(
+                        "webhook.oauth2.client_secret",
+                        "the URL moves to another origin: give the client secret again in this update",
+                    );
+                }
+                let kept_key = current.value.client_certificate.is_some()
+                    && updated.client_certificate.is_some()
+                    && proto
+                        .client_certificate
+                        .as_ref()
+                        .is_none_or(|c| c.private_key_pem.is_empty());
+                if kept_key {
+                    violations.add(
+                        "webhook.client_certificate.private_key_pem",
+                        "the URL moves to another origin: give the private key again in this update",
+                    );
+                }
+            }
             violations.check()?;
             match self.webhooks.replace(&proto.id, &updated, current.revision).await {
                 Ok(stored) => {
