@@ -46,6 +46,9 @@ pub struct NodeConfig {
     pub id: String,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// How long a starting node waits for etcd and PostgreSQL to answer.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
 }
 
 /// The `[grpc]` section.
@@ -326,11 +329,29 @@ impl Config {
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        let known = known_keys();
         if let Some(file) = file {
             if !file.is_file() {
                 return Err(ConfigError(format!("config file {} does not exist", file.display())));
             }
+            if let Ok(text) = std::fs::read_to_string(file)
+                && let Ok(value) = text.parse::<toml::Table>()
+            {
+                let mut keys = Vec::new();
+                leaf_keys("", &toml::Value::Table(value), &mut keys);
+                for key in keys {
+                    check_known(&known, &key, &format!("{}", file.display()))?;
+                }
+            }
             figment = figment.merge(Toml::file(file));
+        }
+        for (name, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
+            let Some(rest) = name.strip_prefix("TIDINGS_") else { continue };
+            if !rest.contains("__") {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            check_known(&known, &key, &name)?;
         }
         // Only `TIDINGS_<SECTION>__<KEY>` variables are configuration; other TIDINGS_*
         // variables (set for other tools) are left alone.
@@ -481,6 +502,68 @@ impl Config {
     }
 }
 
+/// Every configuration key, dotted (`grpc.listen`), from the commented defaults.
+fn known_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Ok(table) = DEFAULT_TOML.parse::<toml::Table>() {
+        leaf_keys("", &toml::Value::Table(table), &mut keys);
+    }
+    // Keys without a default value, commented out in the defaults.
+    keys.push("auth.enabled".into());
+    keys
+}
+
+/// Collects the dotted paths of the values in `value` that are not tables.
+fn leaf_keys(prefix: &str, value: &toml::Value, keys: &mut Vec<String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (name, value) in table {
+                let path =
+                    if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                leaf_keys(&path, value, keys);
+            }
+        }
+        _ => keys.push(prefix.to_string()),
+    }
+}
+
+/// Fails naming `key` as written (and where it came from) when it is not a configuration key,
+/// with the closest key when one is close.
+fn check_known(known: &[String], key: &str, source: &str) -> Result<(), ConfigError> {
+    if known.iter().any(|k| k == key) {
+        return Ok(());
+    }
+    let closest = known
+        .iter()
+        .map(|k| (edit_distance(k, key), k))
+        .filter(|(d, k)| *d <= 3.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.clone())
+        // The same key in another section: `listen` for `grpc.listen`.
+        .or_else(|| {
+            let last = key.rsplit('.').next().unwrap_or(key);
+            known.iter().find(|k| k.rsplit('.').next() == Some(last)).cloned()
+        });
+    let hint = closest.map(|k| format!("; did you mean {k}?")).unwrap_or_default();
+    Err(ConfigError(format!("unknown key {key} (from {source}){hint}")))
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let current = row[j + 1];
+            row[j + 1] = if ca == *cb { previous } else { 1 + previous.min(row[j]).min(current) };
+            previous = current;
+        }
+    }
+    row[b.len()]
+}
+
 /// Names the key and the source of a figment error.
 fn describe(error: &figment::Error) -> String {
     let key = error.path.join(".");
@@ -583,6 +666,19 @@ mod tests {
             Overrides { etcd: Some(vec!["http://127.0.0.1:2379".into()]), ..Default::default() };
         let error = Config::load(None, &overrides).expect_err("no postgres").to_string();
         assert!(error.contains("postgres.url: required in cluster mode"), "{error}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_as_written_with_a_suggestion() {
+        let known = known_keys();
+        assert!(known.contains(&"grpc.tls.cert_file".to_string()), "{known:?}");
+        let error = check_known(&known, "foo.bar", "TIDINGS_FOO__BAR").expect_err("unknown");
+        assert_eq!(error.0, "unknown key foo.bar (from TIDINGS_FOO__BAR)");
+        let error = check_known(&known, "grpc.listn", "TIDINGS_GRPC__LISTN").expect_err("typo");
+        assert!(error.0.ends_with("did you mean grpc.listen?"), "{}", error.0);
+        let error = check_known(&known, "node.listen", "tidings.toml").expect_err("section");
+        assert!(error.0.contains("did you mean grpc.listen?"), "{}", error.0);
+        assert!(check_known(&known, "auth.enabled", "env").is_ok());
     }
 
     #[test]

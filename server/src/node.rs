@@ -349,9 +349,12 @@ impl Node {
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     if config.cluster_mode() {
         let options = config.etcd.options();
-        let store = EtcdStore::connect(options).await.with_context(|| {
-            format!("etcd.endpoints: cannot reach etcd at {}", config.etcd.endpoints.join(","))
-        })?;
+        let deadline = tokio::time::Instant::now() + config.node.start_timeout;
+        let store = until_reachable("etcd", deadline, || EtcdStore::connect(options.clone()))
+            .await
+            .with_context(|| {
+                format!("etcd.endpoints: cannot reach etcd at {}", config.etcd.endpoints.join(","))
+            })?;
         Ok(Arc::new(store))
     } else {
         let dir = &config.node.data_dir;
@@ -372,7 +375,41 @@ async fn open_state(config: &Config, store: &Arc<dyn Store>) -> anyhow::Result<S
     if !config.cluster_mode() {
         return Ok(State::new(store.clone()));
     }
-    State::postgres(config.postgres.options()).await.context("postgres.url: cannot open PostgreSQL")
+    let deadline = tokio::time::Instant::now() + config.node.start_timeout;
+    until_reachable("PostgreSQL", deadline, || State::postgres(config.postgres.options()))
+        .await
+        .context("postgres.url: cannot open PostgreSQL")
+}
+
+/// Calls `connect` again while it fails as unavailable (the store is not up yet), with
+/// backoff, until `deadline`; logs the first failure. Other errors return at once.
+async fn until_reachable<T, F, Fut>(
+    what: &str,
+    deadline: tokio::time::Instant,
+    mut connect: F,
+) -> Result<T, tidings_scheduler::store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tidings_scheduler::store::StoreError>>,
+{
+    use tidings_scheduler::store::StoreError;
+    let mut pause = std::time::Duration::from_millis(200);
+    let mut waiting = false;
+    loop {
+        match connect().await {
+            Err(StoreError::Unavailable(reason))
+                if tokio::time::Instant::now() + pause < deadline =>
+            {
+                if !waiting {
+                    warn!(%reason, "{what} does not answer yet; retrying until node.start_timeout");
+                    waiting = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn load_cipher(config: &Config) -> anyhow::Result<Cipher> {

@@ -150,3 +150,42 @@ fn cluster_mode_requires_postgres() {
     assert!(!ok);
     assert!(out.contains("postgres.url: required in cluster mode"), "{out}");
 }
+
+#[test]
+fn unknown_keys_are_named_as_written() {
+    let (ok, out) = serve(&["--dump-config"], &[("TIDINGS_FOO__BAR", "1")]);
+    assert!(!ok);
+    assert!(out.contains("unknown key foo.bar (from TIDINGS_FOO__BAR)"), "{out}");
+    let (ok, out) = serve(&["--dump-config"], &[("TIDINGS_GRPC__LISTN", "127.0.0.1:1")]);
+    assert!(!ok);
+    assert!(
+        out.contains("unknown key grpc.listn") && out.contains("did you mean grpc.listen?"),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("tidings.toml");
+    std::fs::write(&file, "[node]\nlisten = \"127.0.0.1:1\"\n").expect("write");
+    let (ok, out) = serve(&["--config", file.to_str().expect("utf-8"), "--dump-config"], &[]);
+    assert!(!ok);
+    assert!(
+        out.contains("unknown key node.listen") && out.contains("did you mean grpc.listen?"),
+        "{out}"
+    );
+}
+
+/// A cluster node started before its etcd waits for it, up to `node.start_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_etcd_waits_for_it() {
+    let mut etcd = tidings_tests::Etcd::start().await.expect("etcd");
+    etcd.kill();
+    let options = NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(tidings_tests::unique_prefix()),
+        ..Default::default()
+    };
+    let starting = tokio::spawn(NodeProcess::start(options));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    etcd.restart().await.expect("etcd back");
+    let node = starting.await.expect("task").expect("the node comes up once etcd does");
+    assert!(node.logs().contains("does not answer yet"), "{}", node.logs());
+}
