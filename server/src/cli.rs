@@ -76,7 +76,13 @@ struct ServeArgs {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command()
+        .mut_subcommand("serve", |serve| serve.after_long_help(crate::config::keys_help()));
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     match cli.command {
         Command::GenerateKey => {
             println!("{}", tidings_scheduler::secrets::Cipher::generate_key());

@@ -489,8 +489,28 @@ impl Config {
         }
     }
 
-    /// Returns the configuration as TOML, with the secrets key redacted.
+    /// Returns the configuration as TOML, with the secrets key redacted and each key's
+    /// environment variable as a comment.
     pub fn to_toml(&self) -> String {
+        let mut section = String::new();
+        let mut out = String::new();
+        for line in self.toml_only().lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_string();
+            }
+            out.push_str(line);
+            if let Some((key, _)) = line.split_once(" = ")
+                && !line.starts_with(' ')
+                && !section.is_empty()
+            {
+                out.push_str(&format!("  # {}", env_var(&format!("{section}.{key}"))));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn toml_only(&self) -> String {
         let mut shown = self.clone();
         if !shown.secrets.key.is_empty() {
             shown.secrets.key = "[redacted]".into();
@@ -502,6 +522,45 @@ impl Config {
     }
 }
 
+/// Returns the environment variable of a dotted key: `grpc.listen` → `TIDINGS_GRPC__LISTEN`.
+pub fn env_var(key: &str) -> String {
+    format!("TIDINGS_{}", key.to_ascii_uppercase().replace('.', "__"))
+}
+
+/// Every configuration key with its environment variable and default, by section, for
+/// `tidings serve --help`.
+pub fn keys_help() -> String {
+    let defaults: toml::Table = DEFAULT_TOML.parse().unwrap_or_default();
+    let mut out = String::from(
+        "Configuration keys (file key, environment variable, default); flags above set some of \
+         them.\nPrecedence, lowest first: defaults, --config file, environment, flags.\n",
+    );
+    let mut section = String::new();
+    for key in known_keys() {
+        let (head, _) = key.rsplit_once('.').unwrap_or(("", &key));
+        if head != section {
+            section = head.to_string();
+            out.push_str(&format!("\n[{section}]\n"));
+        }
+        let mut value: Option<&toml::Value> = None;
+        let mut table = Some(&defaults);
+        for part in key.split('.') {
+            value = table.and_then(|t| t.get(part));
+            table = value.and_then(toml::Value::as_table);
+        }
+        let default = match value {
+            Some(toml::Value::String(s)) if s.is_empty() => "(empty)".to_string(),
+            Some(value) => value.to_string(),
+            None if key == "auth.enabled" => {
+                "(unset: on in cluster mode and off loopback)".to_string()
+            }
+            None => "(unset)".to_string(),
+        };
+        out.push_str(&format!("  {key:<32} {:<40} {default}\n", env_var(&key)));
+    }
+    out
+}
+
 /// Every configuration key, dotted (`grpc.listen`), from the commented defaults.
 fn known_keys() -> Vec<String> {
     let mut keys = Vec::new();
@@ -510,6 +569,7 @@ fn known_keys() -> Vec<String> {
     }
     // Keys without a default value, commented out in the defaults.
     keys.push("auth.enabled".into());
+    keys.sort();
     keys
 }
 
@@ -666,6 +726,26 @@ mod tests {
             Overrides { etcd: Some(vec!["http://127.0.0.1:2379".into()]), ..Default::default() };
         let error = Config::load(None, &overrides).expect_err("no postgres").to_string();
         assert!(error.contains("postgres.url: required in cluster mode"), "{error}");
+    }
+
+    /// The help lists every key the configuration has, so it stays in step with the struct.
+    #[test]
+    fn help_and_dump_list_every_key() {
+        let mut config = Config::load(None, &Overrides::default()).expect("defaults");
+        config.auth.enabled = Some(true);
+        let mut keys = Vec::new();
+        let value = toml::Value::try_from(&config).expect("serializes");
+        leaf_keys("", &value, &mut keys);
+        let help = keys_help();
+        let dump = config.to_toml();
+        let known = known_keys();
+        for key in &keys {
+            assert!(known.contains(key), "{key} is not a known key");
+            assert!(help.contains(&format!("  {key} ")), "{key} missing from the help:\n{help}");
+            assert!(dump.contains(&env_var(key)), "{key} has no variable in the dump:\n{dump}");
+        }
+        assert_eq!(keys.len(), known.len(), "{keys:?} vs {known:?}");
+        assert!(help.contains("TIDINGS_GRPC__TLS__CERT_FILE"), "{help}");
     }
 
     #[test]

@@ -178,14 +178,65 @@ fn unknown_keys_are_named_as_written() {
 async fn a_node_started_before_etcd_waits_for_it() {
     let mut etcd = tidings_tests::Etcd::start().await.expect("etcd");
     etcd.kill();
+    // Short timeouts per attempt, so that etcd stays down for several of them.
     let options = NodeOptions {
         etcd: Some(etcd.endpoint()),
         prefix: Some(tidings_tests::unique_prefix()),
+        env: vec![
+            ("TIDINGS_ETCD__CONNECT_TIMEOUT".into(), "300ms".into()),
+            ("TIDINGS_ETCD__REQUEST_TIMEOUT".into(), "300ms".into()),
+        ],
         ..Default::default()
     };
     let starting = tokio::spawn(NodeProcess::start(options));
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     etcd.restart().await.expect("etcd back");
     let node = starting.await.expect("task").expect("the node comes up once etcd does");
     assert!(node.logs().contains("does not answer yet"), "{}", node.logs());
+}
+
+#[test]
+fn serve_help_lists_every_key_with_its_variable() {
+    let (ok, out) = serve(&["--help"], &[]);
+    assert!(ok, "{out}");
+    for expected in [
+        "grpc.listen",
+        "TIDINGS_GRPC__LISTEN",
+        "\"127.0.0.1:50051\"",
+        "TIDINGS_POSTGRES__POOL_SIZE",
+        "[grpc.tls]",
+    ] {
+        assert!(out.contains(expected), "{expected} missing:\n{out}");
+    }
+    let (ok, out) = serve(&["--dump-config"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("listen = \"127.0.0.1:50051\"  # TIDINGS_GRPC__LISTEN"), "{out}");
+}
+
+#[test]
+fn a_mistyped_flag_is_named_with_the_right_one() {
+    let (ok, out) = serve(&["--lisen", "127.0.0.1:1"], &[]);
+    assert!(!ok);
+    assert!(out.contains("'--lisen'") && out.contains("'--listen'"), "{out}");
+}
+
+/// A cluster node started before its PostgreSQL waits for it, up to `node.start_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_postgresql_waits_for_it() {
+    let etcd = tidings_tests::Etcd::start().await.expect("etcd");
+    let mut postgres = tidings_tests::postgres::Postgres::start().await.expect("postgres");
+    let url = postgres.database().await.expect("database");
+    postgres.kill();
+    let options = NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(tidings_tests::unique_prefix()),
+        postgres: Some(url),
+        env: vec![("TIDINGS_POSTGRES__CONNECT_TIMEOUT".into(), "300ms".into())],
+        ..Default::default()
+    };
+    let starting = tokio::spawn(NodeProcess::start(options));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    postgres.restart().await.expect("postgres back");
+    let node = starting.await.expect("task").expect("the node comes up once PostgreSQL does");
+    assert!(node.logs().contains("PostgreSQL does not answer yet"), "{}", node.logs());
 }
