@@ -380,6 +380,12 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Returns how many partitions the node's cluster has.
+async fn partition_count(node: &NodeProcess) -> anyhow::Result<usize> {
+    let list = node.cluster().await?.list_partitions(ListPartitionsRequest {}).await?;
+    Ok(list.into_inner().partitions.len())
+}
+
 async fn start_node(
     kind: &str,
     etcd: Option<&Etcd>,
@@ -972,14 +978,7 @@ async fn sustained(rate: u64, seconds: u64, retention: u64) -> anyhow::Result<()
     let state = State::postgres(PgOptions { url, ..Default::default() }).await?;
     let (hook, arrivals) = crate::receiver::start().await?;
     bench_campaign(&node, &hook).await?;
-    let partitions = node
-        .cluster()
-        .await?
-        .list_partitions(ListPartitionsRequest {})
-        .await?
-        .into_inner()
-        .partitions
-        .len() as PartitionId;
+    let partitions = partition_count(&node).await? as PartitionId;
     let kept = || async {
         let mut total = 0;
         for partition in 0..partitions {
@@ -1212,14 +1211,7 @@ async fn fanout(kind: &str, count: u64) -> anyhow::Result<()> {
     let (_, peak) = memory(pid);
     anyhow::ensure!(run.delivered == count, "delivered {} of {count}: {run:?}", run.delivered);
 
-    let partitions = node
-        .cluster()
-        .await?
-        .list_partitions(ListPartitionsRequest {})
-        .await?
-        .into_inner()
-        .partitions
-        .len();
+    let partitions = partition_count(&node).await?;
     println!(
         "fanout ({kind} store, node process, {partitions} partitions, {count} contacts, on-demand run)"
     );

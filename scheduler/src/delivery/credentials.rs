@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::secrets::{Cipher, Secret};
 use crate::webhook::{ClientCertificate, OAuth2};
 
@@ -18,9 +16,9 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// Bytes of a refused token response kept in the error.
 const ERROR_EXCERPT: usize = 300;
 
-/// A token and what it was fetched with.
+/// A token and the credentials it was fetched with.
 struct Token {
-    fingerprint: String,
+    with: OAuth2,
     value: Secret,
     renew_at: Instant,
 }
@@ -30,21 +28,12 @@ struct Token {
 pub(crate) struct Credentials {
     /// One lock per webhook, so concurrent attempts fetch a token once.
     tokens: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Token>>>>>,
-    /// Clients with a client certificate, by webhook, with the fingerprint they were built from.
-    clients: Mutex<HashMap<String, (String, reqwest::Client)>>,
+    /// Clients with a client certificate, by webhook, with the certificate they present.
+    clients: Mutex<HashMap<String, (ClientCertificate, reqwest::Client)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn fingerprint(parts: &[&str]) -> String {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update(part.as_bytes());
-        hasher.update([0]);
-    }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(serde::Deserialize)]
@@ -65,28 +54,22 @@ impl Credentials {
         webhook: &str,
         oauth: &OAuth2,
     ) -> Result<Secret, String> {
-        let secret =
-            cipher.open(&oauth.client_secret).map_err(|e| format!("oauth2.client_secret: {e}"))?;
-        let print = fingerprint(&[
-            &oauth.token_url,
-            &oauth.client_id,
-            secret.expose(),
-            &oauth.scopes.join(" "),
-            &oauth.audience,
-        ]);
         let slot = lock(&self.tokens).entry(webhook.to_string()).or_default().clone();
         let mut token = slot.lock().await;
+        // A changed secret is sealed anew, so comparing the sealed values notices it.
         if let Some(held) = token.as_ref()
-            && held.fingerprint == print
+            && held.with == *oauth
             && held.renew_at > Instant::now()
         {
             return Ok(held.value.clone());
         }
+        let secret =
+            cipher.open(&oauth.client_secret).map_err(|e| format!("oauth2.client_secret: {e}"))?;
         let (value, lifetime) = fetch(client, oauth, secret.expose()).await?;
         // Renewed a little before it expires: at 90 % of its lifetime, at most a minute early.
         let early = (lifetime / 10).min(Duration::from_secs(60));
         *token = Some(Token {
-            fingerprint: print,
+            with: oauth.clone(),
             value: value.clone(),
             renew_at: Instant::now() + lifetime.saturating_sub(early),
         });
@@ -111,20 +94,19 @@ impl Credentials {
         certificate: &ClientCertificate,
         build: impl FnOnce(reqwest::Identity) -> Result<reqwest::Client, String>,
     ) -> Result<reqwest::Client, String> {
-        let key = cipher
-            .open(&certificate.private_key)
-            .map_err(|e| format!("client_certificate.private_key_pem: {e}"))?;
-        let print = fingerprint(&[&certificate.certificate_pem, key.expose()]);
         if let Some((held, client)) = lock(&self.clients).get(webhook)
-            && *held == print
+            && held == certificate
         {
             return Ok(client.clone());
         }
+        let key = cipher
+            .open(&certificate.private_key)
+            .map_err(|e| format!("client_certificate.private_key_pem: {e}"))?;
         let pem = format!("{}\n{}", certificate.certificate_pem.trim_end(), key.expose());
         let identity = reqwest::Identity::from_pem(pem.as_bytes())
             .map_err(|e| format!("client_certificate: {e}"))?;
         let client = build(identity)?;
-        lock(&self.clients).insert(webhook.to_string(), (print, client.clone()));
+        lock(&self.clients).insert(webhook.to_string(), (certificate.clone(), client.clone()));
         Ok(client)
     }
 }

@@ -375,6 +375,18 @@ impl Dispatcher {
         }
     }
 
+    /// Returns why the guard refuses `url`'s host when it is an IP literal (those never reach
+    /// the resolver, which checks names).
+    fn blocked_literal(&self, url: &reqwest::Url) -> Option<String> {
+        let ip = match url.host()? {
+            url::Host::Ipv4(ip) => std::net::IpAddr::V4(ip),
+            url::Host::Ipv6(ip) => std::net::IpAddr::V6(ip),
+            url::Host::Domain(_) => return None,
+        };
+        let reason = self.inner.guard.check(ip)?;
+        Some(format!("{ip} is a {reason} address, which is not allowed"))
+    }
+
     /// Returns the webhook's OAuth 2.0 token, fetched with `client` when none is cached; the
     /// token endpoint is held to the address guard like any webhook URL.
     async fn token(
@@ -385,17 +397,8 @@ impl Dispatcher {
     ) -> Result<Secret, (ErrorClass, String)> {
         let url = reqwest::Url::parse(&oauth.token_url)
             .map_err(|e| (ErrorClass::Credentials, format!("oauth2.token_url: {e}")))?;
-        let literal = match url.host() {
-            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
-            _ => None,
-        };
-        if let Some(ip) = literal
-            && let Some(reason) = self.inner.guard.check(ip)
-        {
-            let error =
-                format!("oauth2.token_url: {ip} is a {reason} address, which is not allowed");
-            return Err((ErrorClass::Blocked, error));
+        if let Some(error) = self.blocked_literal(&url) {
+            return Err((ErrorClass::Blocked, format!("oauth2.token_url: {error}")));
         }
         self.inner
             .credentials
@@ -429,16 +432,7 @@ impl Dispatcher {
             let error = format!("port {port} is not one of delivery.ports {ports:?}");
             return (self.failed_attempt(start_ms, ErrorClass::Blocked, error), Verdict::Fail);
         }
-        // IP literals never reach the resolver: check them here.
-        let literal = match url.host() {
-            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
-            _ => None,
-        };
-        if let Some(ip) = literal
-            && let Some(reason) = self.inner.guard.check(ip)
-        {
-            let error = format!("{ip} is a {reason} address, which is not allowed");
+        if let Some(error) = self.blocked_literal(&url) {
             return (self.failed_attempt(start_ms, ErrorClass::Blocked, error), Verdict::Fail);
         }
         let method =
