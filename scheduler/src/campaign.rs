@@ -203,6 +203,10 @@ pub struct Run {
     pub partitions: u32,
     /// Extra template data for this run.
     pub data: BTreeMap<String, serde_json::Value>,
+    /// The W3C trace context of the call or schedule that started the run, which its
+    /// deliveries continue.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
 }
 
 impl Run {
@@ -221,6 +225,7 @@ impl Run {
             partitions_done: 0,
             partitions,
             data: BTreeMap::new(),
+            traceparent: String::new(),
         }
     }
 }

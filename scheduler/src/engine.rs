@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use opentelemetry::KeyValue;
 use tokio::sync::mpsc;
 
 use crate::campaign::{Campaign, CampaignState, Run, RunState, Trigger, interval_run_id};
@@ -511,8 +512,17 @@ impl CampaignEngine {
             // The run starts through a timer due now, which fans it out in a transaction of
             // its own: a firing that replays missed occurrences stays within the store's limit
             // on writes per transaction.
-            let run = Run::new(RunState::Scheduled, *occurrence, self.partitions);
+            let mut run = Run::new(RunState::Scheduled, *occurrence, self.partitions);
             let run_id = interval_run_id(*occurrence);
+            // Each occurrence starts a trace of its own, the parent of its run's attempts.
+            let span = tracing::info_span!(
+                target: "tidings::run",
+                "interval occurrence",
+                otel.kind = "internal",
+                tidings.campaign.id = %id,
+                tidings.run.id = %run_id,
+            );
+            run.traceparent = crate::telemetry::span_traceparent(&span).unwrap_or_default();
             tracing::info!(campaign = %id, run = %run_id, partition, lateness_ms = now - occurrence, "interval fired");
             effects.writes.push(Write::run(id, &run_id, &run)?);
             effects.timers.push(Timer {
@@ -628,6 +638,7 @@ impl CampaignEngine {
                     contact: delivery.contact_id.clone(),
                     after_campaign: delivery.campaign_id.clone(),
                     since_ms,
+                    traceparent: delivery.traceparent.clone(),
                 },
             });
         }
@@ -803,8 +814,7 @@ impl CampaignEngine {
         partition: PartitionId,
         id: &str,
         contact_id: &str,
-        after: &str,
-        since_ms: i64,
+        (after, since_ms, traceparent): (&str, i64, &str),
         effects: &mut Effects,
     ) -> EngineResult {
         let Some(campaign) = self.campaign(id).await? else { return Ok(()) };
@@ -856,6 +866,7 @@ impl CampaignEngine {
             webhook_id: &campaign.webhook_id,
             campaign_id: id,
             contact_id,
+            traceparent,
             ..Default::default()
         };
         self.deliver(
@@ -868,6 +879,17 @@ impl CampaignEngine {
             effects,
         )
     }
+}
+
+/// Counts a run's contact whose delivery ended.
+fn run_contacts(campaign: &str, outcome: &'static str) {
+    crate::telemetry::metrics().run_contacts.add(
+        1,
+        &[
+            KeyValue::new("tidings.campaign.id", campaign.to_string()),
+            KeyValue::new("outcome", outcome),
+        ],
+    );
 }
 
 fn put_delivery(delivery: &Delivery) -> EngineResult<Write> {
@@ -1054,9 +1076,9 @@ impl Engine for CampaignEngine {
             TimerKind::RunShard { campaign, run, after } => {
                 self.on_run_shard(partition, campaign, run, after, effects).await
             }
-            TimerKind::FollowUp { campaign, contact, after_campaign, since_ms } => {
-                self.follow_up(partition, campaign, contact, after_campaign, *since_ms, effects)
-                    .await
+            TimerKind::FollowUp { campaign, contact, after_campaign, since_ms, traceparent } => {
+                let wait = (after_campaign.as_str(), *since_ms, traceparent.as_str());
+                self.follow_up(partition, campaign, contact, wait, effects).await
             }
             TimerKind::Expire { delivery } => {
                 let Some(found) = self.read_delivery(partition, delivery).await? else {
@@ -1177,6 +1199,8 @@ impl Engine for CampaignEngine {
         let across = self.across_caps();
         let campaign_view = serde_json::json!({ "id": campaign_id, "data": campaign.data });
         let run_time_ms = run.as_ref().map_or(0, |r| r.started_ms.unwrap_or(r.scheduled_ms));
+        let traceparent = run.as_ref().map_or("", |r| r.traceparent.as_str());
+        let counted = (shard.queued, shard.skipped.values().sum::<u64>());
         let mut last = None;
         let mut more = page.more;
         for (i, (contact_id, contact)) in page.contacts.iter().enumerate() {
@@ -1233,6 +1257,7 @@ impl Engine for CampaignEngine {
                 campaign_id,
                 run_id,
                 contact_id,
+                traceparent,
                 ..Default::default()
             };
             self.deliver(
@@ -1255,6 +1280,17 @@ impl Engine for CampaignEngine {
                 )?);
             }
             _ => shard.done = true,
+        }
+        let metrics = crate::telemetry::metrics();
+        let campaign_id = KeyValue::new("tidings.campaign.id", campaign_id.to_string());
+        let queued = shard.queued - counted.0;
+        let skipped = shard.skipped.values().sum::<u64>() - counted.1;
+        for (outcome, count) in [("queued", queued), ("skipped", skipped)] {
+            if count > 0 {
+                metrics
+                    .run_contacts
+                    .add(count, &[campaign_id.clone(), KeyValue::new("outcome", outcome)]);
+            }
         }
         self.save_shard(shard_key, shard, effects)
     }
@@ -1347,6 +1383,10 @@ impl Engine for CampaignEngine {
                 match retry::delay(&policy, delivery.retry_index as usize, *asked, unit) {
                     Some(wait) => {
                         delivery.retry_index += 1;
+                        crate::telemetry::metrics().retries.add(
+                            1,
+                            &[KeyValue::new("tidings.webhook.id", delivery.webhook_id.clone())],
+                        );
                         tracing::info!(delivery = %delivery.id, attempt = number, status = attempt.status_code, error = %attempt.error, retry_in_ms = wait.as_millis() as u64, "attempt failed; retrying");
                         return self.schedule_attempt(
                             delivery,
@@ -1373,6 +1413,14 @@ impl Engine for CampaignEngine {
         if delivery.status == Status::Failed {
             tracing::info!(delivery = %delivery.id, attempt = number, reason = %delivery.reason, "delivery failed");
         }
+        crate::telemetry::metrics().deliveries.add(
+            1,
+            &[
+                KeyValue::new("tidings.webhook.id", delivery.webhook_id.clone()),
+                KeyValue::new("outcome", delivery.status.name()),
+                KeyValue::new("error.class", attempt.error_class.name()),
+            ],
+        );
         if !delivery.campaign_id.is_empty()
             && matches!(delivery.status, Status::Delivered | Status::Failed)
         {
@@ -1386,6 +1434,7 @@ impl Engine for CampaignEngine {
             } else {
                 shard.failed += 1;
             }
+            run_contacts(&delivery.campaign_id, delivery.status.name());
             self.save_shard(key, shard, effects)?;
         }
         delivery.next_attempt_ms = None;

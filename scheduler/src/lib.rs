@@ -16,6 +16,7 @@
 //! - [`rules`]: CEL expressions; [`template`]: Liquid templates;
 //! - [`schedule`]: interval math (periods, cron in a time zone, misfires);
 //! - [`secrets`]: encryption of secrets at rest;
+//! - [`telemetry`]: the metric instruments and the trace context records carry;
 //! - [`clock`]: the time engine decisions read, injectable for tests.
 
 pub mod app;
@@ -37,6 +38,7 @@ pub mod segment;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod template;
 pub mod timers;
 pub mod webhook;

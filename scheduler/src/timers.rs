@@ -48,6 +48,9 @@ pub enum TimerKind {
         after_campaign: String,
         /// When the wait started, Unix milliseconds.
         since_ms: i64,
+        /// The trace of the delivery that started the wait, which the follow-up continues.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        traceparent: String,
     },
     /// A paused run's shard looking again whether it may go on.
     RunShard {

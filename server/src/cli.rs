@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, Overrides};
+use crate::config::{Config, Overrides};
 use crate::node::Node;
+use crate::telemetry::Telemetry;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +29,35 @@ enum Command {
     /// Applies the PostgreSQL schema migrations not applied yet, then exits (nodes also apply
     /// them at start; run this ahead of a rolling upgrade).
     Migrate(MigrateArgs),
+    /// Asks a node whether it serves (grpc.health.v1): exits 0 when it does, 1 otherwise. For
+    /// container health checks and Kubernetes probes.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    /// The node: http://host:port, or https://host:port when it speaks TLS.
+    #[arg(long, env = "TIDINGS_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// PEM CA the node's certificate chains to (https:// endpoints); the system's roots when
+    /// unset.
+    #[arg(long, env = "TIDINGS_CA")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate and key, for a node that asks for one (grpc.tls.client_ca_file).
+    #[arg(long, env = "TIDINGS_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Key of --client-cert.
+    #[arg(long, env = "TIDINGS_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Bearer token, for a node whose health service needs one (auth.open_health = false).
+    #[arg(long, env = "TIDINGS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Service to ask about; the whole node when empty.
+    #[arg(long, default_value = "")]
+    service: String,
+    /// Longest wait for the answer.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,7 +120,83 @@ pub fn main() -> ExitCode {
         }
         Command::Serve(args) => serve(args),
         Command::Migrate(args) => migrate(args),
+        Command::Health(args) => health(args),
     }
+}
+
+fn health(args: HealthArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tidings: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let timeout = args.timeout;
+    match runtime.block_on(async { tokio::time::timeout(timeout, ask_health(&args)).await }) {
+        Ok(Ok(status)) if status == "SERVING" => {
+            println!("{status}");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => {
+            println!("{status}");
+            ExitCode::FAILURE
+        }
+        Ok(Err(error)) => {
+            eprintln!("tidings: {}: {error:#}", args.endpoint);
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!(
+                "tidings: {}: no answer within {}",
+                args.endpoint,
+                humantime::format_duration(timeout)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn ask_health(args: &HealthArgs) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use tonic_health::pb::health_client::HealthClient;
+    let mut endpoint = Endpoint::from_shared(args.endpoint.clone())
+        .with_context(|| "--endpoint: not a URL such as https://localhost:50051".to_string())?;
+    if args.endpoint.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &args.ca {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+            let cert = std::fs::read(cert)
+                .with_context(|| format!("--client-cert: cannot read {}", cert.display()))?;
+            let key = std::fs::read(key)
+                .with_context(|| format!("--client-key: cannot read {}", key.display()))?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS")?;
+    }
+    let channel = endpoint.connect().await.context("cannot connect")?;
+    let mut client = HealthClient::new(channel);
+    let mut request =
+        tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: args.service.clone() });
+    if let Some(token) = &args.token {
+        let value =
+            format!("Bearer {token}").parse().context("--token: not a valid header value")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let response = client
+        .check(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?;
+    let status = tonic_health::pb::health_check_response::ServingStatus::try_from(
+        response.into_inner().status,
+    )
+    .map_or("UNKNOWN", |s| s.as_str_name());
+    Ok(status.to_string())
 }
 
 fn migrate(args: MigrateArgs) -> ExitCode {
@@ -157,7 +263,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.node.id =
             format!("node-{}", &ulid::Ulid::new().to_string().to_ascii_lowercase()[16..]);
     }
-    init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -165,7 +270,22 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let telemetry = {
+        let _entered = runtime.enter();
+        match Telemetry::start(&config) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("tidings: invalid configuration: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let result = runtime.block_on(run(config, &telemetry));
+    {
+        let _entered = runtime.enter();
+        telemetry.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "node failed");
@@ -175,9 +295,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, telemetry: &Telemetry) -> anyhow::Result<()> {
+    let metrics = config.metrics.address();
     let node = Node::start(config).await?;
     let token = node.shutdown_token();
+    if let (Some(listen), Some(registry)) = (metrics, telemetry.registry()) {
+        let bound =
+            crate::telemetry::serve_metrics(listen, registry.clone(), token.child_token()).await?;
+        tracing::info!(address = %bound, "serving metrics at /metrics");
+    }
     tokio::spawn(async move {
         wait_for_signal().await;
         token.cancel();
@@ -204,14 +330,4 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Plain => builder.try_init(),
-    };
 }

@@ -36,6 +36,10 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// OpenTelemetry traces and metrics over OTLP.
+    pub telemetry: TelemetryConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
 }
 
 /// The `[node]` section.
@@ -296,6 +300,36 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// The `[telemetry]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP endpoint; `OTEL_EXPORTER_OTLP_ENDPOINT` when empty.
+    pub otlp_endpoint: String,
+    /// `grpc` or `http/protobuf`; `OTEL_EXPORTER_OTLP_PROTOCOL` when empty.
+    pub otlp_protocol: String,
+    /// `service.name`; `OTEL_SERVICE_NAME`, else `tidings`, when empty.
+    pub service_name: String,
+    /// How often metrics are exported over OTLP.
+    #[serde(with = "humantime_serde")]
+    pub metrics_interval: Duration,
+}
+
+/// The `[metrics]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address `/metrics` is served on; off when empty.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// Returns the address to serve `/metrics` on, when set.
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
 /// Values given as flags; `None` leaves the lower layers' value.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Overrides {
@@ -461,6 +495,15 @@ impl Config {
                 "node.id: {:?} may only contain letters, digits, '-', '_' and '.'",
                 self.node.id
             )));
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.address().is_none() {
+            return Err(ConfigError(format!(
+                "metrics.listen: {:?} is not an address such as 0.0.0.0:9464",
+                self.metrics.listen
+            )));
+        }
+        if self.telemetry.metrics_interval < Duration::from_secs(1) {
+            return Err(ConfigError("telemetry.metrics_interval: must be at least 1s".into()));
         }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError(format!("log.level: {error}")));

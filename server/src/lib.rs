@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 mod files;
 mod node;
+pub mod telemetry;
 pub mod tls;
 
 pub use node::Node;

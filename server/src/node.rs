@@ -243,6 +243,7 @@ impl Node {
 
         let shutdown = CancellationToken::new();
         let router = tonic::transport::Server::builder()
+            .layer(crate::telemetry::RpcLayer)
             .layer(AuthLayer::new(auth, open))
             .add_service(health_service)
             .add_service(reflection)

@@ -4,6 +4,7 @@
 //! - [`postgres::Postgres`]: a PostgreSQL server (`initdb` + `postgres`), a fresh database per
 //!   test;
 //! - [`NodeProcess`]: the `tidings` binary as a child process, with its logs captured;
+//! - [`otlp::Collector`]: an OpenTelemetry collector (OTLP/gRPC traces and metrics);
 //! - [`wait_until`]: polls a condition with a deadline and says what it waited for;
 //! - [`faults`]: a store wrapper that fails reads on demand;
 //! - [`conformance`]: the [`Store`](tidings_scheduler::store::Store) contract, checked against
@@ -14,6 +15,7 @@ pub mod conformance;
 mod etcd;
 pub mod faults;
 mod node;
+pub mod otlp;
 pub mod postgres;
 mod receiver;
 pub mod setup;

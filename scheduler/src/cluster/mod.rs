@@ -173,6 +173,7 @@ impl Cluster {
             view: Mutex::new(View::default()),
         });
         let manager = Manager {
+            _gauges: observe(&shared),
             shared: shared.clone(),
             engine,
             workers: BTreeMap::new(),
@@ -293,6 +294,8 @@ struct WorkerSlot {
 }
 
 struct Manager {
+    /// The cluster's observable gauges, registered for as long as the manager runs.
+    _gauges: Vec<Box<dyn std::any::Any + Send + Sync>>,
     shared: Arc<Shared>,
     engine: Arc<dyn Engine>,
     workers: BTreeMap<PartitionId, WorkerSlot>,
@@ -508,6 +511,7 @@ impl Manager {
                 self.workers
                     .insert(partition, WorkerSlot { epoch, cancel, abort, releasing: None });
                 lock(&self.shared.view).owned.insert(partition, stats);
+                ownership_change("claimed");
             }
             Ok(_) => debug!(partition, "claim lost: already owned"),
             Err(error) => debug!(partition, %error, "claim failed"),
@@ -522,8 +526,14 @@ impl Manager {
         self.workers.remove(&partition);
         lock(&self.shared.view).owned.remove(&partition);
         match exit {
-            Exit::Fenced => warn!(partition, epoch, "fenced off: another node owns the partition"),
-            Exit::Cancelled => self.release(partition, epoch).await,
+            Exit::Fenced => {
+                warn!(partition, epoch, "fenced off: another node owns the partition");
+                ownership_change("fenced");
+            }
+            Exit::Cancelled => {
+                self.release(partition, epoch).await;
+                ownership_change("released");
+            }
         }
     }
 
@@ -557,6 +567,7 @@ impl Manager {
             slot.cancel.cancel();
             slot.abort.abort();
         }
+        ownership_changes("lost", self.workers.len());
         self.workers.clear();
         self.tasks.detach_all();
         lock(&self.shared.view).owned.clear();
@@ -565,6 +576,7 @@ impl Manager {
     /// Graceful exit: finish the batches in progress (bounded), then revoke the lease, which
     /// releases every owner key and the node key in one step.
     async fn leave(&mut self, session: &Session) {
+        let owned = self.workers.len();
         for slot in self.workers.values() {
             slot.cancel.cancel();
         }
@@ -581,12 +593,97 @@ impl Manager {
             warn!(?bound, "partitions still busy at shutdown; abandoning their work in progress");
             self.tasks.abort_all();
         }
+        ownership_changes("released", owned);
         self.workers.clear();
         lock(&self.shared.view).owned.clear();
         if let Err(error) = self.shared.store.lease_revoke(session.lease).await {
             warn!(%error, "cannot revoke the lease; it will expire");
         }
         info!(node = %self.me(), "left the cluster");
+    }
+}
+
+/// Registers the gauges read from the cluster view at each collection: partitions owned, cluster
+/// members, and each owned partition's inbox backlog (entries and age) and pending timers.
+fn observe(shared: &Arc<Shared>) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
+    use opentelemetry::KeyValue;
+    let meter = crate::telemetry::meter();
+    fn view(shared: &std::sync::Weak<Shared>) -> Option<Arc<Shared>> {
+        shared.upgrade()
+    }
+    fn stats(shared: &std::sync::Weak<Shared>) -> BTreeMap<PartitionId, Arc<PartitionStats>> {
+        view(shared).map(|shared| lock(&shared.view).owned.clone()).unwrap_or_default()
+    }
+    let weak = Arc::downgrade(shared);
+    let owned = meter
+        .u64_observable_gauge("tidings.partitions.owned")
+        .with_description("Partitions this node works on.")
+        .with_callback(move |observer| {
+            if let Some(shared) = view(&weak) {
+                observer.observe(lock(&shared.view).owned.len() as u64, &[]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(shared);
+    let nodes = meter
+        .u64_observable_gauge("tidings.cluster.nodes")
+        .with_description("Nodes this node sees in the cluster, itself included.")
+        .with_callback(move |observer| {
+            if let Some(shared) = view(&weak) {
+                observer.observe(lock(&shared.view).nodes.len().max(1) as u64, &[]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(shared);
+    let backlog = meter
+        .u64_observable_gauge("tidings.inbox.backlog")
+        .with_description("Inbox entries waiting in each partition this node works on.")
+        .with_callback(move |observer| {
+            for (partition, stats) in stats(&weak) {
+                let entries = stats.inbox_backlog.load(std::sync::atomic::Ordering::Relaxed);
+                observer.observe(entries, &[KeyValue::new("partition", i64::from(partition))]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(shared);
+    let age = meter
+        .f64_observable_gauge("tidings.inbox.backlog.age")
+        .with_unit("s")
+        .with_description("Age of the oldest inbox entry waiting in each partition.")
+        .with_callback(move |observer| {
+            let now = crate::now_ms();
+            for (partition, stats) in stats(&weak) {
+                let oldest = stats.inbox_oldest_ms.load(std::sync::atomic::Ordering::Relaxed);
+                let age = if oldest > 0 { (now - oldest).max(0) as f64 / 1000.0 } else { 0.0 };
+                observer.observe(age, &[KeyValue::new("partition", i64::from(partition))]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(shared);
+    let timers = meter
+        .u64_observable_gauge("tidings.timers.pending")
+        .with_description("Timers waiting to fire in each partition this node works on.")
+        .with_callback(move |observer| {
+            for (partition, stats) in stats(&weak) {
+                let pending = stats.pending_timers.load(std::sync::atomic::Ordering::Relaxed);
+                observer.observe(pending, &[KeyValue::new("partition", i64::from(partition))]);
+            }
+        })
+        .build();
+    vec![Box::new(owned), Box::new(nodes), Box::new(backlog), Box::new(age), Box::new(timers)]
+}
+
+/// Counts a change of ownership of one of this node's partitions.
+fn ownership_change(change: &'static str) {
+    ownership_changes(change, 1);
+}
+
+/// Counts `count` changes of ownership of this node's partitions.
+fn ownership_changes(change: &'static str, count: usize) {
+    if count > 0 {
+        crate::telemetry::metrics()
+            .ownership_changes
+            .add(count as u64, &[opentelemetry::KeyValue::new("change", change)]);
     }
 }
 

@@ -58,6 +58,9 @@ pub struct PartitionStats {
     pub pending_timers: AtomicU64,
     /// Inbox entries not yet processed.
     pub inbox_backlog: AtomicU64,
+    /// When the oldest inbox entry not yet processed was accepted, Unix milliseconds; 0 when
+    /// there is none.
+    pub inbox_oldest_ms: std::sync::atomic::AtomicI64,
     /// Whether the worker has loaded its timers and inbox (the figures above mean nothing before).
     pub loaded: std::sync::atomic::AtomicBool,
 }
@@ -191,8 +194,18 @@ impl Worker {
         let mut first = true;
         loop {
             // After a failed attempt that may have committed, the witness must still exist.
+            let started = std::time::Instant::now();
             let committed =
                 self.state.commit(&self.fence, writes.clone(), (!first).then_some(witness)).await;
+            let result = match &committed {
+                Ok(Committed::Applied(_)) => "applied",
+                Ok(Committed::Refused { .. }) => "refused",
+                Err(_) => "error",
+            };
+            let metrics = crate::telemetry::metrics();
+            let attributes = [opentelemetry::KeyValue::new("result", result)];
+            metrics.txn_duration.record(started.elapsed().as_secs_f64(), &attributes);
+            metrics.txn_size.record(writes.len() as u64, &attributes);
             match committed {
                 Ok(Committed::Applied(revision)) => {
                     self.saw(revision);
@@ -312,6 +325,8 @@ impl Worker {
         loop {
             self.stats.pending_timers.store(index.len(), Ordering::Relaxed);
             self.stats.inbox_backlog.store(pending.len() as u64, Ordering::Relaxed);
+            let oldest = pending.front().and_then(|(key, _)| inbox_time_ms(key)).unwrap_or(0);
+            self.stats.inbox_oldest_ms.store(oldest, Ordering::Relaxed);
             self.stats.loaded.store(true, Ordering::Release);
 
             if cancel.is_cancelled() {
@@ -877,11 +892,13 @@ impl Worker {
         }
         let mut batch = Batch::default();
         let mut carried = None;
+        let lateness = &crate::telemetry::metrics().timer_lateness;
         for (key, value) in &due {
             let Some(fired) = TimerRef::parse(self.partition, key) else {
                 warn!(partition = self.partition, key = %String::from_utf8_lossy(key), "a timer key outside the timers; dropping the partition");
                 return Err(Halt::Exit(Exit::Fenced));
             };
+            lateness.record((now - fired.due_ms).max(0) as f64 / 1000.0, &[]);
             let mut effects = Effects::default();
             match serde_json::from_slice::<Timer>(value) {
                 Ok(timer) => self.engine.on_timer(self.partition, &timer, &mut effects).await?,
@@ -909,6 +926,14 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Returns when an inbox entry was accepted, from the time in its id (`{prefix}_{ulid}`).
+fn inbox_time_ms(key: &Key) -> Option<i64> {
+    let Key::Inbox { id, .. } = key else { return None };
+    let (_, ulid) = id.rsplit_once('_')?;
+    let ulid = ulid::Ulid::from_string(&ulid.to_ascii_uppercase()).ok()?;
+    Some(ulid.timestamp_ms() as i64)
 }
 
 /// Keeps only the last write to each key: etcd refuses a transaction that writes a key twice,

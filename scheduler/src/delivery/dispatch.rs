@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TraceContextExt;
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::record::{Attempt, Delivery, ErrorClass};
 use super::retry::{Verdict, classify, parse_retry_after};
@@ -145,41 +148,88 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+/// Values of the `tidings.circuit.state` gauge.
+const CIRCUIT_CLOSED: i64 = 0;
+const CIRCUIT_HALF_OPEN: i64 = 1;
+const CIRCUIT_OPEN: i64 = 2;
+
+fn circuit_state(webhook: &str, state: i64) {
+    crate::telemetry::metrics()
+        .circuit
+        .record(state, &[KeyValue::new("tidings.webhook.id", webhook.to_string())]);
+}
+
+/// Returns the `error.type` of a failed attempt: its status code when the endpoint answered,
+/// its error class otherwise.
+fn error_type(attempt: &Attempt) -> String {
+    if attempt.error_class == ErrorClass::HttpStatus && attempt.status_code > 0 {
+        attempt.status_code.to_string()
+    } else {
+        attempt.error_class.name().to_string()
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Returns `value` if it is a W3C `traceparent` this node can continue: version `00`, a trace
-/// id and a parent id in lowercase hex and not all zeros, and flags.
-pub fn valid_traceparent(value: &str) -> Option<&str> {
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, len: usize| {
-        s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
-    match parts.as_slice() {
-        ["00", trace, parent, flags]
-            if hex(trace, 32)
-                && hex(parent, 16)
-                && hex(flags, 2)
-                && nonzero(trace)
-                && nonzero(parent) =>
-        {
-            Some(value)
-        }
-        _ => None,
-    }
-}
-
-/// Returns the `traceparent` header of an attempt: a new span in the trace of `parent` (a
-/// stored, valid `traceparent`), or in a new sampled trace when there is none.
+/// Returns the `traceparent` header of an attempt made with telemetry off: a new span in the
+/// trace of `parent` (a stored `traceparent`), or in a new sampled trace when there is none.
 fn traceparent(parent: &str) -> String {
     let mut rng = rand::rng();
     let span = rng.random::<u64>() | 1;
-    match valid_traceparent(parent).map(|p| p.split('-').collect::<Vec<_>>()) {
-        Some(parts) => format!("00-{}-{span:016x}-{}", parts[1], parts[3]),
+    match crate::telemetry::context_of(parent) {
+        Some(context) => {
+            let parent = context.span().span_context().clone();
+            let flags = parent.trace_flags().to_u8() & 1;
+            format!("00-{}-{span:016x}-{flags:02x}", parent.trace_id())
+        }
         None => format!("00-{:032x}-{span:016x}-01", rng.random::<u128>() | 1),
     }
+}
+
+/// Returns `url` as the attempt's span shows it: without user name and password, and with the
+/// values of its query parameters replaced (rendered URLs may carry tokens).
+fn display_url(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    if url.query().is_some() {
+        let pairs: Vec<String> = url.query_pairs().map(|(k, _)| format!("{k}=REDACTED")).collect();
+        shown.set_query(Some(&pairs.join("&")));
+    }
+    shown.to_string()
+}
+
+/// Returns the span of an attempt, an OpenTelemetry HTTP CLIENT span in the trace of the call
+/// or run that caused the delivery. Its fields are recorded as the attempt learns them.
+fn attempt_span(delivery: &Delivery) -> tracing::Span {
+    // The span is named by the method (the HTTP client convention); its other fields are
+    // recorded as the attempt learns them.
+    let method = delivery.request.as_ref().map_or("webhook attempt", |r| r.method.as_str());
+    let span = tracing::info_span!(
+        target: "tidings::attempt",
+        "webhook attempt",
+        otel.name = method,
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = tracing::field::Empty,
+        url.full = tracing::field::Empty,
+        server.address = tracing::field::Empty,
+        server.port = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        http.request.resend_count = tracing::field::Empty,
+        tidings.webhook.id = %delivery.webhook_id,
+        tidings.delivery.id = %delivery.id,
+    );
+    if !delivery.attempts.is_empty() {
+        span.record("http.request.resend_count", delivery.attempts.len() as u64);
+    }
+    if let Some(parent) = crate::telemetry::context_of(&delivery.traceparent) {
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 /// Builds the HTTP client webhooks are sent with: the address guard on every resolution, no
@@ -274,10 +324,12 @@ impl Dispatcher {
     }
 
     /// Waits for this node's share of the webhook's rate limit.
-    async fn throttle(&self, endpoint: &Endpoint, rate_limit: f64) {
+    async fn throttle(&self, webhook: &str, endpoint: &Endpoint, rate_limit: f64) {
         if rate_limit <= 0.0 {
             return;
         }
+        let started = Instant::now();
+        let mut waited = false;
         let nodes = self.inner.live_nodes.load(Ordering::Relaxed).max(1) as f64;
         let rate = rate_limit / nodes;
         loop {
@@ -291,6 +343,12 @@ impl Dispatcher {
                 bucket.at = now;
                 if bucket.tokens >= 1.0 {
                     bucket.tokens -= 1.0;
+                    if waited {
+                        let metrics = crate::telemetry::metrics();
+                        let attributes = [KeyValue::new("tidings.webhook.id", webhook.to_string())];
+                        metrics.rate_limit_waits.add(1, &attributes);
+                        metrics.rate_limit_wait.add(started.elapsed().as_secs_f64(), &attributes);
+                    }
                     return;
                 }
                 // A rate too small to wait for (refused at write time) waits an hour a try.
@@ -298,6 +356,7 @@ impl Dispatcher {
                     .unwrap_or(Duration::from_secs(3600))
                     .min(Duration::from_secs(3600))
             };
+            waited = true;
             tokio::time::sleep(wait).await;
         }
     }
@@ -335,7 +394,7 @@ impl Dispatcher {
                 deferred_until_ms: Some(now + 1000),
             };
         };
-        self.throttle(&endpoint, webhook.rate_limit).await;
+        self.throttle(&id, &endpoint, webhook.rate_limit).await;
         // The circuit is checked once the attempt may go, so attempts that waited for a slot
         // while the circuit opened do not slip through.
         let mut probe = false;
@@ -355,9 +414,18 @@ impl Dispatcher {
                 // Half open: this attempt is the probe.
                 circuit.probing = true;
                 probe = true;
+                circuit_state(&id, CIRCUIT_HALF_OPEN);
             }
         }
         let (attempt, verdict) = self.send(&job.delivery, &webhook).await;
+        crate::telemetry::metrics().attempts.add(
+            1,
+            &[
+                KeyValue::new("tidings.webhook.id", id.clone()),
+                KeyValue::new("outcome", verdict.name()),
+                KeyValue::new("error.class", attempt.error_class.name()),
+            ],
+        );
         self.record(&id, &endpoint, &attempt, verdict, probe).await;
         Outcome { job, attempt: Some(attempt), verdict, deferred_until_ms: None }
     }
@@ -407,8 +475,27 @@ impl Dispatcher {
             .map_err(|error| (ErrorClass::Credentials, error))
     }
 
-    /// Makes one HTTP attempt.
+    /// Makes one HTTP attempt, in its span.
     pub async fn send(&self, delivery: &Delivery, webhook: &Webhook) -> (Attempt, Verdict) {
+        let span = attempt_span(delivery);
+        let (attempt, verdict) =
+            self.attempt(delivery, webhook, &span).instrument(span.clone()).await;
+        if attempt.status_code > 0 {
+            span.record("http.response.status_code", attempt.status_code);
+        }
+        if attempt.error_class != ErrorClass::None {
+            span.record("error.type", error_type(&attempt));
+            span.record("otel.status_code", "ERROR");
+        }
+        (attempt, verdict)
+    }
+
+    async fn attempt(
+        &self,
+        delivery: &Delivery,
+        webhook: &Webhook,
+        span: &tracing::Span,
+    ) -> (Attempt, Verdict) {
         let start_ms = crate::now_ms();
         let started = Instant::now();
         let Some(request) = &delivery.request else {
@@ -437,6 +524,12 @@ impl Dispatcher {
         }
         let method =
             reqwest::Method::from_bytes(request.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+        let address = url.host_str().unwrap_or_default().to_string();
+        let port = url.port_or_known_default().unwrap_or_default();
+        span.record("http.request.method", method.as_str());
+        span.record("url.full", display_url(&url));
+        span.record("server.address", address.as_str());
+        span.record("server.port", port);
         let timestamp = start_ms / 1000;
         let now = crate::now_ms();
         let secrets: Vec<Secret> = webhook
@@ -484,7 +577,11 @@ impl Dispatcher {
             .header("webhook-id", &delivery.id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", sign(&secrets, &delivery.id, timestamp, &body))
-            .header("traceparent", traceparent(&delivery.traceparent));
+            .header(
+                "traceparent",
+                crate::telemetry::traceparent_of(span.context().span().span_context())
+                    .unwrap_or_else(|| traceparent(&delivery.traceparent)),
+            );
         if method != reqwest::Method::GET {
             builder = builder.header("content-type", &request.content_type);
         }
@@ -578,7 +675,22 @@ impl Dispatcher {
                 if class == ErrorClass::Blocked { Verdict::Fail } else { classify(None, None) }
             }
         };
-        attempt.duration_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        attempt.duration_ms = elapsed.as_millis() as u64;
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", method.as_str().to_string()),
+            KeyValue::new("server.address", address),
+            KeyValue::new("server.port", i64::from(port)),
+            KeyValue::new("tidings.webhook.id", delivery.webhook_id.clone()),
+        ];
+        if attempt.status_code > 0 {
+            attributes
+                .push(KeyValue::new("http.response.status_code", i64::from(attempt.status_code)));
+        }
+        if attempt.error_class != ErrorClass::None {
+            attributes.push(KeyValue::new("error.type", error_type(&attempt)));
+        }
+        crate::telemetry::metrics().http_duration.record(elapsed.as_secs_f64(), &attributes);
         (attempt, verdict)
     }
 
@@ -604,6 +716,7 @@ impl Dispatcher {
             if verdict == Verdict::Success || !failed {
                 if circuit.open_until.take().is_some() {
                     info!(webhook = id, "circuit closed");
+                    circuit_state(id, CIRCUIT_CLOSED);
                 }
                 circuit.failures = 0;
                 circuit.failing_since_ms = None;
@@ -619,10 +732,12 @@ impl Dispatcher {
                 {
                     circuit.open_until = Some(Instant::now() + circuit.cooldown);
                     warn!(webhook = id, failures = circuit.failures, "circuit opened");
+                    circuit_state(id, CIRCUIT_OPEN);
                 } else if probe {
                     circuit.cooldown = (circuit.cooldown * 2).min(Duration::from_secs(600));
                     circuit.open_until = Some(Instant::now() + circuit.cooldown);
                     debug!(webhook = id, cooldown = ?circuit.cooldown, "probe failed; circuit stays open");
+                    circuit_state(id, CIRCUIT_OPEN);
                 }
                 (now - since > self.inner.options.disable_after.as_millis() as i64)
                     .then(|| format!("endpoint kept failing since {}", humanize_ms(since)))
@@ -695,25 +810,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn urls_in_spans_leave_credentials_out() {
+        let url = reqwest::Url::parse("https://user:pw@example.com:8443/hook?token=abc&x=1")
+            .expect("valid");
+        assert_eq!(display_url(&url), "https://example.com:8443/hook?token=REDACTED&x=REDACTED");
+        let plain = reqwest::Url::parse("http://example.com/a").expect("valid");
+        assert_eq!(display_url(&plain), "http://example.com/a");
+    }
+
+    #[test]
     fn attempts_continue_a_valid_trace_and_start_one_otherwise() {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(valid_traceparent(parent), Some(parent));
         let child = traceparent(parent);
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{child}");
         assert!(child.ends_with("-01") && child.len() == 55, "{child}");
         assert_ne!(&child[36..52], "00f067aa0ba902b7", "each attempt is a new span");
         for invalid in [
             "",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
         ] {
-            assert_eq!(valid_traceparent(invalid), None, "{invalid}");
+            assert!(crate::telemetry::context_of(invalid).is_none(), "{invalid}");
             let fresh = traceparent(invalid);
             assert!(fresh.starts_with("00-") && fresh.ends_with("-01") && fresh.len() == 55);
-            assert!(valid_traceparent(&fresh).is_some(), "{fresh}");
+            assert!(crate::telemetry::context_of(&fresh).is_some(), "{fresh}");
         }
     }
 }

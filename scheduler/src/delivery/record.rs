@@ -59,6 +59,22 @@ pub enum ErrorClass {
     Credentials,
 }
 
+impl ErrorClass {
+    /// Returns the class as it is named in metrics and in the API (snake case).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::None => "none",
+            ErrorClass::HttpStatus => "http_status",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Connection => "connection",
+            ErrorClass::Blocked => "blocked",
+            ErrorClass::Render => "render",
+            ErrorClass::EndpointDisabled => "endpoint_disabled",
+            ErrorClass::Credentials => "credentials",
+        }
+    }
+}
+
 /// One attempt.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {

@@ -22,6 +22,18 @@ pub enum Verdict {
     Gone,
 }
 
+impl Verdict {
+    /// Returns the verdict as it is named in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Success => "success",
+            Verdict::Retry(_) => "retry",
+            Verdict::Fail => "fail",
+            Verdict::Gone => "gone",
+        }
+    }
+}
+
 /// Classifies an HTTP status (`None` for no response: connection error or timeout).
 pub fn classify(status: Option<u16>, retry_after: Option<Duration>) -> Verdict {
     match status {

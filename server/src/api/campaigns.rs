@@ -795,7 +795,11 @@ impl CampaignApi {
         }
     }
 
-    async fn run(&self, request: pb::RunCampaignRequest) -> Result<pb::Run, ApiError> {
+    async fn run(
+        &self,
+        request: pb::RunCampaignRequest,
+        traceparent: String,
+    ) -> Result<pb::Run, ApiError> {
         let mut v = Violations::default();
         check_id(&mut v, "id", &request.id);
         let now = now_ms();
@@ -836,6 +840,7 @@ impl CampaignApi {
         );
         run.data =
             request.data.as_ref().map(struct_to_json).unwrap_or_default().into_iter().collect();
+        run.traceparent = traceparent;
         let (run, started) = self.runs.start(&request.id, &run_id, &run).await?;
         if started {
             info!(campaign = %request.id, run = %run_id, scheduled = later, "run started");
@@ -1186,7 +1191,8 @@ impl CampaignService for CampaignApi {
         &self,
         request: Request<pb::RunCampaignRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        Ok(Response::new(self.run(request.into_inner()).await?))
+        let traceparent = super::events::traceparent(&request);
+        Ok(Response::new(self.run(request.into_inner(), traceparent).await?))
     }
 
     async fn get_run(

@@ -163,13 +163,23 @@ impl EventService for EventApi {
         let request = request.into_inner();
         let mut violations = Violations::default();
         let accepted = self.accept(request.event.as_ref(), "event", &traceparent, &mut violations);
-        violations.check()?;
-        let Some(accepted) = accepted else { return Err(invalid("event", "is required").into()) };
-        let published = self.ingest.publish(&accepted).await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::PublishResponse {
-            event_id: published.event_id,
-            duplicate: published.duplicate,
-        }))
+        let published = async {
+            violations.check()?;
+            let Some(accepted) = accepted else {
+                return Err(invalid("event", "is required").into());
+            };
+            let published = self.ingest.publish(&accepted).await.map_err(ApiError::from)?;
+            Ok::<_, Status>(pb::PublishResponse {
+                event_id: published.event_id,
+                duplicate: published.duplicate,
+            })
+        }
+        .await;
+        match &published {
+            Ok(_) => count_events("accepted", None, 1),
+            Err(status) => count_events("refused", Some(status.code()), 1),
+        }
+        published.map(Response::new)
     }
 
     #[instrument(skip_all, fields(events = request.get_ref().events.len()))]
@@ -192,7 +202,16 @@ impl EventService for EventApi {
             }
         }
         let batch: Vec<Publish> = accepted.iter().map(|(_, a)| a.clone()).collect();
-        let published = self.ingest.publish_batch(&batch).await.map_err(ApiError::from)?;
+        count_events("refused", Some(tonic::Code::InvalidArgument), results.len() - batch.len());
+        let published = match self.ingest.publish_batch(&batch).await {
+            Ok(published) => published,
+            Err(error) => {
+                let status = Status::from(ApiError::from(error));
+                count_events("refused", Some(status.code()), batch.len());
+                return Err(status);
+            }
+        };
+        count_events("accepted", None, batch.len());
         for ((i, _), published) in accepted.iter().zip(published) {
             results[*i].event_id = published.event_id;
             results[*i].duplicate = published.duplicate;
@@ -201,15 +220,28 @@ impl EventService for EventApi {
     }
 }
 
-/// Returns the call's W3C trace context (its `traceparent` metadata) when it is valid, for the
-/// webhooks the call causes to continue; empty otherwise, as the W3C recommendation has an
-/// invalid one ignored.
+/// Counts events accepted, or refused with the status code the caller got.
+fn count_events(result: &'static str, code: Option<tonic::Code>, count: usize) {
+    use opentelemetry::KeyValue;
+    if count == 0 {
+        return;
+    }
+    let mut attributes = vec![KeyValue::new("result", result)];
+    if let Some(code) = code {
+        attributes.push(KeyValue::new("rpc.grpc.status_code", code as i64));
+    }
+    tidings_scheduler::telemetry::metrics().events.add(count as u64, &attributes);
+}
+
+/// Returns the trace context the webhooks a call causes continue: the call's SERVER span with
+/// telemetry on, else the call's own `traceparent` metadata when it is valid; empty otherwise,
+/// as the W3C recommendation has an invalid one ignored.
 pub(crate) fn traceparent<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get("traceparent")
-        .and_then(|value| value.to_str().ok())
-        .and_then(tidings_scheduler::delivery::dispatch::valid_traceparent)
+    use tidings_scheduler::telemetry;
+    telemetry::current_traceparent()
+        .or_else(|| {
+            let value = request.metadata().get("traceparent")?.to_str().ok()?;
+            telemetry::context_of(value).map(|_| value.to_string())
+        })
         .unwrap_or_default()
-        .to_string()
 }
