@@ -29,6 +29,8 @@ struct Args {
     lease_ttl: u64,
     rate: u64,
     retention: u64,
+    telemetry: bool,
+    targets: Option<std::path::PathBuf>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
@@ -40,6 +42,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         lease_ttl: 10,
         rate: 1000,
         retention: 120,
+        telemetry: false,
+        targets: None,
     };
     let mut rest = args.iter().skip(1);
     while let Some(flag) = rest.next() {
@@ -51,6 +55,17 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--lease-ttl" => parsed.lease_ttl = value.parse().context("--lease-ttl")?,
             "--rate" => parsed.rate = value.parse().context("--rate")?,
             "--retention" => parsed.retention = value.parse().context("--retention")?,
+            "--targets" => {
+                parsed.targets = Some(value.into());
+                parsed.telemetry = true;
+            }
+            "--telemetry" => {
+                parsed.telemetry = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => bail!("--telemetry must be on or off"),
+                }
+            }
             other => bail!("unknown flag {other}"),
         }
     }
@@ -77,6 +92,21 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
     #[allow(unsafe_code)]
     unsafe {
         std::env::set_var("TIDINGS_NODE_BIN", std::env::current_exe()?);
+    }
+    if args.telemetry {
+        let collector = tidings_tests::otlp::Collector::start().await?;
+        println!(
+            "telemetry on: every node exports traces and metrics over OTLP/gRPC to a collector in this process ({}) and serves /metrics",
+            collector.endpoint()
+        );
+        println!();
+        let _ = TELEMETRY.set(collector);
+        if let Some(path) = &args.targets {
+            std::fs::write(path, "[]")
+                .with_context(|| format!("--targets: cannot write {}", path.display()))?;
+            println!("the nodes' /metrics addresses go to {} (Prometheus file_sd)", path.display());
+            let _ = TARGETS.set(path.clone());
+        }
     }
     let all = args.scenario == "all";
     let mut ceiling_rate = None;
@@ -115,6 +145,9 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
     if all || args.scenario == "queries" {
         queries(args.count).await?;
     }
+    if args.scenario == "rolling" {
+        rolling(args.rate, args.seconds).await?;
+    }
     if args.scenario == "sustained" {
         let rate = if args.rate == 1000 { 3000 } else { args.rate };
         let seconds = if args.seconds == 10 { 300 } else { args.seconds };
@@ -131,11 +164,12 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
         "fanout",
         "queries",
         "sustained",
+        "rolling",
     ]
     .contains(&args.scenario.as_str())
     {
         bail!(
-            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, queries, sustained, ceiling, all",
+            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, rolling, queries, sustained, ceiling, all",
             args.scenario
         );
     }
@@ -396,6 +430,30 @@ async fn start_node(
     start_node_with(kind, etcd, prefix, id, ttl, Vec::new()).await
 }
 
+/// The collector nodes export to with `--telemetry on`.
+static TELEMETRY: std::sync::OnceLock<tidings_tests::otlp::Collector> = std::sync::OnceLock::new();
+
+/// The Prometheus file_sd file each started node's /metrics address is added to (`--targets`).
+static TARGETS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Returns the settings that turn a node's telemetry on, with `--telemetry on`.
+fn telemetry_env() -> Vec<(String, String)> {
+    let Some(collector) = TELEMETRY.get() else { return Vec::new() };
+    let port = tidings_tests::free_port().unwrap_or(0);
+    if let Some(path) = TARGETS.get() {
+        let mut targets: Vec<serde_json::Value> = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        targets.push(serde_json::json!({ "targets": [format!("127.0.0.1:{port}")] }));
+        let _ = std::fs::write(path, serde_json::Value::Array(targets).to_string());
+    }
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), collector.endpoint()),
+        ("TIDINGS_METRICS__LISTEN".into(), format!("127.0.0.1:{port}")),
+    ]
+}
+
 /// Starts a node process with extra environment settings.
 async fn start_node_with(
     kind: &str,
@@ -420,6 +478,7 @@ async fn start_node_with(
             ("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into()),
         ]
         .into_iter()
+        .chain(telemetry_env())
         .chain(extra)
         .collect(),
         ..Default::default()
@@ -676,6 +735,191 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     println!(
         "  events published: {}; delivered: {}; lost: {lost}; duplicates: {duplicates}",
         published.len(),
+        published.len() - lost
+    );
+    println!();
+    Ok(())
+}
+
+/// A rolling restart: three nodes take `rate` events/s while each in turn is stopped with
+/// SIGTERM and started again; every event is published through a running node (a call a
+/// stopping node refuses goes to the next, with the same idempotency key).
+async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
+    use tidings_client::tonic::transport::Channel;
+    type Client = tidings_client::EventServiceClient<Channel>;
+    let etcd = Etcd::start().await?;
+    let prefix = unique_prefix();
+    let store = etcd.store_at(&prefix).await?;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(start_node("postgres", Some(&etcd), &prefix, &format!("node-{i}"), 10).await?);
+    }
+    let owners = |store: &tidings_scheduler::store::EtcdStore| {
+        let store = store.clone();
+        async move {
+            let page = store.range_prefix(b"owners/", 0).await.ok()?;
+            Some(
+                page.kvs
+                    .into_iter()
+                    .filter_map(|kv| {
+                        let partition: u32 =
+                            String::from_utf8_lossy(&kv.key).rsplit('/').next()?.parse().ok()?;
+                        Some((partition, String::from_utf8_lossy(&kv.value).into_owned()))
+                    })
+                    .collect::<BTreeMap<u32, String>>(),
+            )
+        }
+    };
+    let settled = |store: &tidings_scheduler::store::EtcdStore, nodes: usize| {
+        let store = store.clone();
+        async move {
+            wait_until("64 partitions owned and spread", Duration::from_secs(60), || async {
+                let owners = owners(&store).await?;
+                let distinct: std::collections::BTreeSet<&String> = owners.values().collect();
+                (owners.len() == 64 && distinct.len() == nodes).then_some(())
+            })
+            .await
+        }
+    };
+    settled(&store, 3).await?;
+    let (url, arrivals) = crate::receiver::start().await?;
+    bench_campaign(&nodes[0], &url).await?;
+    arrivals.record.store(true, Ordering::Relaxed);
+
+    // How long each partition had no owner, from the owner keys polled every 10 ms.
+    let stop = CancellationToken::new();
+    let gaps: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let watcher = {
+        let (store, stop, gaps) = (store.clone(), stop.clone(), gaps.clone());
+        tokio::spawn(async move {
+            let mut since: BTreeMap<u32, Instant> = BTreeMap::new();
+            while !stop.is_cancelled() {
+                if let Some(owned) = owners(&store).await {
+                    let now = Instant::now();
+                    for p in 0..64u32 {
+                        if owned.contains_key(&p) {
+                            if let Some(from) = since.remove(&p)
+                                && let Ok(mut gaps) = gaps.lock()
+                            {
+                                gaps.push(now - from);
+                            }
+                        } else {
+                            since.entry(p).or_insert(now);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut list = Vec::new();
+    for node in &nodes {
+        list.push(Some(Client::connect(node.url()).await?));
+    }
+    let clients: Arc<Mutex<Vec<Option<Client>>>> = Arc::new(Mutex::new(list));
+    let published: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused = Arc::new(AtomicU64::new(0));
+    let publisher = {
+        let (stop, clients, published, refused) =
+            (stop.clone(), clients.clone(), published.clone(), refused.clone());
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let mut calls = tokio::task::JoinSet::new();
+            for i in 0u64.. {
+                let at = began + Duration::from_secs_f64(i as f64 / rate as f64);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+                let (clients, published, refused) =
+                    (clients.clone(), published.clone(), refused.clone());
+                calls.spawn(async move {
+                    let event = Event {
+                        r#type: "bench".into(),
+                        contact_id: format!("c{}", i % 10_000),
+                        idempotency_key: format!("e{i}"),
+                        ..Default::default()
+                    };
+                    for attempt in 0..50usize {
+                        let client = clients.lock().ok().and_then(|clients| {
+                            let n = clients.len();
+                            (0..n).find_map(|k| clients[(i as usize + attempt + k) % n].clone())
+                        });
+                        if let Some(mut client) = client {
+                            let request =
+                                tidings_client::v1::PublishRequest { event: Some(event.clone()) };
+                            if let Ok(response) = client.publish(request).await {
+                                if let Ok(mut published) = published.lock() {
+                                    published.push(response.into_inner().event_id);
+                                }
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    refused.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            while calls.join_next().await.is_some() {}
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(pause.min(5))).await;
+    let mut stops = Vec::new();
+    for i in 0..3 {
+        if let Ok(mut clients) = clients.lock() {
+            clients[i] = None;
+        }
+        let stopping = Instant::now();
+        nodes[i].terminate().await?;
+        stops.push(stopping.elapsed());
+        settled(&store, 2).await?;
+        let node = start_node("postgres", Some(&etcd), &prefix, &format!("node-{i}"), 10).await?;
+        let client = Client::connect(node.url()).await?;
+        nodes[i] = node;
+        if let Ok(mut clients) = clients.lock() {
+            clients[i] = Some(client);
+        }
+        settled(&store, 3).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(pause.min(5))).await;
+    stop.cancel();
+    publisher.await?;
+    watcher.await?;
+    let published =
+        std::mem::take(&mut *published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let all_arrived = || {
+        let at = arrivals.at.lock().ok()?;
+        published.iter().all(|id| at.contains_key(id.as_bytes())).then_some(())
+    };
+    let _ =
+        wait_until("every delivery to arrive", Duration::from_secs(60), || async { all_arrived() })
+            .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let arrived = arrivals.at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let lost = published.iter().filter(|id| !arrived.contains_key(id.as_bytes())).count();
+    let duplicates = arrivals.count.load(Ordering::Relaxed).saturating_sub(arrived.len() as u64);
+    let gaps = gaps.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    let total: Duration = gaps.iter().sum();
+    let mean = if gaps.is_empty() { Duration::ZERO } else { total / gaps.len() as u32 };
+    let stops: Vec<String> = stops.iter().map(|d| format!("{:.2} s", d.as_secs_f64())).collect();
+    println!(
+        "rolling restart (3 node processes on etcd + PostgreSQL, 64 partitions, {rate} events/s through the running nodes)"
+    );
+    println!(
+        "  each node stopped with SIGTERM and started again, one at a time; the stops took {}",
+        stops.join(", ")
+    );
+    println!(
+        "  partitions without an owner: {} handoffs, longest {:.0} ms, mean {:.0} ms",
+        gaps.len(),
+        longest.as_secs_f64() * 1000.0,
+        mean.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  events published: {}; refused by every node: {}; delivered: {}; lost: {lost}; duplicates: {duplicates}",
+        published.len(),
+        refused.load(Ordering::Relaxed),
         published.len() - lost
     );
     println!();

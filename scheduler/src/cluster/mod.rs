@@ -391,8 +391,13 @@ impl Manager {
                 changed = nodes.next() => if changed { self.refresh_view(&nodes, &owners); self.replan(session).await; },
                 changed = owners.next() => if changed { self.refresh_view(&nodes, &owners); self.replan(session).await; },
                 Some(done) = self.tasks.join_next() => {
-                    if let Ok((partition, epoch, exit)) = done {
-                        self.worker_exited(partition, epoch, exit).await;
+                    match done {
+                        Ok((partition, epoch, exit)) => {
+                            self.worker_exited(partition, epoch, exit).await;
+                        }
+                        // An aborted handoff (or a worker that panicked) says nothing of its
+                        // partition: its slot is the one whose task has finished.
+                        Err(_) => self.reap_finished().await,
                     }
                     self.replan(session).await;
                 }
@@ -534,6 +539,24 @@ impl Manager {
                 self.release(partition, epoch).await;
                 ownership_change("released");
             }
+        }
+    }
+
+    /// Releases the partitions whose workers ended without an exit (aborted or panicked), so
+    /// that another node can claim them at once.
+    async fn reap_finished(&mut self) {
+        let finished: Vec<(PartitionId, Revision)> = self
+            .workers
+            .iter()
+            .filter(|(_, slot)| slot.abort.is_finished())
+            .map(|(partition, slot)| (*partition, slot.epoch))
+            .collect();
+        for (partition, epoch) in finished {
+            warn!(partition, epoch, "partition worker ended without finishing; releasing it");
+            self.workers.remove(&partition);
+            lock(&self.shared.view).owned.remove(&partition);
+            self.release(partition, epoch).await;
+            ownership_change("released");
         }
     }
 
