@@ -8,7 +8,7 @@
 //! cargo run --release -p tidings-bench -- fanout  [--store embedded|etcd] [--count N]
 //! cargo run --release -p tidings-bench -- ceiling [--seconds S]
 //! cargo run --release -p tidings-bench -- failover [--lease-ttl SECONDS]
-//! cargo run --release -p tidings-bench -- rolling [--rate R]
+//! cargo run --release -p tidings-bench -- rolling [--rate R] [--seconds S]
 //! any scenario: [--telemetry on|off] (nodes export over OTLP and serve /metrics)
 //! cargo run --release -p tidings-bench -- all
 //! ```

@@ -146,7 +146,7 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
         queries(args.count).await?;
     }
     if args.scenario == "rolling" {
-        rolling(args.rate, args.seconds).await?;
+        rolling(args.rate, if args.seconds == 10 { 5 } else { args.seconds }).await?;
     }
     if args.scenario == "sustained" {
         let rate = if args.rate == 1000 { 3000 } else { args.rate };
@@ -742,7 +742,8 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
 }
 
 /// A rolling restart: three nodes take `rate` events/s while each in turn is stopped with
-/// SIGTERM and started again; every event is published through a running node (a call a
+/// SIGTERM and started again (`pause` seconds of load before the first stop and after the last
+/// start); every event is published through a running node (a call a
 /// stopping node refuses goes to the next, with the same idempotency key).
 async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
     use tidings_client::tonic::transport::Channel;
@@ -863,7 +864,7 @@ async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
             while calls.join_next().await.is_some() {}
         })
     };
-    tokio::time::sleep(Duration::from_secs(pause.min(5))).await;
+    tokio::time::sleep(Duration::from_secs(pause)).await;
     let mut stops = Vec::new();
     for i in 0..3 {
         if let Ok(mut clients) = clients.lock() {
@@ -881,7 +882,7 @@ async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
         }
         settled(&store, 3).await?;
     }
-    tokio::time::sleep(Duration::from_secs(pause.min(5))).await;
+    tokio::time::sleep(Duration::from_secs(pause)).await;
     stop.cancel();
     publisher.await?;
     watcher.await?;

@@ -475,3 +475,59 @@ async fn debians_prometheus_scrapes_a_node() {
     let logs = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
     assert_eq!(owned.unwrap_or_else(|e| panic!("{e}\n{logs}")), "8", "{}", node.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_observability_commands_work_as_written() {
+    let section = readme_section("## Observability");
+    let block =
+        section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    let command = block.replace("\\\n", " ");
+    let mut lines = command.lines().map(str::trim).filter(|l| !l.is_empty());
+    let serve = lines.next().expect("the serve command");
+    let curl = lines.next().expect("the curl command");
+    // The variables the README sets, as it sets them; only the addresses change.
+    let (assignments, rest) = serve.split_once("cargo run").expect("cargo run");
+    assert!(rest.trim().ends_with("-p tidings-server -- serve"), "{serve}");
+    let collector = Collector::start().await.expect("collector");
+    let port = free_port().expect("port");
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut readme_port = 0;
+    for assignment in assignments.split_whitespace() {
+        let (key, value) = assignment.split_once('=').expect("KEY=value");
+        let value = match key {
+            "TIDINGS_METRICS__LISTEN" => {
+                readme_port = value.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+                format!("127.0.0.1:{port}")
+            }
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => collector.endpoint(),
+            _ => value.to_string(),
+        };
+        env.push((key.to_string(), value));
+    }
+    assert!(env.iter().any(|(k, _)| k == "OTEL_SERVICE_NAME"), "{env:?}");
+    let node = NodeProcess::start(NodeOptions { env, ..Default::default() }).await.expect("node");
+    // curl -s http://127.0.0.1:PORT/metrics | grep '^NAME'
+    let url = curl.split_whitespace().find(|w| w.starts_with("http://")).expect("a URL");
+    assert!(url.contains(&format!(":{readme_port}/")), "{url}");
+    let path = &url[url.find("/metrics").expect("/metrics")..];
+    let pattern =
+        curl.rsplit("grep '^").next().and_then(|p| p.strip_suffix('\'')).expect("grep '^NAME'");
+    let body = http_get(port, path).await;
+    assert!(body.lines().any(|l| l.starts_with(pattern)), "no line starts with {pattern}:\n{body}");
+    // And the node's spans reach the collector the README points it at.
+    node.cluster()
+        .await
+        .expect("client")
+        .list_nodes(tidings_client::v1::ListNodesRequest::default())
+        .await
+        .expect("call");
+    wait_until("a span at the collector", Duration::from_secs(20), || async {
+        collector
+            .resources()
+            .iter()
+            .any(|r| attribute(r, "service.name").as_deref() == Some("tidings"))
+            .then_some(())
+    })
+    .await
+    .expect("spans exported");
+}
