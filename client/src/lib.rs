@@ -1,7 +1,7 @@
 //! The typed client other services use to talk to Tidings.
 //!
 //! Each service has its generated client (for example [`WebhookServiceClient`]); the messages
-//! live in [`v1`].
+//! live in [`v1`]. Receivers verify the webhooks Tidings sends with [`webhook::Verifier`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -11,6 +11,8 @@
 //! println!("{} webhooks", page.webhooks.len());
 //! # Ok(()) }
 //! ```
+
+pub mod webhook;
 
 pub use prost_types;
 pub use tidings_api::v1;

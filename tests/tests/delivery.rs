@@ -113,6 +113,8 @@ async fn final_delivery(node: &NodeProcess, webhook_id: &str, status: DeliverySt
     .expect("delivery settles")
 }
 
+/// Verifies a received webhook with the `standardwebhooks` crate and with the client crate's
+/// verifier; both must agree.
 fn verify(received: &tidings_tests::Received, secret: &str) -> bool {
     let mut headers = axum::http::HeaderMap::new();
     for (name, value) in &received.headers {
@@ -123,7 +125,13 @@ fn verify(received: &tidings_tests::Received, secret: &str) -> bool {
             headers.insert(name, value);
         }
     }
-    standardwebhooks::Webhook::new(secret).expect("secret").verify(&received.body, &headers).is_ok()
+    let reference =
+        standardwebhooks::Webhook::new(secret).expect("secret").verify(&received.body, &headers);
+    let ours = tidings_client::webhook::Verifier::new(secret)
+        .expect("secret")
+        .verify(&headers, &received.body);
+    assert_eq!(reference.is_ok(), ours.is_ok(), "the two verifiers disagree: {ours:?}");
+    ours.is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
