@@ -596,18 +596,6 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     for i in 0..3 {
         nodes.push(start_node("postgres", Some(&etcd), &prefix, &format!("node-{i}"), ttl).await?);
     }
-    let owners = |store: &tidings_scheduler::store::EtcdStore| {
-        let store = store.clone();
-        async move {
-            let page = store.range_prefix(b"owners/", 0).await.ok()?;
-            Some(
-                page.kvs
-                    .into_iter()
-                    .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
-                    .collect::<BTreeMap<_, _>>(),
-            )
-        }
-    };
     wait_until("64 partitions owned by 3 nodes", Duration::from_secs(60), || async {
         let owners = owners(&store).await?;
         let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
@@ -663,11 +651,8 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let before = owners(&store).await.unwrap_or_default();
-    let victims: std::collections::BTreeSet<u32> = before
-        .iter()
-        .filter(|(_, owner)| *owner == "node-0")
-        .filter_map(|(key, _)| String::from_utf8_lossy(key).rsplit('/').next()?.parse().ok())
-        .collect();
+    let victims: std::collections::BTreeSet<u32> =
+        before.iter().filter(|(_, owner)| *owner == "node-0").map(|(p, _)| *p).collect();
     nodes[0].kill();
     let killed = Instant::now();
     wait_until("the survivors to own every partition", Duration::from_secs(120), || async {
@@ -755,22 +740,6 @@ async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
     for i in 0..3 {
         nodes.push(start_node("postgres", Some(&etcd), &prefix, &format!("node-{i}"), 10).await?);
     }
-    let owners = |store: &tidings_scheduler::store::EtcdStore| {
-        let store = store.clone();
-        async move {
-            let page = store.range_prefix(b"owners/", 0).await.ok()?;
-            Some(
-                page.kvs
-                    .into_iter()
-                    .filter_map(|kv| {
-                        let partition: u32 =
-                            String::from_utf8_lossy(&kv.key).rsplit('/').next()?.parse().ok()?;
-                        Some((partition, String::from_utf8_lossy(&kv.value).into_owned()))
-                    })
-                    .collect::<BTreeMap<u32, String>>(),
-            )
-        }
-    };
     let settled = |store: &tidings_scheduler::store::EtcdStore, nodes: usize| {
         let store = store.clone();
         async move {
@@ -925,6 +894,22 @@ async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
     );
     println!();
     Ok(())
+}
+
+/// Returns each owned partition with its owner, from the owner keys; `None` when etcd does not
+/// answer.
+async fn owners(store: &tidings_scheduler::store::EtcdStore) -> Option<BTreeMap<u32, String>> {
+    let page = store.range_prefix(b"owners/", 0).await.ok()?;
+    Some(
+        page.kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let partition: u32 =
+                    String::from_utf8_lossy(&kv.key).rsplit('/').next()?.parse().ok()?;
+                Some((partition, String::from_utf8_lossy(&kv.value).into_owned()))
+            })
+            .collect(),
+    )
 }
 
 /// The hardware's ceiling: the same receiver driven by a plain HTTP load loop.

@@ -881,15 +881,17 @@ impl CampaignEngine {
     }
 }
 
-/// Counts a run's contact whose delivery ended.
-fn run_contacts(campaign: &str, outcome: &'static str) {
-    crate::telemetry::metrics().run_contacts.add(
-        1,
-        &[
-            KeyValue::new("tidings.campaign.id", campaign.to_string()),
-            KeyValue::new("outcome", outcome),
-        ],
-    );
+/// Counts `count` contacts of a campaign's runs with this outcome.
+fn run_contacts(campaign: &str, outcome: &'static str, count: u64) {
+    if count > 0 {
+        crate::telemetry::metrics().run_contacts.add(
+            count,
+            &[
+                KeyValue::new("tidings.campaign.id", campaign.to_string()),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+    }
 }
 
 fn put_delivery(delivery: &Delivery) -> EngineResult<Write> {
@@ -1281,17 +1283,8 @@ impl Engine for CampaignEngine {
             }
             _ => shard.done = true,
         }
-        let metrics = crate::telemetry::metrics();
-        let campaign_id = KeyValue::new("tidings.campaign.id", campaign_id.to_string());
-        let queued = shard.queued - counted.0;
-        let skipped = shard.skipped.values().sum::<u64>() - counted.1;
-        for (outcome, count) in [("queued", queued), ("skipped", skipped)] {
-            if count > 0 {
-                metrics
-                    .run_contacts
-                    .add(count, &[campaign_id.clone(), KeyValue::new("outcome", outcome)]);
-            }
-        }
+        run_contacts(campaign_id, "queued", shard.queued - counted.0);
+        run_contacts(campaign_id, "skipped", shard.skipped.values().sum::<u64>() - counted.1);
         self.save_shard(shard_key, shard, effects)
     }
 
@@ -1434,7 +1427,7 @@ impl Engine for CampaignEngine {
             } else {
                 shard.failed += 1;
             }
-            run_contacts(&delivery.campaign_id, delivery.status.name());
+            run_contacts(&delivery.campaign_id, delivery.status.name(), 1);
             self.save_shard(key, shard, effects)?;
         }
         delivery.next_attempt_ms = None;

@@ -342,7 +342,8 @@ pub struct Auth<S> {
     layer: AuthLayer,
 }
 
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+/// The future of the API's tower layers.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S, B, R> tower::Service<http::Request<B>> for Auth<S>
 where

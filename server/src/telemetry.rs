@@ -20,9 +20,11 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use crate::auth::BoxFuture;
 use crate::config::{Config, LogFormat};
 
 /// The OTLP transport.
@@ -50,10 +52,13 @@ fn otlp(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Option<
     }
     let telemetry = &config.telemetry;
     let endpoint = (!telemetry.otlp_endpoint.is_empty()).then(|| telemetry.otlp_endpoint.clone());
-    let from_env = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .chain(&["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"])
-        .any(|name| set(name).is_some());
+    let from_env = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| set(name).is_some());
     if endpoint.is_none() && !from_env {
         return Ok(None);
     }
@@ -235,8 +240,6 @@ fn init_logging(config: &Config, tracer: Option<&SdkTracerProvider>) {
     let _ = DISPATCH.set(dispatch.downgrade());
     let _ = dispatch.try_init();
 }
-
-use tracing_subscriber::fmt::format::JsonFields;
 
 /// The logging dispatcher, for the JSON formatter to find each span's trace context.
 static DISPATCH: OnceLock<tracing::dispatcher::WeakDispatch> = OnceLock::new();
@@ -492,8 +495,6 @@ impl Drop for Call {
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S, B, R> tower::Service<http::Request<B>> for Rpc<S>
 where

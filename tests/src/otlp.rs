@@ -117,11 +117,6 @@ impl Drop for Collector {
     }
 }
 
-/// Returns whether a span is of `kind`.
-pub fn is_kind(span: &Span, kind: SpanKind) -> bool {
-    span.kind == kind as i32
-}
-
 /// Returns an attribute of a span (or resource) as text: strings as they are, numbers and
 /// booleans in decimal.
 pub fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {

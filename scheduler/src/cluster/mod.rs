@@ -516,7 +516,7 @@ impl Manager {
                 self.workers
                     .insert(partition, WorkerSlot { epoch, cancel, abort, releasing: None });
                 lock(&self.shared.view).owned.insert(partition, stats);
-                ownership_change("claimed");
+                ownership_changes("claimed", 1);
             }
             Ok(_) => debug!(partition, "claim lost: already owned"),
             Err(error) => debug!(partition, %error, "claim failed"),
@@ -533,11 +533,11 @@ impl Manager {
         match exit {
             Exit::Fenced => {
                 warn!(partition, epoch, "fenced off: another node owns the partition");
-                ownership_change("fenced");
+                ownership_changes("fenced", 1);
             }
             Exit::Cancelled => {
                 self.release(partition, epoch).await;
-                ownership_change("released");
+                ownership_changes("released", 1);
             }
         }
     }
@@ -556,7 +556,7 @@ impl Manager {
             self.workers.remove(&partition);
             lock(&self.shared.view).owned.remove(&partition);
             self.release(partition, epoch).await;
-            ownership_change("released");
+            ownership_changes("released", 1);
         }
     }
 
@@ -694,11 +694,6 @@ fn observe(shared: &Arc<Shared>) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
         })
         .build();
     vec![Box::new(owned), Box::new(nodes), Box::new(backlog), Box::new(age), Box::new(timers)]
-}
-
-/// Counts a change of ownership of one of this node's partitions.
-fn ownership_change(change: &'static str) {
-    ownership_changes(change, 1);
 }
 
 /// Counts `count` changes of ownership of this node's partitions.

@@ -932,7 +932,7 @@ impl Worker {
 fn inbox_time_ms(key: &Key) -> Option<i64> {
     let Key::Inbox { id, .. } = key else { return None };
     let (_, ulid) = id.rsplit_once('_')?;
-    let ulid = ulid::Ulid::from_string(&ulid.to_ascii_uppercase()).ok()?;
+    let ulid = ulid::Ulid::from_string(ulid).ok()?;
     Some(ulid.timestamp_ms() as i64)
 }
 
