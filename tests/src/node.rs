@@ -31,6 +31,9 @@ pub struct NodeOptions {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// gRPC address; a free port of 127.0.0.1 when `None`. Set it to restart a node where its
+    /// clients expect it.
+    pub listen: Option<String>,
     /// Whether calls need a token (`auth.enabled`). Off unless asked for, so that tests of
     /// other features call without one; `env` may still set it.
     pub auth: bool,
@@ -107,7 +110,8 @@ impl NodeProcess {
         let mut command = Command::new(node_binary());
         command
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", options.listen.as_deref().unwrap_or("127.0.0.1:0")])
+            .args(["--log-format", "json"])
             .args(["--log-level", options.log_level.as_deref().unwrap_or("info")])
             .arg("--data-dir")
             .arg(&data_dir)
@@ -188,6 +192,11 @@ impl NodeProcess {
     /// Returns everything the node logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Returns a client of the node, built with the crate's defaults.
+    pub async fn client(&self) -> anyhow::Result<tidings_client::Client> {
+        Ok(tidings_client::Client::builder().endpoint(self.url()).connect().await?)
     }
 
     /// Returns a connected WebhookService client.

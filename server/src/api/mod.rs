@@ -53,6 +53,9 @@ impl Streams {
     }
 }
 
+/// How long a caller is asked to wait after RESOURCE_EXHAUSTED.
+const EXHAUSTED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Every failure a caller can see, by the status it maps to.
 #[derive(Debug)]
 pub(crate) enum ApiError {
@@ -81,7 +84,12 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists(message) => Status::already_exists(message),
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
-            ApiError::Exhausted(message) => Status::resource_exhausted(message),
+            ApiError::Exhausted(message) => {
+                // The hint lets clients back off for as long as a full store or stream table
+                // takes to drain, instead of hammering the node.
+                let details = ErrorDetails::with_retry_info(Some(EXHAUSTED_RETRY_AFTER));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
             ApiError::Internal(message) => Status::internal(message),
         }
     }

@@ -1,4 +1,21 @@
-//! The `tidings` command line.
+//! The `tidings` command line: `serve`, `migrate` and `generate-key` run here; the other
+//! commands talk to a node over gRPC through `tidings-client`.
+//!
+//! - `remote`: connection flags, output formats, one-line errors;
+//! - `messages`: API messages as JSON and YAML;
+//! - `resources`: webhooks, segments, campaigns (and runs);
+//! - `contacts`: import with progress and rejects;
+//! - `deliveries`: list, get, redeliver, tail;
+//! - `listen`: a local verifying receiver;
+//! - `status`: the cluster at a glance.
+
+mod contacts;
+mod deliveries;
+mod listen;
+mod messages;
+mod remote;
+mod resources;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,26 +49,27 @@ enum Command {
     /// Asks a node whether it serves (grpc.health.v1): exits 0 when it does, 1 otherwise. For
     /// container health checks and Kubernetes probes.
     Health(HealthArgs),
+    /// Shows the nodes, the partitions each owns, backlogs, timers and the deliveries of the
+    /// last minute.
+    Status(remote::Remote),
+    /// Lists, shows, creates, updates, deletes and tests webhooks.
+    Webhooks(resources::WebhooksArgs),
+    /// Lists, shows, creates, updates and deletes segments.
+    Segments(resources::SegmentsArgs),
+    /// Manages campaigns and starts runs (`run ID --watch` follows one).
+    Campaigns(resources::CampaignsArgs),
+    /// Imports contacts from CSV or JSON lines; shows one.
+    Contacts(contacts::ContactsArgs),
+    /// Lists, shows and redelivers deliveries; `tail` follows them as they change.
+    Deliveries(deliveries::DeliveriesArgs),
+    /// Receives webhooks on this machine, verifies and prints them.
+    Listen(listen::ListenArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct HealthArgs {
-    /// The node: http://host:port, or https://host:port when it speaks TLS.
-    #[arg(long, env = "TIDINGS_ENDPOINT", default_value = "http://127.0.0.1:50051")]
-    endpoint: String,
-    /// PEM CA the node's certificate chains to (https:// endpoints); the system's roots when
-    /// unset.
-    #[arg(long, env = "TIDINGS_CA")]
-    ca: Option<PathBuf>,
-    /// PEM client certificate and key, for a node that asks for one (grpc.tls.client_ca_file).
-    #[arg(long, env = "TIDINGS_CLIENT_CERT", requires = "client_key")]
-    client_cert: Option<PathBuf>,
-    /// Key of --client-cert.
-    #[arg(long, env = "TIDINGS_CLIENT_KEY", requires = "client_cert")]
-    client_key: Option<PathBuf>,
-    /// Bearer token, for a node whose health service needs one (auth.open_health = false).
-    #[arg(long, env = "TIDINGS_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    remote: remote::Remote,
     /// Service to ask about; the whole node when empty.
     #[arg(long, default_value = "")]
     service: String,
@@ -121,77 +139,51 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Migrate(args) => migrate(args),
         Command::Health(args) => health(args),
+        Command::Status(remote) => remote::run(status::status(remote)),
+        Command::Webhooks(args) => remote::run(resources::webhooks(args)),
+        Command::Segments(args) => remote::run(resources::segments(args)),
+        Command::Campaigns(args) => remote::run(resources::campaigns(args)),
+        Command::Contacts(args) => remote::run(contacts::contacts(args)),
+        Command::Deliveries(args) => remote::run(deliveries::deliveries(args)),
+        Command::Listen(args) => remote::run(listen::listen(args)),
     }
 }
 
 fn health(args: HealthArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("tidings: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let timeout = args.timeout;
-    match runtime.block_on(async { tokio::time::timeout(timeout, ask_health(&args)).await }) {
-        Ok(Ok(status)) if status == "SERVING" => {
-            println!("{status}");
-            ExitCode::SUCCESS
-        }
-        Ok(Ok(status)) => {
-            println!("{status}");
-            ExitCode::FAILURE
-        }
-        Ok(Err(error)) => {
-            eprintln!("tidings: {}: {error:#}", args.endpoint);
-            ExitCode::FAILURE
-        }
-        Err(_) => {
-            eprintln!(
-                "tidings: {}: no answer within {}",
-                args.endpoint,
-                humantime::format_duration(timeout)
-            );
-            ExitCode::FAILURE
-        }
-    }
+    let endpoint = args.remote.endpoint.clone();
+    // Container runtimes read 1 as unhealthy and reserve 2, so every failure exits with 1.
+    remote::run_as(
+        async move {
+            match tokio::time::timeout(timeout, ask_health(&args)).await {
+                Ok(Ok(status)) if status == "SERVING" => {
+                    println!("{status}");
+                    Ok(())
+                }
+                Ok(Ok(status)) => {
+                    println!("{status}");
+                    Err(anyhow::anyhow!("{endpoint}: {status}"))
+                }
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(anyhow::anyhow!(
+                    "{endpoint}: no answer within {}",
+                    humantime::format_duration(timeout)
+                )),
+            }
+        },
+        1,
+    )
 }
 
 async fn ask_health(args: &HealthArgs) -> anyhow::Result<String> {
-    use anyhow::Context;
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     use tonic_health::pb::health_client::HealthClient;
-    let mut endpoint = Endpoint::from_shared(args.endpoint.clone())
-        .with_context(|| "--endpoint: not a URL such as https://localhost:50051".to_string())?;
-    if args.endpoint.starts_with("https://") {
-        let mut tls = ClientTlsConfig::new().with_enabled_roots();
-        if let Some(ca) = &args.ca {
-            let pem =
-                std::fs::read(ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
-        }
-        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
-            let cert = std::fs::read(cert)
-                .with_context(|| format!("--client-cert: cannot read {}", cert.display()))?;
-            let key = std::fs::read(key)
-                .with_context(|| format!("--client-key: cannot read {}", key.display()))?;
-            tls = tls.identity(Identity::from_pem(cert, key));
-        }
-        endpoint = endpoint.tls_config(tls).context("TLS")?;
-    }
-    let channel = endpoint.connect().await.context("cannot connect")?;
-    let mut client = HealthClient::new(channel);
-    let mut request =
-        tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: args.service.clone() });
-    if let Some(token) = &args.token {
-        let value =
-            format!("Bearer {token}").parse().context("--token: not a valid header value")?;
-        request.metadata_mut().insert("authorization", value);
-    }
-    let response = client
-        .check(request)
-        .await
-        .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?;
+    let client = args.remote.connect().await?;
+    let mut health = HealthClient::new(client.transport());
+    let request = tonic_health::pb::HealthCheckRequest { service: args.service.clone() };
+    let response = health.check(request).await.map_err(|status| {
+        anyhow::Error::new(tidings_client::Error::from(status))
+            .context(args.remote.endpoint.clone())
+    })?;
     let status = tonic_health::pb::health_check_response::ServingStatus::try_from(
         response.into_inner().status,
     )
