@@ -123,6 +123,9 @@ impl From<tonic::Status> for Error {
             Code::Unauthenticated => Error::Unauthenticated(message),
             Code::PermissionDenied => Error::PermissionDenied(message),
             Code::Unavailable => Error::Unavailable(message),
+            // The caller never sees its own cancellations (it dropped the future), so a
+            // cancelled call is one whose connection was lost: the node went away mid-call.
+            Code::Cancelled => Error::Unavailable(format!("connection lost: {message}")),
             Code::ResourceExhausted => {
                 let retry_after = status.get_details_retry_info().and_then(|info| info.retry_delay);
                 Error::ResourceExhausted { message, retry_after }
@@ -166,6 +169,7 @@ mod tests {
         ));
         assert!(hinted.retryable());
         assert!(Error::from(tonic::Status::unavailable("down")).retryable());
+        assert!(Error::from(tonic::Status::cancelled("operation was canceled")).retryable());
         assert_eq!(
             Error::from(tonic::Status::already_exists("x")).code(),
             Code::FailedPrecondition

@@ -369,3 +369,79 @@ async fn tail_and_listen_follow_a_run_as_json() {
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("unavailable"), "{down:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_change_from_files_and_json_lines_import() {
+    let node = NodeProcess::start(NodeOptions::default()).await.expect("node");
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path();
+    std::fs::write(path.join("hook.yaml"), "url: https://example.com/a\ndescription: first\n")
+        .expect("file");
+    assert_eq!(
+        tidings(&node, path, &["webhooks", "create", "-f", "hook.yaml", "--id", "a"]).code,
+        0
+    );
+    // Only the fields the file sets change.
+    std::fs::write(path.join("change.yaml"), "description: second\n").expect("file");
+    let updated =
+        tidings(&node, path, &["webhooks", "update", "a", "-f", "change.yaml", "-o", "json"]);
+    assert_eq!(updated.code, 0, "{}", updated.stderr);
+    let got = tidings(&node, path, &["webhooks", "get", "a", "-o", "json"]);
+    let got: serde_json::Value = serde_json::from_str(&got.stdout).expect("json");
+    assert_eq!(
+        (got["description"].as_str(), got["url"].as_str()),
+        (Some("second"), Some("https://example.com/a"))
+    );
+    // A stale etag is refused.
+    std::fs::write(path.join("stale.yaml"), "description: third\netag: \"1\"\n").expect("file");
+    let stale = tidings(&node, path, &["webhooks", "update", "a", "-f", "stale.yaml"]);
+    assert_eq!(stale.code, 1);
+    assert!(stale.stderr.contains("conflict"), "{}", stale.stderr);
+
+    std::fs::write(path.join("seg.json"), r#"{"filter": "contact.attributes.n > 1"}"#)
+        .expect("file");
+    assert_eq!(
+        tidings(&node, path, &["segments", "create", "-f", "seg.json", "--id", "big"]).code,
+        0
+    );
+    let listed = tidings(&node, path, &["segments", "list"]);
+    assert!(
+        listed.stdout.contains("big") && listed.stdout.contains("contact.attributes.n > 1"),
+        "{}",
+        listed.stdout
+    );
+    let deleted = tidings(&node, path, &["segments", "delete", "big"]);
+    assert_eq!(deleted.stdout.trim(), "deleted segment big");
+    let gone = tidings(&node, path, &["segments", "get", "big"]);
+    assert_eq!(gone.code, 1);
+    assert!(gone.stderr.starts_with("tidings: not found: "), "{}", gone.stderr);
+
+    std::fs::write(
+        path.join("people.jsonl"),
+        concat!(
+            r#"{"id": "p1", "attributes": {"n": 1}, "timezone": "Europe/Paris"}"#,
+            "\n",
+            "\n",
+            r#"{"id": "p2", "attributes": {"n": 2}, "color": "blue"}"#,
+            "\n",
+            r#"{"id": "p3", "attributes": {"n": 3}}"#,
+            "\n",
+            "not json\n",
+        ),
+    )
+    .expect("file");
+    let imported = tidings(&node, path, &["contacts", "import", "people.jsonl", "-o", "json"]);
+    assert_eq!(imported.code, 0, "{}", imported.stderr);
+    let summary: serde_json::Value = serde_json::from_str(&imported.stdout).expect("json");
+    assert_eq!((summary["imported"].as_u64(), summary["rejected"].as_u64()), (Some(2), Some(2)));
+    let rejects =
+        std::fs::read_to_string(path.join("people.jsonl.rejects.jsonl")).expect("rejects");
+    let lines: Vec<serde_json::Value> =
+        rejects.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(lines[0]["line"], 3);
+    assert!(lines[0]["reason"].as_str().is_some_and(|r| r.contains("color")), "{rejects}");
+    assert_eq!(lines[1]["line"], 5);
+    let contact = tidings(&node, path, &["contacts", "get", "p3", "-o", "json"]);
+    let contact: serde_json::Value = serde_json::from_str(&contact.stdout).expect("json");
+    assert_eq!(contact["attributes"]["n"], 3);
+}

@@ -209,3 +209,70 @@ async fn a_run_is_watched_and_its_delivery_verifies() {
         assert_eq!(&received.body[..], br#"{"plan": "pro"}"#);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_a_client_certificate_and_a_token_come_from_the_builder() {
+    use tidings_tests::certs::{Authority, write};
+    let dir = tempfile::tempdir().expect("dir");
+    let servers = Authority::new("server CA").expect("CA");
+    let clients = Authority::new("client CA").expect("CA");
+    let (cert, key) = servers.issue(&["localhost", "127.0.0.1"]).expect("issued");
+    let (client_cert, client_key) = clients.issue(&["billing-service"]).expect("issued");
+    let env = vec![
+        (
+            "TIDINGS_GRPC__TLS__CERT_FILE".into(),
+            write(dir.path(), "node.pem", &cert).expect("w").display().to_string(),
+        ),
+        (
+            "TIDINGS_GRPC__TLS__KEY_FILE".into(),
+            write(dir.path(), "node.key", &key).expect("w").display().to_string(),
+        ),
+        (
+            "TIDINGS_GRPC__TLS__CLIENT_CA_FILE".into(),
+            write(dir.path(), "client-ca.pem", &clients.pem).expect("w").display().to_string(),
+        ),
+    ];
+    let node = NodeProcess::start(NodeOptions { env, auth: true, ..Default::default() })
+        .await
+        .expect("node");
+    let token = std::fs::read_to_string(node.data_dir().join("admin.token")).expect("admin token");
+    let endpoint = format!("https://localhost:{}", node.addr().port());
+    let builder = Client::builder()
+        .endpoint(&endpoint)
+        .ca_certificate(servers.pem.clone())
+        .retry_policy(RetryPolicy::none());
+
+    let client = builder
+        .clone()
+        .client_certificate(client_cert.clone(), client_key.clone())
+        .token(token.trim())
+        .user_agent("billing-service/1.2")
+        .connect()
+        .await
+        .expect("connects over mutual TLS");
+    assert!(client.webhooks().list().all().await.expect("list").is_empty());
+
+    let anonymous = builder
+        .clone()
+        .client_certificate(client_cert, client_key)
+        .connect()
+        .await
+        .expect("connects");
+    let refused = anonymous.webhooks().list().page().await;
+    assert!(matches!(refused, Err(Error::Unauthenticated(_))), "{refused:?}");
+
+    // With TLS 1.3 the client finishes its side of the handshake before the node checks the
+    // certificate, so the refusal may come with the first call rather than with connect().
+    let refused = match builder.token(token.trim()).connect().await {
+        Err(error) => error,
+        Ok(client) => client.webhooks().list().page().await.expect_err("refused"),
+    };
+    assert!(
+        matches!(refused, Error::Unavailable(_)),
+        "the node refuses a client without a certificate: {refused:?}"
+    );
+
+    let plain =
+        Client::builder().endpoint(node.url()).ca_certificate(servers.pem.clone()).connect_lazy();
+    assert!(matches!(plain, Err(Error::Config(_))), "certificates with http:// are refused");
+}

@@ -39,7 +39,28 @@ pub(crate) fn to_json<M: Named>(message: &M) -> anyhow::Result<serde_json::Value
     let dynamic = DynamicMessage::decode(descriptor(M::NAME)?, message.encode_to_vec().as_slice())
         .context("cannot re-encode a message")?;
     let options = SerializeOptions::new().use_proto_field_name(true);
-    Ok(dynamic.serialize_with_options(serde_json::value::Serializer, &options)?)
+    let mut json = dynamic.serialize_with_options(serde_json::value::Serializer, &options)?;
+    whole_numbers(&mut json);
+    Ok(json)
+}
+
+/// Prints whole numbers without a fraction: `Struct` values are doubles, and `"n": 3` reads
+/// better than `"n": 3.0` (the two are the same JSON number).
+fn whole_numbers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) => {
+            if let Some(x) = n.as_f64()
+                && n.is_f64()
+                && x.fract() == 0.0
+                && x.abs() < 9.0e15
+            {
+                *value = serde_json::Value::from(x as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(whole_numbers),
+        _ => {}
+    }
 }
 
 /// Returns many messages as a JSON array.
