@@ -103,7 +103,13 @@ impl Error {
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         let message = status.message().to_string();
+        // A status with a source was made here, from a transport failure (a node that went
+        // away, a refused handshake), not sent by a node.
+        let local = std::error::Error::source(&status).map(|source| source.to_string());
         match status.code() {
+            Code::Unknown if local.is_some() => {
+                Error::Unavailable(format!("{message}: {}", local.unwrap_or_default()))
+            }
             Code::InvalidArgument => {
                 let violations = status
                     .get_details_bad_request()

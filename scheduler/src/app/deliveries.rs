@@ -94,29 +94,25 @@ impl Deliveries {
     }
 
     /// Asks the owners to send again every failed delivery that passes `filter`; returns
-    /// how many were queued.
+    /// how many were queued. Pages through the filtered listing, so a backend with a status
+    /// index (PostgreSQL) reads only failed deliveries.
     pub async fn redeliver_failed(&self, filter: &DeliveryFilter) -> Result<u64, DeliveryError> {
         let filter = DeliveryFilter { status: Some(Status::Failed), ..filter.clone() };
         let mut queued = 0;
-        for partition in 0..self.partitions {
-            let mut from: Option<String> = None;
-            loop {
-                let (page, more) =
-                    self.state.deliveries_between(partition, from.as_deref(), "~", 1000).await?;
-                let failed: Vec<(PartitionId, String)> = page
-                    .into_iter()
-                    .filter_map(|(id, d)| d.ok().filter(|d| filter.matches(d)).map(|_| id))
-                    .map(|id| (partition, id))
-                    .collect();
+        let mut from: (PartitionId, Option<String>) = (0, None);
+        loop {
+            let (page, next) = self.state.deliveries(&filter, from, self.partitions, 1000).await?;
+            let failed: Vec<(PartitionId, String)> =
+                page.into_iter().map(|delivery| (delivery.partition, delivery.id)).collect();
+            if !failed.is_empty() {
                 self.ingest.redeliver(&failed).await?;
-                queued += failed.len() as u64;
-                match more {
-                    Some(last) => from = Some(last),
-                    None => break,
-                }
+            }
+            queued += failed.len() as u64;
+            match next {
+                Some((partition, id)) => from = (partition, Some(id)),
+                None => return Ok(queued),
             }
         }
-        Ok(queued)
     }
 
     /// Streams every change to a delivery that passes `filter`, until the receiver is
