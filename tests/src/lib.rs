@@ -17,6 +17,7 @@ pub mod faults;
 mod node;
 pub mod otlp;
 pub mod postgres;
+pub mod readme;
 mod receiver;
 pub mod setup;
 pub mod state_conformance;

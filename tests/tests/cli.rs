@@ -83,20 +83,6 @@ impl Drop for Background {
     }
 }
 
-fn readme_section() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
-    let readme = std::fs::read_to_string(&path).expect("README");
-    let heading = "## The command line\n";
-    let start = readme.find(heading).expect("README has a command line section");
-    let section = &readme[start + heading.len()..];
-    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
-    section
-        .split("```sh\n")
-        .skip(1)
-        .map(|rest| rest[..rest.find("```").unwrap_or(rest.len())].to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_command_line_runs_as_written() {
     let node = NodeProcess::start(loopback()).await.expect("node");
@@ -111,7 +97,7 @@ async fn the_readme_command_line_runs_as_written() {
     let env = [("TIDINGS_ENDPOINT", node.url())];
     let mut background = Vec::new();
     let mut transcript = String::new();
-    for block in readme_section() {
+    for block in tidings_tests::readme::sh_blocks("## The command line\n") {
         let block = block
             .replace("127.0.0.1:50051", &node.addr().to_string())
             .replace("8080", &listen_port);

@@ -17,23 +17,6 @@ enum Expect {
 
 use Expect::{Code, Ok as Succeeds};
 
-fn readme() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Returns the `sh` blocks of the README section that starts with `heading`.
-fn blocks(readme: &str, heading: &str) -> Vec<String> {
-    let start = readme.find(heading).unwrap_or_else(|| panic!("README has no {heading:?}"));
-    let section = &readme[start + heading.len()..];
-    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
-    section
-        .split("```sh\n")
-        .skip(1)
-        .map(|rest| rest[..rest.find("```").unwrap_or(rest.len())].to_string())
-        .collect()
-}
-
 fn grpcurl() -> PathBuf {
     let path = std::env::var_os("GRPCURL").map_or_else(|| PathBuf::from("grpcurl"), PathBuf::from);
     let version = Command::new(&path).arg("-version").output().unwrap_or_else(|e| {
@@ -116,8 +99,7 @@ impl Drop for HttpServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_walkthrough_works_as_written() {
-    let readme = readme();
-    let blocks = blocks(&readme, "## Walkthrough with grpcurl");
+    let blocks = tidings_tests::readme::sh_blocks("## Walkthrough with grpcurl");
     assert_eq!(blocks.len(), 3, "the walkthrough's sh blocks changed; update this test");
     let grpcurl = grpcurl();
 
@@ -204,8 +186,7 @@ async fn the_walkthrough_works_as_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_security_walkthrough_works_as_written() {
-    let readme = readme();
-    let blocks = blocks(&readme, "## Security");
+    let blocks = tidings_tests::readme::sh_blocks("## Security");
     assert!(blocks.len() >= 2, "the security section's sh blocks changed; update this test");
     assert!(blocks[0].contains("TIDINGS_AUTH__ENABLED=true"), "{}", blocks[0]);
     let grpcurl = grpcurl();

@@ -255,18 +255,9 @@ fn sum(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)
         .sum()
 }
 
-/// Returns the README's Observability section.
-fn readme_section(heading: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
-    let readme = std::fs::read_to_string(path).expect("README.md");
-    let start = readme.find(heading).expect("the section");
-    let section = &readme[start + heading.len()..];
-    section[..section.find("\n## ").unwrap_or(section.len())].to_string()
-}
-
 /// Returns the metric names of the README's metric table.
 fn documented_metrics() -> Vec<String> {
-    let section = readme_section("## Observability");
+    let section = tidings_tests::readme::section("## Observability");
     let mut names = Vec::new();
     for line in section.lines().filter(|l| l.starts_with("| `")) {
         let cell = line.split('|').nth(1).unwrap_or_default();
@@ -478,7 +469,7 @@ async fn debians_prometheus_scrapes_a_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_observability_commands_work_as_written() {
-    let section = readme_section("## Observability");
+    let section = tidings_tests::readme::section("## Observability");
     let block =
         section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
     let command = block.replace("\\\n", " ");

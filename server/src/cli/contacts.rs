@@ -42,8 +42,9 @@ enum ContactAction {
         #[arg(long, default_value_t = 1)]
         from_line: u64,
         /// Contacts per call: each call is one stream, and an import that stops resumes at
-        /// the first line of the call that failed.
-        #[arg(long, default_value_t = 20_000)]
+        /// the first line of the call that failed. Above 1,000 the server lists only the
+        /// first 1,000 rejects of a call: the others are counted, not written.
+        #[arg(long, default_value_t = BATCH)]
         chunk: usize,
     },
     /// Prints one contact.
