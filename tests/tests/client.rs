@@ -196,13 +196,7 @@ async fn a_run_is_watched_and_its_delivery_verifies() {
 
     let verifier = Verifier::new(SECRET).expect("secret");
     for received in receiver.wait_for(2, Duration::from_secs(10)).await.expect("requests") {
-        let mut headers = axum::http::HeaderMap::new();
-        for (name, value) in &received.headers {
-            headers.insert(
-                axum::http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
-                axum::http::HeaderValue::from_str(value).expect("value"),
-            );
-        }
+        let headers = received.header_map();
         verifier.verify(&headers, &received.body).expect("the signature verifies");
         let reference = standardwebhooks::Webhook::new(SECRET).expect("secret");
         reference.verify(&received.body, &headers).expect("and so says the reference");

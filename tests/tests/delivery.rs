@@ -116,15 +116,7 @@ async fn final_delivery(node: &NodeProcess, webhook_id: &str, status: DeliverySt
 /// Verifies a received webhook with the `standardwebhooks` crate and with the client crate's
 /// verifier; both must agree.
 fn verify(received: &tidings_tests::Received, secret: &str) -> bool {
-    let mut headers = axum::http::HeaderMap::new();
-    for (name, value) in &received.headers {
-        if let (Ok(name), Ok(value)) = (
-            axum::http::HeaderName::from_bytes(name.as_bytes()),
-            axum::http::HeaderValue::from_str(value),
-        ) {
-            headers.insert(name, value);
-        }
-    }
+    let headers = received.header_map();
     let reference =
         standardwebhooks::Webhook::new(secret).expect("secret").verify(&received.body, &headers);
     let ours = tidings_client::webhook::Verifier::new(secret)

@@ -1,6 +1,7 @@
 //! `tidings listen`: a local receiver that verifies each webhook it gets and prints it
 //! readably, to try campaigns on a laptop without writing a receiver.
 
+use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -64,7 +65,6 @@ pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
         };
         println!("listening on http://{bound}, {verifying}; interrupt to stop");
     }
-    use std::io::Write;
     std::io::stdout().flush()?;
     axum::serve(socket, app)
         .with_graceful_shutdown(async {
@@ -136,7 +136,6 @@ async fn receive(
         text.push_str(&format!("  {line}\n"));
     }
     print!("{text}");
-    use std::io::Write;
     let _ = std::io::stdout().flush();
     answer
 }

@@ -134,15 +134,8 @@ pub(crate) async fn webhooks(args: WebhooksArgs) -> anyhow::Result<()> {
             if output == Format::Json {
                 print_json(&to_json_list(&all)?);
             } else {
-                let mut table = Table::new(["ID", "METHOD", "ENABLED", "URL"]);
-                for w in &all {
-                    table.row(vec![
-                        w.id.clone(),
-                        method(w),
-                        w.enabled.unwrap_or(true).to_string(),
-                        w.url.clone(),
-                    ]);
-                }
+                let mut table = Table::new(WEBHOOK_COLUMNS);
+                all.iter().for_each(|w| table.row(webhook_row(w)));
                 table.print();
             }
             return Ok(());
@@ -208,15 +201,21 @@ pub(crate) async fn webhooks(args: WebhooksArgs) -> anyhow::Result<()> {
         }
     };
     show(output, &shown, || {
-        let mut table = Table::new(["ID", "METHOD", "ENABLED", "URL"]);
-        table.row(vec![
-            shown.id.clone(),
-            method(&shown),
-            shown.enabled.unwrap_or(true).to_string(),
-            shown.url.clone(),
-        ]);
+        let mut table = Table::new(WEBHOOK_COLUMNS);
+        table.row(webhook_row(&shown));
         table.print();
     })
+}
+
+const WEBHOOK_COLUMNS: [&str; 4] = ["ID", "METHOD", "ENABLED", "URL"];
+
+fn webhook_row(webhook: &Webhook) -> Vec<String> {
+    vec![
+        webhook.id.clone(),
+        method(webhook),
+        webhook.enabled.unwrap_or(true).to_string(),
+        webhook.url.clone(),
+    ]
 }
 
 fn method(webhook: &Webhook) -> String {
@@ -443,7 +442,7 @@ async fn watch_run(
             "run {} {} in {}: {} delivered, {} failed, {} skipped",
             last.id,
             run_state(&last),
-            humantime::format_duration(Duration::from_millis(took.as_millis() as u64)),
+            humantime::format_duration(took),
             count(last.delivered),
             count(last.failed),
             count(skipped(&last)),
