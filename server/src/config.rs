@@ -40,6 +40,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Prometheus metrics.
     pub metrics: MetricsConfig,
+    /// The web console.
+    pub console: ConsoleConfig,
 }
 
 /// The `[node]` section.
@@ -330,6 +332,23 @@ impl MetricsConfig {
     }
 }
 
+/// The `[console]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Whether the node serves the console.
+    pub enabled: bool,
+    /// Address of a listener of its own (plain HTTP); on the gRPC port when empty.
+    pub listen: String,
+}
+
+impl ConsoleConfig {
+    /// Returns the console's own address, when set.
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
 /// Values given as flags; `None` leaves the lower layers' value.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Overrides {
@@ -500,6 +519,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "metrics.listen: {:?} is not an address such as 0.0.0.0:9464",
                 self.metrics.listen
+            )));
+        }
+        if !self.console.listen.is_empty() && self.console.address().is_none() {
+            return Err(ConfigError(format!(
+                "console.listen: {:?} is not an address such as 127.0.0.1:8080",
+                self.console.listen
             )));
         }
         if self.telemetry.metrics_interval < Duration::from_secs(1) {
@@ -799,8 +824,8 @@ mod tests {
         assert_eq!(error.0, "unknown key foo.bar (from TIDINGS_FOO__BAR)");
         let error = check_known(&known, "grpc.listn", "TIDINGS_GRPC__LISTN").expect_err("typo");
         assert!(error.0.ends_with("did you mean grpc.listen?"), "{}", error.0);
-        let error = check_known(&known, "node.listen", "tidings.toml").expect_err("section");
-        assert!(error.0.contains("did you mean grpc.listen?"), "{}", error.0);
+        let error = check_known(&known, "node.max_streams", "tidings.toml").expect_err("section");
+        assert!(error.0.contains("did you mean grpc.max_streams?"), "{}", error.0);
         assert!(check_known(&known, "auth.enabled", "env").is_ok());
     }
 

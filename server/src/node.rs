@@ -160,19 +160,19 @@ impl Node {
         .await
         .context("joining the cluster")?;
 
-        let webhooks = WebhookApi::new(
+        let webhooks = Arc::new(WebhookApi::new(
             webhook_defs.clone().read_your_writes(&webhook_cache),
             cipher.clone(),
             templates.clone(),
             dispatcher.clone(),
-        );
+        ));
         let ingest = tidings_scheduler::app::Ingest::new(
             state.clone(),
             cluster.partitions(),
             config.events.idempotency_retention,
         );
         let events = EventApi::new(ingest.clone(), cluster.partitions());
-        let cluster_api = ClusterApi::new(cluster.clone());
+        let cluster_api = Arc::new(ClusterApi::new(cluster.clone()));
         // Stops with the definition caches, after the API.
         tokio::spawn(tidings_scheduler::app::sweep_idempotency_keys(
             ingest.clone(),
@@ -180,23 +180,25 @@ impl Node {
             caches_stop.clone(),
         ));
         let streams = crate::api::Streams::new(config.grpc.max_streams);
-        let campaigns = CampaignApi::new(
-            store.clone(),
-            state.clone(),
-            cluster.partitions(),
-            templates.clone(),
-            cipher.clone(),
-            streams.clone(),
-        )
-        .read_your_writes(&campaign_cache);
-        let deliveries = DeliveryApi::new(
+        let campaigns = Arc::new(
+            CampaignApi::new(
+                store.clone(),
+                state.clone(),
+                cluster.partitions(),
+                templates.clone(),
+                cipher.clone(),
+                streams.clone(),
+            )
+            .read_your_writes(&campaign_cache),
+        );
+        let deliveries = Arc::new(DeliveryApi::new(
             tidings_scheduler::app::Deliveries::new(
                 state.clone(),
                 ingest.clone(),
                 cluster.partitions(),
             ),
             streams,
-        );
+        ));
         let contacts =
             Arc::new(ContactApi::new(store.clone(), state.clone(), cluster.partitions()));
 
@@ -242,22 +244,76 @@ impl Node {
         }
 
         let shutdown = CancellationToken::new();
-        let router = tonic::transport::Server::builder()
-            .layer(crate::telemetry::RpcLayer)
-            .layer(AuthLayer::new(auth, open))
+        let mut routes = tonic::service::Routes::builder();
+        routes
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(v1::webhook_service_server::WebhookServiceServer::new(webhooks))
+            .add_service(v1::webhook_service_server::WebhookServiceServer::from_arc(
+                webhooks.clone(),
+            ))
             .add_service(v1::contact_service_server::ContactServiceServer::from_arc(
                 contacts.clone(),
             ))
-            .add_service(v1::segment_service_server::SegmentServiceServer::from_arc(contacts))
-            .add_service(v1::campaign_service_server::CampaignServiceServer::new(campaigns))
+            .add_service(v1::segment_service_server::SegmentServiceServer::from_arc(
+                contacts.clone(),
+            ))
+            .add_service(v1::campaign_service_server::CampaignServiceServer::from_arc(
+                campaigns.clone(),
+            ))
             .add_service(v1::event_service_server::EventServiceServer::new(events))
-            .add_service(v1::delivery_service_server::DeliveryServiceServer::new(deliveries))
-            .add_service(v1::cluster_service_server::ClusterServiceServer::new(cluster_api))
+            .add_service(v1::delivery_service_server::DeliveryServiceServer::from_arc(
+                deliveries.clone(),
+            ))
+            .add_service(v1::cluster_service_server::ClusterServiceServer::from_arc(
+                cluster_api.clone(),
+            ))
             .add_service(v1::token_service_server::TokenServiceServer::new(token_api));
+        // The auth layer checks every gRPC call; the call layer (spans, durations) wraps it so
+        // that refused calls are recorded too. Console pages check the same scopes themselves.
+        let grpc = routes
+            .routes()
+            .into_axum_router()
+            .layer(AuthLayer::new(auth.clone(), open))
+            .layer(crate::telemetry::RpcLayer);
+        let console = config.console.enabled.then(|| {
+            crate::console::Console::new(
+                crate::console::Services {
+                    webhooks,
+                    contacts,
+                    campaigns,
+                    deliveries,
+                    cluster: cluster_api,
+                    dispatcher: dispatcher.clone(),
+                },
+                auth.clone(),
+                open,
+                tls.is_some() && config.console.address().is_none(),
+            )
+        });
+        let console_here = console.is_some() && config.console.address().is_none();
+        let app = match &console {
+            Some(console) if console_here => console.router().fallback_service(grpc),
+            _ => grpc,
+        };
+        if let (Some(console), Some(listen)) = (&console, config.console.address()) {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("console.listen: cannot listen on {listen}"))?;
+            info!(addr = %listener.local_addr()?, "console listening");
+            let router = console.router();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let served =
+                    axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+                if let Err(error) = served.await {
+                    warn!(%error, "the console listener stopped");
+                }
+            });
+        }
+        let router = tonic::transport::Server::builder()
+            .accept_http1(console_here)
+            .add_routes(tonic::service::Routes::from(app));
 
         let mode = if config.cluster_mode() { "cluster" } else { "embedded" };
         let client_certificates = tls.as_ref().is_some_and(|(files, _)| files.client_ca.is_some());
@@ -267,6 +323,7 @@ impl Node {
             node = %config.node.id,
             tls = tls.is_some(),
             client_certificates,
+            console = console_here,
             "grpc listening"
         );
 

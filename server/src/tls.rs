@@ -101,7 +101,8 @@ pub fn load(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
             private_key(&files.key)?,
         )
         .context("grpc.tls.key_file: does not match grpc.tls.cert_file")?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 for browsers opening the console on this port.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -4,12 +4,14 @@
 //! - [`postgres::Postgres`]: a PostgreSQL server (`initdb` + `postgres`), a fresh database per
 //!   test;
 //! - [`NodeProcess`]: the `tidings` binary as a child process, with its logs captured;
+//! - [`browser::Browser`]: headless Chromium over WebDriver, for the console;
 //! - [`otlp::Collector`]: an OpenTelemetry collector (OTLP/gRPC traces and metrics);
 //! - [`wait_until`]: polls a condition with a deadline and says what it waited for;
 //! - [`faults`]: a store wrapper that fails reads on demand;
 //! - [`conformance`]: the [`Store`](tidings_scheduler::store::Store) contract, checked against
 //!   any backend; [`state_conformance`]: the state layer's, on redb and PostgreSQL.
 
+pub mod browser;
 pub mod certs;
 pub mod conformance;
 mod etcd;

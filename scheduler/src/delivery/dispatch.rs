@@ -134,6 +134,7 @@ struct Inner {
     live_nodes: Arc<AtomicUsize>,
     options: DispatchOptions,
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    pulse: super::pulse::Pulse,
 }
 
 /// The node's HTTP sender.
@@ -146,6 +147,22 @@ impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher").field("node", &self.inner.node).finish()
     }
+}
+
+/// A webhook's circuit, as this node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Attempts go.
+    Closed,
+    /// Attempts wait; a probe goes after `retry_in`.
+    Open {
+        /// Time until the probe.
+        retry_in: Duration,
+        /// Consecutive failures so far.
+        failures: u32,
+    },
+    /// A probe is in flight.
+    HalfOpen,
 }
 
 /// Values of the `tidings.circuit.state` gauge.
@@ -290,8 +307,29 @@ impl Dispatcher {
                 live_nodes,
                 options,
                 endpoints: Mutex::new(HashMap::new()),
+                pulse: Default::default(),
             }),
         })
+    }
+
+    /// Returns the last hour of this node's attempts.
+    pub fn pulse(&self) -> &super::pulse::Pulse {
+        &self.inner.pulse
+    }
+
+    /// Returns the state of a webhook's circuit on this node.
+    pub fn circuit(&self, webhook: &str) -> CircuitState {
+        let endpoints = lock(&self.inner.endpoints);
+        let Some(endpoint) = endpoints.get(webhook) else { return CircuitState::Closed };
+        let circuit = lock(&endpoint.circuit);
+        match circuit.open_until {
+            None => CircuitState::Closed,
+            Some(_) if circuit.probing => CircuitState::HalfOpen,
+            Some(until) => CircuitState::Open {
+                retry_in: until.saturating_duration_since(Instant::now()),
+                failures: circuit.failures,
+            },
+        }
     }
 
     /// Starts a job; its outcome goes to `reply`.
@@ -704,6 +742,7 @@ impl Dispatcher {
         probe: bool,
     ) {
         let now = crate::now_ms();
+        self.inner.pulse.record(id, now, verdict == Verdict::Success, attempt.duration_ms);
         let disable = {
             let mut circuit = lock(&endpoint.circuit);
             let failed = matches!(verdict, Verdict::Retry(_))

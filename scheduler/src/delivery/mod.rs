@@ -5,10 +5,12 @@
 //! - [`retry`]: which outcomes are retried, and when;
 //! - [`ssrf`]: the outbound address guard;
 //! - [`record`]: the delivery record and its attempt log;
-//! - [`dispatch`]: the HTTP sender with limits and circuits.
+//! - [`dispatch`]: the HTTP sender with limits and circuits;
+//! - [`pulse`]: the last hour of this node's attempts, for the console.
 
 mod credentials;
 pub mod dispatch;
+pub mod pulse;
 pub mod record;
 pub mod render;
 pub mod retry;

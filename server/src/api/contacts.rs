@@ -125,6 +125,19 @@ impl ContactApi {
         }
     }
 
+    /// Checks a segment as CreateSegment does, without storing it, and counts its members with
+    /// a sample of `sample` of them (the console's live count).
+    pub(crate) async fn try_segment(
+        &self,
+        proto: &pb::Segment,
+        sample: usize,
+    ) -> Result<(u64, u64, Vec<pb::Contact>), ApiError> {
+        let mut v = Violations::default();
+        Self::check_segment(proto, &mut v);
+        v.check()?;
+        self.members(&proto.filter, sample).await
+    }
+
     /// Counts the members of a segment and returns up to `sample` of them.
     async fn members(
         &self,

@@ -103,27 +103,9 @@ impl WebhookApi {
         check_id(&mut violations, "id", &request.id);
         violations.check()?;
         let webhook = self.webhooks.get(&request.id).await?;
-        let contact = match &request.contact {
-            Some(c) => serde_json::Value::Object(struct_to_json(c)),
-            None => serde_json::json!({
-                "id": "sample-contact",
-                "attributes": {"email": "ada@example.com", "first_name": "Ada"},
-                "timezone": "UTC",
-                "unsubscribed": false,
-            }),
-        };
-        let data = match &request.event_data {
-            Some(d) => serde_json::Value::Object(struct_to_json(d)),
-            None => serde_json::json!({"sample": true}),
-        };
         let id = format!("msg_test_{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
-        let context = Context {
-            contact: contact.clone(),
-            event: serde_json::json!({"id": "evt_sample", "type": "tidings.test", "data": data}),
-            campaign: serde_json::json!({"id": "", "data": {}}),
-            run: serde_json::Value::Null,
-            delivery: serde_json::json!({"id": id}),
-        };
+        let context = sample_context(request.contact.as_ref(), request.event_data.as_ref(), &id);
+        let contact = context.contact.clone();
         let now = tidings_scheduler::now_ms();
         let rendered = render::request(&self.templates, &self.cipher, &webhook.value, &context);
         let origin = Origin {
@@ -143,6 +125,34 @@ impl WebhookApi {
             request: delivery.request.as_ref().map(super::deliveries::request_to_proto),
             attempt: Some(super::deliveries::attempt_to_proto(&attempt)),
         })
+    }
+
+    /// Validates a webhook as CreateWebhook does, without storing it, and renders its request
+    /// for a sample contact and event (the console's live preview). Secret header values are
+    /// redacted; the signature headers are added when a request is sent.
+    pub(crate) fn preview(
+        &self,
+        proto: &pb::Webhook,
+        contact: Option<&prost_types::Struct>,
+        event_data: Option<&prost_types::Struct>,
+    ) -> Result<pb::RenderedRequest, ApiError> {
+        let mut violations = Violations::default();
+        let webhook = self.to_domain(proto, None, &mut violations);
+        violations.check()?;
+        let context = sample_context(contact, event_data, "msg_preview");
+        let rendered = render::request(&self.templates, &self.cipher, &webhook, &context).map_err(
+            |reason| {
+                let field = if reason.starts_with("url") {
+                    "webhook.url"
+                } else if reason.starts_with("header") {
+                    "webhook.headers"
+                } else {
+                    "webhook.body"
+                };
+                invalid(field, reason)
+            },
+        )?;
+        Ok(super::deliveries::request_to_proto(&rendered))
     }
 
     /// Maps a proto webhook to the domain, validating every field. `existing` provides the
@@ -839,6 +849,34 @@ impl WebhookApi {
                 Err(error) => return Err(error.into()),
             }
         }
+    }
+}
+
+/// The context a test or a preview renders with: the given contact and event data, or samples.
+fn sample_context(
+    contact: Option<&prost_types::Struct>,
+    event_data: Option<&prost_types::Struct>,
+    delivery_id: &str,
+) -> Context {
+    let contact = match contact {
+        Some(c) => serde_json::Value::Object(struct_to_json(c)),
+        None => serde_json::json!({
+            "id": "sample-contact",
+            "attributes": {"email": "ada@example.com", "first_name": "Ada"},
+            "timezone": "UTC",
+            "unsubscribed": false,
+        }),
+    };
+    let data = match event_data {
+        Some(d) => serde_json::Value::Object(struct_to_json(d)),
+        None => serde_json::json!({"sample": true}),
+    };
+    Context {
+        contact,
+        event: serde_json::json!({"id": "evt_sample", "type": "tidings.test", "data": data}),
+        campaign: serde_json::json!({"id": "", "data": {}}),
+        run: serde_json::Value::Null,
+        delivery: serde_json::json!({"id": delivery_id}),
     }
 }
 
