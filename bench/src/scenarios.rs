@@ -1003,8 +1003,67 @@ async fn queries(count: u64) -> anyhow::Result<()> {
             *times.last().unwrap_or(&0) as f64 / 1000.0
         );
     }
+    console_pages(
+        &node,
+        &[
+            ("by contact", "contact=u4242"),
+            ("by campaign", "campaign=camp7"),
+            ("failed, of a webhook", "webhook=hook&status=failed"),
+            ("no filter", ""),
+        ],
+    )
+    .await?;
     println!();
     Ok(())
+}
+
+/// Times the console's deliveries page (50 rows rendered as HTML) for each query, then the
+/// page after the first of the last one.
+async fn console_pages(node: &NodeProcess, queries: &[(&str, &str)]) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    println!("  the console's /deliveries page, 50 rows as HTML:");
+    let mut last = String::new();
+    for (name, query) in queries {
+        last = console_page(&http, node, name, query).await?;
+    }
+    let next = last
+        .split_once("rel=\"next\" href=\"/deliveries?")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(query, _)| query.replace("&amp;", "&"));
+    if let Some(query) = next {
+        console_page(&http, node, "the second page", &query).await?;
+    }
+    Ok(())
+}
+
+async fn console_page(
+    http: &reqwest::Client,
+    node: &NodeProcess,
+    name: &str,
+    query: &str,
+) -> anyhow::Result<String> {
+    let mut times = Vec::new();
+    let mut html = String::new();
+    for _ in 0..20 {
+        let asked = Instant::now();
+        html = http
+            .get(format!("{}/deliveries?{query}", node.url()))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        times.push(asked.elapsed().as_micros() as i64);
+    }
+    times.sort_unstable();
+    let rows = html.matches("<tr>").count().saturating_sub(1);
+    println!(
+        "    {name:<22} p50 {:>7.2} ms, max {:>7.2} ms ({rows} rows, {} KiB)",
+        percentile(&times, 0.5) as f64 / 1000.0,
+        *times.last().unwrap_or(&0) as f64 / 1000.0,
+        html.len() / 1024
+    );
+    Ok(html)
 }
 
 async fn ceiling(seconds: u64) -> anyhow::Result<f64> {

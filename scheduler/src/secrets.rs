@@ -68,6 +68,8 @@ impl std::fmt::Debug for Sealed {
 #[derive(Clone)]
 pub struct Cipher {
     aead: XChaCha20Poly1305,
+    /// A key for [`Cipher::derive`], itself derived, so that the encryption key is kept once.
+    derivation: [u8; 32],
 }
 
 impl std::fmt::Debug for Cipher {
@@ -89,7 +91,22 @@ impl Cipher {
             return Err(SecretError::BadKey);
         }
         let aead = XChaCha20Poly1305::new_from_slice(key).map_err(|_| SecretError::BadKey)?;
-        Ok(Self { aead })
+        let derivation = Self::mac(key, b"tidings key derivation");
+        Ok(Self { aead, derivation })
+    }
+
+    /// Returns a key for `purpose` (for example the console's CSRF values), the same on every
+    /// node that has the same secrets key, and revealing nothing about it.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        Self::mac(&self.derivation, purpose.as_bytes())
+    }
+
+    fn mac(key: &[u8], message: &[u8]) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(message);
+        mac.finalize().into_bytes().into()
     }
 
     /// Returns a new random key as base64, for configuration files.
@@ -132,6 +149,17 @@ impl Cipher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_keys_follow_the_key_and_the_purpose() {
+        let key = Cipher::generate_key();
+        let (a, b) =
+            (Cipher::from_base64(&key).expect("key"), Cipher::from_base64(&key).expect("key"));
+        assert_eq!(a.derive("console csrf"), b.derive("console csrf"));
+        assert_ne!(a.derive("console csrf"), a.derive("other"));
+        let other = Cipher::from_base64(&Cipher::generate_key()).expect("key");
+        assert_ne!(a.derive("console csrf"), other.derive("console csrf"));
+    }
 
     #[test]
     fn sealed_secrets_open_with_the_same_key_only() {

@@ -661,16 +661,25 @@ fn check_known(known: &[String], key: &str, source: &str) -> Result<(), ConfigEr
     if known.iter().any(|k| k == key) {
         return Ok(());
     }
+    // The same key in another section first (`node.listen` for `grpc.listen`), from the
+    // section the defaults list first, then the key a typo away.
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let listed_at = |k: &str| {
+        let section = k.rsplit_once('.').map_or("", |(section, _)| section);
+        DEFAULT_TOML.find(&format!("[{section}]")).unwrap_or(usize::MAX)
+    };
     let closest = known
         .iter()
-        .map(|k| (edit_distance(k, key), k))
-        .filter(|(d, k)| *d <= 3.max(k.len() / 4))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k.clone())
-        // The same key in another section: `listen` for `grpc.listen`.
+        .filter(|k| k.as_str() != key && k.rsplit('.').next() == Some(last))
+        .min_by_key(|k| listed_at(k))
+        .cloned()
         .or_else(|| {
-            let last = key.rsplit('.').next().unwrap_or(key);
-            known.iter().find(|k| k.rsplit('.').next() == Some(last)).cloned()
+            known
+                .iter()
+                .map(|k| (edit_distance(k, key), k))
+                .filter(|(d, k)| *d <= 3.max(k.len() / 4))
+                .min_by_key(|(d, _)| *d)
+                .map(|(_, k)| k.clone())
         });
     let hint = closest.map(|k| format!("; did you mean {k}?")).unwrap_or_default();
     Err(ConfigError(format!("unknown key {key} (from {source}){hint}")))
@@ -824,8 +833,8 @@ mod tests {
         assert_eq!(error.0, "unknown key foo.bar (from TIDINGS_FOO__BAR)");
         let error = check_known(&known, "grpc.listn", "TIDINGS_GRPC__LISTN").expect_err("typo");
         assert!(error.0.ends_with("did you mean grpc.listen?"), "{}", error.0);
-        let error = check_known(&known, "node.max_streams", "tidings.toml").expect_err("section");
-        assert!(error.0.contains("did you mean grpc.max_streams?"), "{}", error.0);
+        let error = check_known(&known, "node.listen", "tidings.toml").expect_err("section");
+        assert!(error.0.contains("did you mean grpc.listen?"), "{}", error.0);
         assert!(check_known(&known, "auth.enabled", "env").is_ok());
     }
 

@@ -288,6 +288,7 @@ impl Node {
                 },
                 auth.clone(),
                 open,
+                cipher.derive("console csrf"),
                 tls.is_some() && config.console.address().is_none(),
             )
         });

@@ -69,5 +69,19 @@ where
     }
 }
 
+/// Sends `GET path` over HTTP/1.1 to 127.0.0.1:`port`; returns the response's head and body,
+/// or `None` when nothing answered.
+pub async fn http_request(port: u16, path: &str) -> Option<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.to_string(), body.to_string()))
+}
+
 /// A fixed secrets key for tests, so every node of a test cluster shares it.
 pub const TEST_SECRETS_KEY: &str = "dGlkaW5ncy10ZXN0LWtleS0zMi1ieXRlcy1sb25nISE=";

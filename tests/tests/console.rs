@@ -277,6 +277,18 @@ async fn a_campaign_is_built_run_and_repaired_from_the_console() {
     .expect("redelivered");
     assert!(text(c, "ol.timeline").await.contains("HTTP 200"));
 
+    // A second run, slower, paused, resumed and cancelled from its page.
+    primary.default_reply(Reply::Delay(Duration::from_millis(300), 200));
+    c.goto(&format!("{base}/campaigns/notify")).await.expect("open");
+    click(c, "form[action$='/run'] button").await;
+    wait_text(c, "h1", |t| t.starts_with("Run ")).await;
+    for (action, state) in [("pause", "paused"), ("resume", "running"), ("cancel", "cancelled")] {
+        click(c, &format!("form[action$='/control'] input[value={action}] ~ button")).await;
+        wait_text(c, "#run-state", |t| t == state).await;
+    }
+    assert!(!exists(c, "form[action$='/control']").await, "a cancelled run has no controls");
+    primary.default_reply(Reply::Status(200));
+
     // Every failed delivery of the webhook since a time, from its page.
     c.goto(&format!("{base}/webhooks/primary")).await.expect("open");
     click(c, "form[action$='/redeliver-failed'] button").await;
@@ -345,4 +357,32 @@ async fn a_campaign_is_built_run_and_repaired_from_the_console() {
     let campaign = api.campaigns().get("notify").await.expect("campaign");
     assert_eq!(campaign.state, tidings_client::v1::CampaignState::Active as i32);
     browser.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_moves_to_its_own_address_or_goes_away() {
+    let port = tidings_tests::free_port().expect("port");
+    let node = NodeProcess::start(NodeOptions {
+        env: vec![("TIDINGS_CONSOLE__LISTEN".into(), format!("127.0.0.1:{port}"))],
+        ..Default::default()
+    })
+    .await
+    .expect("node");
+    let (head, body) = tidings_tests::http_request(port, "/").await.expect("the console answers");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("<h1>Overview</h1>"), "{body}");
+    // The gRPC port no longer speaks HTTP/1.1, and the API still answers there.
+    let grpc = tidings_tests::http_request(node.addr().port(), "/").await;
+    assert!(grpc.as_ref().is_none_or(|(head, _)| !head.starts_with("HTTP/1.1 200")), "{grpc:?}");
+    node.client().await.expect("client").webhooks().list().all().await.expect("the API");
+
+    let off = NodeProcess::start(NodeOptions {
+        env: vec![("TIDINGS_CONSOLE__ENABLED".into(), "false".into())],
+        ..Default::default()
+    })
+    .await
+    .expect("node");
+    let page = tidings_tests::http_request(off.addr().port(), "/").await;
+    assert!(page.as_ref().is_none_or(|(_, body)| !body.contains("Overview")), "{page:?}");
+    off.client().await.expect("client").webhooks().list().all().await.expect("the API");
 }

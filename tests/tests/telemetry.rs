@@ -9,7 +9,9 @@ use tidings_client::v1::{
 };
 use tidings_tests::otlp::{Collector, Span, SpanKind, attribute, hex};
 use tidings_tests::setup::{active_campaign, trigger, webhook};
-use tidings_tests::{NodeOptions, NodeProcess, Receiver, Reply, free_port, wait_until};
+use tidings_tests::{
+    NodeOptions, NodeProcess, Receiver, Reply, free_port, http_request, wait_until,
+};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
@@ -223,18 +225,6 @@ async fn http_get(port: u16, path: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/plain"), "{head}");
     body
-}
-
-/// Sends a GET; returns the response's head and body.
-async fn http_request(port: u16, path: &str) -> Option<(String, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    Some((head.to_string(), body.to_string()))
 }
 
 fn sum(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {

@@ -60,12 +60,14 @@ pub(crate) struct Services {
 }
 
 impl Console {
-    /// Returns the console; `tokens` is `None` when auth is off. `secure_cookies` marks cookies
+    /// Returns the console; `tokens` is `None` when auth is off. `csrf_key` is the same on every
+    /// node, so a form rendered by one may be posted to another. `secure_cookies` marks cookies
     /// `Secure` (the listener speaks TLS).
     pub(crate) fn new(
         services: Services,
         tokens: Option<Tokens>,
         open: OpenServices,
+        csrf_key: [u8; 32],
         secure_cookies: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -77,7 +79,7 @@ impl Console {
             dispatcher: services.dispatcher,
             tokens,
             open,
-            key: rand::random(),
+            key: csrf_key,
             secure_cookies,
         })
     }
