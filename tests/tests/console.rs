@@ -318,6 +318,7 @@ async fn a_campaign_is_built_run_and_repaired_from_the_console() {
 
     // A read-only token sees the same pages without a write action, and a forged post fails.
     click(c, "form.signout button").await;
+    wait_text(c, "h1", |t| t == "Sign in to Tidings").await;
     fill(c, "#token", &reader).await;
     click(c, "button[type=submit]").await;
     wait_text(c, "h1", |t| t == "Overview").await;

@@ -29,17 +29,7 @@ pub(crate) fn routes() -> axum::Router<Arc<Console>> {
 }
 
 async fn segments(State(console): State<Arc<Console>>, who: Who) -> Page {
-    let segments = console
-        .call(
-            &who,
-            &method("SegmentService", "ListSegments"),
-            console.contacts.list_segments(Request::new(pb::ListSegmentsRequest {
-                page_size: 1000,
-                page_token: String::new(),
-            })),
-        )
-        .await?
-        .segments;
+    let segments = console.all_segments(&who).await?;
     let body = html! {
         @if who.can_write() { p { a.button href="/segments/new" { "New segment" } } }
         @if segments.is_empty() { p { "No segments yet. A segment is a CEL filter over contacts." } }
@@ -120,7 +110,7 @@ async fn preview(State(console): State<Arc<Console>>, post: Post) -> Page {
     };
     let counted = match console.allow(&post.who, &method("SegmentService", "CountSegment")) {
         Err(status) => Err(status),
-        Ok(()) => console.contacts.try_segment(&segment, 10).await.map_err(Into::into),
+        Ok(()) => console.api.contacts.try_segment(&segment, 10).await.map_err(Into::into),
     };
     Ok(match counted {
         Ok((count, total, sample)) => members(count, total, &sample),
@@ -135,7 +125,7 @@ async fn create(State(console): State<Arc<Console>>, post: Post) -> Page {
         .call(
             &post.who,
             &method("SegmentService", "CreateSegment"),
-            console.contacts.create_segment(Request::new(pb::CreateSegmentRequest {
+            console.api.contacts.create_segment(Request::new(pb::CreateSegmentRequest {
                 segment: Some(pb::Segment {
                     description: f.get("description").into(),
                     filter: f.trimmed("filter").into(),
@@ -171,7 +161,7 @@ async fn get_segment(console: &Console, who: &Who, id: &str) -> Result<pb::Segme
         .call(
             who,
             &method("SegmentService", "GetSegment"),
-            console.contacts.get_segment(Request::new(pb::GetSegmentRequest { id: id.into() })),
+            console.api.contacts.get_segment(Request::new(pb::GetSegmentRequest { id: id.into() })),
         )
         .await
 }
@@ -188,7 +178,7 @@ async fn segment_page(
         .call(
             who,
             &method("SegmentService", "PreviewSegment"),
-            console.contacts.preview_segment(Request::new(pb::PreviewSegmentRequest {
+            console.api.contacts.preview_segment(Request::new(pb::PreviewSegmentRequest {
                 id: s.id.clone(),
                 sample_size: 10,
             })),
@@ -199,6 +189,7 @@ async fn segment_page(
             who,
             &method("SegmentService", "CountSegment"),
             console
+                .api
                 .contacts
                 .count_segment(Request::new(pb::CountSegmentRequest { id: s.id.clone() })),
         )
@@ -220,7 +211,7 @@ async fn update(State(console): State<Arc<Console>>, Path(id): Path<String>, pos
         .call(
             &post.who,
             &method("SegmentService", "UpdateSegment"),
-            console.contacts.update_segment(Request::new(pb::UpdateSegmentRequest {
+            console.api.contacts.update_segment(Request::new(pb::UpdateSegmentRequest {
                 segment: Some(pb::Segment {
                     id: id.clone(),
                     description: f.get("description").into(),
@@ -268,7 +259,7 @@ async fn contacts(State(console): State<Arc<Console>>, who: Who, Query(q): Query
         .call(
             &who,
             &method("ContactService", "ListContacts"),
-            console.contacts.list_contacts(Request::new(pb::ListContactsRequest {
+            console.api.contacts.list_contacts(Request::new(pb::ListContactsRequest {
                 filter: q.filter.trim().into(),
                 page_size: 50,
                 page_token: q.page.clone(),
@@ -330,14 +321,17 @@ async fn contact(State(console): State<Arc<Console>>, who: Who, Path(id): Path<S
         .call(
             &who,
             &method("ContactService", "GetContact"),
-            console.contacts.get_contact(Request::new(pb::GetContactRequest { id: id.clone() })),
+            console
+                .api
+                .contacts
+                .get_contact(Request::new(pb::GetContactRequest { id: id.clone() })),
         )
         .await?;
     let deliveries = console
         .call(
             &who,
             &method("DeliveryService", "ListDeliveries"),
-            console.deliveries.list_deliveries(Request::new(pb::ListDeliveriesRequest {
+            console.api.deliveries.list_deliveries(Request::new(pb::ListDeliveriesRequest {
                 filter: Some(pb::DeliveryFilter { contact_id: id.clone(), ..Default::default() }),
                 page_size: 200,
                 page_token: String::new(),

@@ -12,8 +12,6 @@ use futures::StreamExt;
 use maud::{Markup, html};
 use tidings_api::v1 as pb;
 use tidings_api::v1::campaign_service_server::CampaignService;
-use tidings_api::v1::segment_service_server::SegmentService;
-use tidings_api::v1::webhook_service_server::WebhookService;
 use tonic::Request;
 
 use super::view::{self, Area, Errors, Field};
@@ -304,29 +302,9 @@ struct Choices {
 }
 
 async fn choices(console: &Console, who: &Who) -> Result<Choices, tonic::Status> {
-    let webhooks = console
-        .call(
-            who,
-            &method("WebhookService", "ListWebhooks"),
-            console.webhooks.list_webhooks(Request::new(pb::ListWebhooksRequest {
-                page_size: 1000,
-                page_token: String::new(),
-            })),
-        )
-        .await?
-        .webhooks;
-    let segments = console
-        .call(
-            who,
-            &method("SegmentService", "ListSegments"),
-            console.contacts.list_segments(Request::new(pb::ListSegmentsRequest {
-                page_size: 1000,
-                page_token: String::new(),
-            })),
-        )
-        .await?
-        .segments;
-    let campaigns = all_campaigns(console, who).await?;
+    let webhooks = console.all_webhooks(who).await?;
+    let segments = console.all_segments(who).await?;
+    let campaigns = console.all_campaigns(who).await?;
     let labelled = |id: &str, description: &str| {
         let label =
             if description.is_empty() { id.to_string() } else { format!("{id} — {description}") };
@@ -341,29 +319,6 @@ async fn choices(console: &Console, who: &Who) -> Result<Choices, tonic::Status>
             .chain(campaigns.iter().map(|c| labelled(&c.id, &c.description)))
             .collect(),
     })
-}
-
-async fn all_campaigns(console: &Console, who: &Who) -> Result<Vec<pb::Campaign>, tonic::Status> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = console
-            .call(
-                who,
-                &method("CampaignService", "ListCampaigns"),
-                console.campaigns.list_campaigns(Request::new(pb::ListCampaignsRequest {
-                    state: 0,
-                    page_size: 1000,
-                    page_token: token,
-                })),
-            )
-            .await?;
-        out.extend(page.campaigns);
-        if page.next_page_token.is_empty() || out.len() >= 10_000 {
-            return Ok(out);
-        }
-        token = page.next_page_token;
-    }
 }
 
 fn trigger_summary(c: &pb::Campaign) -> String {
@@ -391,7 +346,7 @@ fn after_of(c: &pb::Campaign) -> Option<&pb::FollowUpTrigger> {
 }
 
 async fn list(State(console): State<Arc<Console>>, who: Who) -> Page {
-    let campaigns = all_campaigns(&console, &who).await?;
+    let campaigns = console.all_campaigns(&who).await?;
     let body = html! {
         @if who.can_write() { p { a.button href="/campaigns/new" { "New campaign" } } }
         @if campaigns.is_empty() { p { "No campaigns yet. A campaign sends a webhook to an audience when its trigger fires." } }
@@ -526,7 +481,7 @@ async fn create(State(console): State<Arc<Console>>, post: Post) -> Page {
             .call(
                 &post.who,
                 &method("CampaignService", "CreateCampaign"),
-                console.campaigns.create_campaign(Request::new(pb::CreateCampaignRequest {
+                console.api.campaigns.create_campaign(Request::new(pb::CreateCampaignRequest {
                     campaign: Some(campaign),
                     campaign_id: form.id.clone(),
                 })),
@@ -558,7 +513,10 @@ async fn get_campaign(
         .call(
             who,
             &method("CampaignService", "GetCampaign"),
-            console.campaigns.get_campaign(Request::new(pb::GetCampaignRequest { id: id.into() })),
+            console
+                .api
+                .campaigns
+                .get_campaign(Request::new(pb::GetCampaignRequest { id: id.into() })),
         )
         .await
 }
@@ -636,12 +594,12 @@ async fn detail(
     errors: &Errors,
     note: Option<Markup>,
 ) -> Page {
-    let all = all_campaigns(console, who).await?;
+    let all = console.all_campaigns(who).await?;
     let runs = console
         .call(
             who,
             &method("CampaignService", "ListRuns"),
-            console.campaigns.list_runs(Request::new(pb::ListRunsRequest {
+            console.api.campaigns.list_runs(Request::new(pb::ListRunsRequest {
                 campaign_id: c.id.clone(),
                 page_size: 20,
                 page_token: String::new(),
@@ -721,7 +679,7 @@ async fn update(State(console): State<Arc<Console>>, Path(id): Path<String>, pos
             .call(
                 &post.who,
                 &method("CampaignService", "UpdateCampaign"),
-                console.campaigns.update_campaign(Request::new(pb::UpdateCampaignRequest {
+                console.api.campaigns.update_campaign(Request::new(pb::UpdateCampaignRequest {
                     campaign: Some(pb::Campaign { id: id.clone(), ..campaign }),
                     update_mask: Some(prost_types::FieldMask {
                         paths: [
@@ -770,7 +728,7 @@ async fn change_state(
                 .call(
                     who,
                     &method("CampaignService", "ActivateCampaign"),
-                    console.campaigns.activate_campaign(Request::new(
+                    console.api.campaigns.activate_campaign(Request::new(
                         pb::ActivateCampaignRequest { id: id.clone() },
                     )),
                 )
@@ -782,6 +740,7 @@ async fn change_state(
                     who,
                     &method("CampaignService", "PauseCampaign"),
                     console
+                        .api
                         .campaigns
                         .pause_campaign(Request::new(pb::PauseCampaignRequest { id: id.clone() })),
                 )
@@ -792,9 +751,9 @@ async fn change_state(
                 .call(
                     who,
                     &method("CampaignService", "ArchiveCampaign"),
-                    console.campaigns.archive_campaign(Request::new(pb::ArchiveCampaignRequest {
-                        id: id.clone(),
-                    })),
+                    console.api.campaigns.archive_campaign(Request::new(
+                        pb::ArchiveCampaignRequest { id: id.clone() },
+                    )),
                 )
                 .await
         }
@@ -822,7 +781,7 @@ async fn run_now(State(console): State<Arc<Console>>, Path(id): Path<String>, po
         .call(
             &post.who,
             &method("CampaignService", "RunCampaign"),
-            console.campaigns.run_campaign(Request::new(pb::RunCampaignRequest {
+            console.api.campaigns.run_campaign(Request::new(pb::RunCampaignRequest {
                 id: id.clone(),
                 idempotency_key: post.fields.trimmed("idempotency_key").into(),
                 ..Default::default()
@@ -851,7 +810,7 @@ async fn dry_run(State(console): State<Arc<Console>>, who: Who, Path(id): Path<S
         .call(
             &who,
             &method("CampaignService", "PreviewCampaign"),
-            console.campaigns.preview_campaign(Request::new(pb::PreviewCampaignRequest {
+            console.api.campaigns.preview_campaign(Request::new(pb::PreviewCampaignRequest {
                 id: id.clone(),
                 sample_size: 5,
                 event_data: None,
@@ -882,7 +841,7 @@ async fn get_run(
         .call(
             who,
             &method("CampaignService", "GetRun"),
-            console.campaigns.get_run(Request::new(pb::GetRunRequest {
+            console.api.campaigns.get_run(Request::new(pb::GetRunRequest {
                 campaign_id: id.into(),
                 run_id: run.into(),
             })),
@@ -964,6 +923,7 @@ async fn run_live(
             &who,
             &method("CampaignService", "WatchRun"),
             console
+                .api
                 .campaigns
                 .watch_run(Request::new(pb::WatchRunRequest { campaign_id: id, run_id: run })),
         )
@@ -991,6 +951,7 @@ async fn run_control(
                     who,
                     &method("CampaignService", "PauseRun"),
                     console
+                        .api
                         .campaigns
                         .pause_run(Request::new(pb::PauseRunRequest { campaign_id, run_id })),
                 )
@@ -1002,6 +963,7 @@ async fn run_control(
                     who,
                     &method("CampaignService", "ResumeRun"),
                     console
+                        .api
                         .campaigns
                         .resume_run(Request::new(pb::ResumeRunRequest { campaign_id, run_id })),
                 )
@@ -1013,6 +975,7 @@ async fn run_control(
                     who,
                     &method("CampaignService", "CancelRun"),
                     console
+                        .api
                         .campaigns
                         .cancel_run(Request::new(pb::CancelRunRequest { campaign_id, run_id })),
                 )

@@ -86,7 +86,7 @@ async fn list(State(console): State<Arc<Console>>, who: Who, Query(search): Quer
             .call(
                 &who,
                 &method("DeliveryService", "ListDeliveries"),
-                console.deliveries.list_deliveries(Request::new(pb::ListDeliveriesRequest {
+                console.api.deliveries.list_deliveries(Request::new(pb::ListDeliveriesRequest {
                     filter: Some(pb::DeliveryFilter {
                         webhook_id: search.webhook.trim().into(),
                         campaign_id: search.campaign.trim().into(),
@@ -178,7 +178,7 @@ async fn show(State(console): State<Arc<Console>>, who: Who, Path(id): Path<Stri
         .call(
             &who,
             &method("DeliveryService", "GetDelivery"),
-            console.deliveries.get_delivery(Request::new(pb::GetDeliveryRequest { id })),
+            console.api.deliveries.get_delivery(Request::new(pb::GetDeliveryRequest { id })),
         )
         .await?;
     let body = html! {
@@ -252,7 +252,7 @@ async fn redeliver(
         .call(
             &post.who,
             &method("DeliveryService", "Redeliver"),
-            console.deliveries.redeliver(Request::new(pb::RedeliverRequest { id })),
+            console.api.deliveries.redeliver(Request::new(pb::RedeliverRequest { id })),
         )
         .await?;
     Ok(Redirect::to(&format!("/deliveries/{}", done.id)).into_response())

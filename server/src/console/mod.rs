@@ -31,18 +31,17 @@ use tonic::{Code, Status};
 
 use crate::api::{CampaignApi, ClusterApi, ContactApi, DeliveryApi, WebhookApi};
 use crate::auth::{Needs, OpenServices, Refused, Scope, Tokens, needs};
+use tidings_api::v1 as pb;
+use tidings_api::v1::campaign_service_server::CampaignService;
+use tidings_api::v1::segment_service_server::SegmentService;
+use tidings_api::v1::webhook_service_server::WebhookService;
 
 /// The cookie that holds a signed-in browser's token.
 const TOKEN_COOKIE: &str = "tidings_token";
 
 /// Everything the pages call.
 pub(crate) struct Console {
-    pub(crate) webhooks: Arc<WebhookApi>,
-    pub(crate) contacts: Arc<ContactApi>,
-    pub(crate) campaigns: Arc<CampaignApi>,
-    pub(crate) deliveries: Arc<DeliveryApi>,
-    pub(crate) cluster: Arc<ClusterApi>,
-    pub(crate) dispatcher: Dispatcher,
+    pub(crate) api: Services,
     tokens: Option<Tokens>,
     open: OpenServices,
     key: [u8; 32],
@@ -70,18 +69,7 @@ impl Console {
         csrf_key: [u8; 32],
         secure_cookies: bool,
     ) -> Arc<Self> {
-        Arc::new(Self {
-            webhooks: services.webhooks,
-            contacts: services.contacts,
-            campaigns: services.campaigns,
-            deliveries: services.deliveries,
-            cluster: services.cluster,
-            dispatcher: services.dispatcher,
-            tokens,
-            open,
-            key: csrf_key,
-            secure_cookies,
-        })
+        Arc::new(Self { api: services, tokens, open, key: csrf_key, secure_cookies })
     }
 
     /// Returns the console's routes; paths it does not serve go to `fallback`.
@@ -119,6 +107,51 @@ impl Console {
     ) -> Result<R, Status> {
         self.allow(who, path)?;
         Ok(call.await?.into_inner())
+    }
+
+    /// Every webhook, page by page.
+    pub(crate) async fn all_webhooks(&self, who: &Who) -> Result<Vec<pb::Webhook>, Status> {
+        every(|page_token| async move {
+            let path = method("WebhookService", "ListWebhooks");
+            let request = pb::ListWebhooksRequest { page_size: 1000, page_token };
+            let page = self.call(
+                who,
+                &path,
+                self.api.webhooks.list_webhooks(tonic::Request::new(request)),
+            );
+            page.await.map(|p| (p.webhooks, p.next_page_token))
+        })
+        .await
+    }
+
+    /// Every segment, page by page.
+    pub(crate) async fn all_segments(&self, who: &Who) -> Result<Vec<pb::Segment>, Status> {
+        every(|page_token| async move {
+            let path = method("SegmentService", "ListSegments");
+            let request = pb::ListSegmentsRequest { page_size: 1000, page_token };
+            let page = self.call(
+                who,
+                &path,
+                self.api.contacts.list_segments(tonic::Request::new(request)),
+            );
+            page.await.map(|p| (p.segments, p.next_page_token))
+        })
+        .await
+    }
+
+    /// Every campaign, page by page.
+    pub(crate) async fn all_campaigns(&self, who: &Who) -> Result<Vec<pb::Campaign>, Status> {
+        every(|page_token| async move {
+            let path = method("CampaignService", "ListCampaigns");
+            let request = pb::ListCampaignsRequest { state: 0, page_size: 1000, page_token };
+            let page = self.call(
+                who,
+                &path,
+                self.api.campaigns.list_campaigns(tonic::Request::new(request)),
+            );
+            page.await.map(|p| (p.campaigns, p.next_page_token))
+        })
+        .await
     }
 
     fn csrf_for(&self, token: Option<&str>) -> String {
@@ -402,6 +435,27 @@ pub(crate) fn form_error(status: Status) -> Result<view::Errors, Failure> {
 
 /// The result of a page handler.
 pub(crate) type Page = Result<Response, Failure>;
+
+/// Most definitions of a kind a page lists.
+const MOST_LISTED: usize = 10_000;
+
+/// Collects the pages `page` returns for each page token until the last, or `MOST_LISTED`.
+async fn every<T, F, Fut>(mut page: F) -> Result<Vec<T>, Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), Status>>,
+{
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        out.extend(items);
+        if next.is_empty() || out.len() >= MOST_LISTED {
+            return Ok(out);
+        }
+        token = next;
+    }
+}
 
 /// The gRPC path of a method, for the scope check.
 pub(crate) fn method(service: &str, name: &str) -> String {

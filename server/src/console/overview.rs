@@ -15,7 +15,7 @@ pub(crate) async fn page(State(console): State<Arc<Console>>, who: Who) -> Page 
         .call(
             &who,
             &method("ClusterService", "ListNodes"),
-            console.cluster.list_nodes(tonic::Request::new(pb::ListNodesRequest {})),
+            console.api.cluster.list_nodes(tonic::Request::new(pb::ListNodesRequest {})),
         )
         .await?
         .nodes;
@@ -23,12 +23,12 @@ pub(crate) async fn page(State(console): State<Arc<Console>>, who: Who) -> Page 
         .call(
             &who,
             &method("ClusterService", "ListPartitions"),
-            console.cluster.list_partitions(tonic::Request::new(pb::ListPartitionsRequest {})),
+            console.api.cluster.list_partitions(tonic::Request::new(pb::ListPartitionsRequest {})),
         )
         .await?
         .partitions;
     let now = tidings_scheduler::now_ms();
-    let hour = console.dispatcher.pulse().hour(now);
+    let hour = console.api.dispatcher.pulse().hour(now);
     let label = |start_ms: i64| {
         chrono::DateTime::from_timestamp_millis(start_ms)
             .map(|t| t.format("%H:%M").to_string())

@@ -203,17 +203,7 @@ pub(crate) fn object(text: &str, field: &str) -> Result<Option<prost_types::Stru
 }
 
 async fn list(State(console): State<Arc<Console>>, who: Who) -> Page {
-    let webhooks = console
-        .call(
-            &who,
-            &method("WebhookService", "ListWebhooks"),
-            console.webhooks.list_webhooks(Request::new(pb::ListWebhooksRequest {
-                page_size: 1000,
-                page_token: String::new(),
-            })),
-        )
-        .await?
-        .webhooks;
+    let webhooks = console.all_webhooks(&who).await?;
     let now = tidings_scheduler::now_ms();
     let body = html! {
         @if who.can_write() { p { a.button href="/webhooks/new" { "New webhook" } } }
@@ -226,7 +216,7 @@ async fn list(State(console): State<Arc<Console>>, who: Who) -> Page {
                     thead { tr { th { "Webhook" } th { "Endpoint" } th { "State" } th { "Success" } th { "p95" } th { "Circuit" } } }
                     tbody {
                         @for w in &webhooks {
-                            @let health = console.dispatcher.pulse().webhook(&w.id, now);
+                            @let health = console.api.dispatcher.pulse().webhook(&w.id, now);
                             tr {
                                 td { a href={"/webhooks/" (w.id)} { (w.id) } br; small { (w.description) } }
                                 td { code { (w.url) } }
@@ -236,7 +226,7 @@ async fn list(State(console): State<Arc<Console>>, who: Who) -> Page {
                                 }
                                 td { @if let Some(r) = health.success_rate() { (format!("{:.1}%", r * 100.0)) " of " (health.attempts) } @else { "–" } }
                                 td { @if let Some(p) = health.p95_ms { "≤ " (p) " ms" } @else { "–" } }
-                                td { (circuit(console.dispatcher.circuit(&w.id))) }
+                                td { (circuit(console.api.dispatcher.circuit(&w.id))) }
                             }
                         }
                     }
@@ -332,6 +322,7 @@ async fn preview(State(console): State<Arc<Console>>, post: Post) -> Page {
             .allow(&post.who, &method("WebhookService", "CreateWebhook"))
             .map_err(|s| Errors::of(&s))?;
         console
+            .api
             .webhooks
             .preview(&webhook, contact.as_ref(), event.as_ref())
             .map_err(|e| Errors::of(&e.into()))
@@ -357,7 +348,7 @@ async fn create(State(console): State<Arc<Console>>, post: Post) -> Page {
         .call(
             &post.who,
             &method("WebhookService", "CreateWebhook"),
-            console.webhooks.create_webhook(Request::new(pb::CreateWebhookRequest {
+            console.api.webhooks.create_webhook(Request::new(pb::CreateWebhookRequest {
                 webhook: Some(webhook),
                 webhook_id: form.id.clone(),
             })),
@@ -390,7 +381,7 @@ async fn get_webhook(console: &Console, who: &Who, id: &str) -> Result<pb::Webho
         .call(
             who,
             &method("WebhookService", "GetWebhook"),
-            console.webhooks.get_webhook(Request::new(pb::GetWebhookRequest { id: id.into() })),
+            console.api.webhooks.get_webhook(Request::new(pb::GetWebhookRequest { id: id.into() })),
         )
         .await
 }
@@ -403,13 +394,13 @@ fn detail(
     errors: &Errors,
     extra: Option<Markup>,
 ) -> axum::response::Response {
-    let health = console.dispatcher.pulse().webhook(&webhook.id, tidings_scheduler::now_ms());
+    let health = console.api.dispatcher.pulse().webhook(&webhook.id, tidings_scheduler::now_ms());
     let top = html! {
         section.cards aria-label="Health" {
             div.card { span.figure { @if webhook.enabled.unwrap_or(true) { (view::badge("enabled")) } @else { (view::badge("disabled")) } } span { (webhook.disabled_reason) } }
             div.card { span.figure { @if let Some(r) = health.success_rate() { (format!("{:.1}%", r * 100.0)) } @else { "–" } } span { "success, last hour (" (health.attempts) " attempts)" } }
             div.card { span.figure { @if let Some(p) = health.p95_ms { "≤ " (p) " ms" } @else { "–" } } span { "p95 latency" } }
-            div.card { span.figure { (circuit(console.dispatcher.circuit(&webhook.id))) } span { "circuit" } }
+            div.card { span.figure { (circuit(console.api.dispatcher.circuit(&webhook.id))) } span { "circuit" } }
         }
         p {
             a href={"/deliveries?" (view::query_with(&[("webhook", &webhook.id)]))} { "Deliveries" } " · "
@@ -465,7 +456,7 @@ async fn update(State(console): State<Arc<Console>>, Path(id): Path<String>, pos
         .call(
             &post.who,
             &method("WebhookService", "UpdateWebhook"),
-            console.webhooks.update_webhook(Request::new(pb::UpdateWebhookRequest {
+            console.api.webhooks.update_webhook(Request::new(pb::UpdateWebhookRequest {
                 webhook: Some(webhook),
                 update_mask: Some(prost_types::FieldMask {
                     paths: mask.iter().map(|p| p.to_string()).collect(),
@@ -493,7 +484,7 @@ async fn test(State(console): State<Arc<Console>>, Path(id): Path<String>, post:
                 .call(
                     &post.who,
                     &method("WebhookService", "SendTest"),
-                    console.webhooks.send_test(Request::new(pb::SendTestRequest {
+                    console.api.webhooks.send_test(Request::new(pb::SendTestRequest {
                         id: id.clone(),
                         contact,
                         event_data,
@@ -539,7 +530,7 @@ async fn redeliver_failed(
         .call(
             &post.who,
             &method("DeliveryService", "RedeliverFailed"),
-            console.deliveries.redeliver_failed(Request::new(pb::RedeliverFailedRequest {
+            console.api.deliveries.redeliver_failed(Request::new(pb::RedeliverFailedRequest {
                 webhook_id: id.clone(),
                 start_time: since,
                 end_time: None,
