@@ -302,6 +302,15 @@ async fn a_campaign_is_built_run_and_repaired_from_the_console() {
     c.goto(&format!("{base}/")).await.expect("open");
     wait_text(c, ".charts", |t| t.contains("/s")).await;
     shot(&browser, "overview").await;
+    for (path, name) in [
+        ("/campaigns", "campaigns"),
+        ("/segments", "segments"),
+        ("/segments/pro", "segment"),
+        ("/contacts", "contacts"),
+    ] {
+        c.goto(&format!("{base}{path}")).await.expect("open");
+        shot(&browser, name).await;
+    }
 
     // At a phone's width every page still fits.
     c.set_window_size(390, 844).await.expect("resize");

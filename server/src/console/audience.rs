@@ -60,6 +60,7 @@ fn form(
     existing: Option<&pb::Segment>,
     description: &str,
     filter: &str,
+    members: Option<Markup>,
 ) -> Markup {
     let action = match existing {
         Some(s) => format!("/segments/{}", s.id),
@@ -82,14 +83,19 @@ fn form(
             }
             section.preview aria-live="polite" {
                 h2 { "Members" }
-                div #preview { p.hint { "The count and a sample appear here as you type." } }
+                div #preview {
+                    @match members {
+                        Some(members) => (members),
+                        None => p.hint { "The count and a sample appear here as you type." },
+                    }
+                }
             }
         }
     }
 }
 
 async fn new(who: Who) -> Page {
-    let body = form(&who, &Errors::none(), "", None, "", "");
+    let body = form(&who, &Errors::none(), "", None, "", "", None);
     Ok(view::page(&who, Area::Segments, "New segment", body))
 }
 
@@ -145,6 +151,7 @@ async fn create(State(console): State<Arc<Console>>, post: Post) -> Page {
                 None,
                 f.get("description"),
                 f.get("filter"),
+                None,
             );
             Ok(view::page(&post.who, Area::Segments, "New segment", body))
         }
@@ -194,12 +201,12 @@ async fn segment_page(
                 .count_segment(Request::new(pb::CountSegmentRequest { id: s.id.clone() })),
         )
         .await;
+    let current = match (count, sample) {
+        (Ok(count), Ok(sample)) => members(count.count, count.total, &sample.contacts),
+        (Err(status), _) | (_, Err(status)) => Errors::of(&status).summary(),
+    };
     let body = html! {
-        @match (count, sample) {
-            (Ok(count), Ok(sample)) => section.cards { div.card { (members(count.count, count.total, &sample.contacts)) } },
-            (Err(status), _) | (_, Err(status)) => (Errors::of(&status).summary()),
-        }
-        (form(who, errors, &s.id, Some(s), description, filter))
+        (form(who, errors, &s.id, Some(s), description, filter, Some(current)))
     };
     view::page(who, Area::Segments, &format!("Segment {}", s.id), body)
 }
