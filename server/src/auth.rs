@@ -164,7 +164,7 @@ fn hash(secret: &str) -> String {
 }
 
 /// Compares without an early exit, so the time taken says nothing about where they differ.
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

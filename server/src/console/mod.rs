@@ -30,7 +30,7 @@ use tidings_scheduler::delivery::dispatch::Dispatcher;
 use tonic::{Code, Status};
 
 use crate::api::{CampaignApi, ClusterApi, ContactApi, DeliveryApi, WebhookApi};
-use crate::auth::{Needs, OpenServices, Refused, Scope, Tokens, needs};
+use crate::auth::{Needs, OpenServices, Refused, Scope, Tokens, needs, same};
 use tidings_api::v1 as pb;
 use tidings_api::v1::campaign_service_server::CampaignService;
 use tidings_api::v1::segment_service_server::SegmentService;
@@ -210,7 +210,7 @@ impl FromRequestParts<Arc<Console>> for Who {
         let who = console.who(&parts.headers);
         if !who.read {
             let next = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            let query = serde_urlencoded_pair("next", next);
+            let query = view::query_with(&[("next", next)]);
             return Err(Redirect::to(&format!("/sign-in?{query}")).into_response());
         }
         Ok(who)
@@ -228,7 +228,7 @@ impl FromRequest<Arc<Console>> for Post {
 
     async fn from_request(request: Request, console: &Arc<Console>) -> Result<Self, Response> {
         let (mut parts, body) = request.into_parts();
-        check_origin(&parts.headers)?;
+        check_origin(&parts.headers, &parts.uri)?;
         let who = Who::from_request_parts(&mut parts, console).await?;
         let request = Request::from_parts(parts, body);
         let axum::Form(pairs) = axum::Form::<Vec<(String, String)>>::from_request(request, console)
@@ -245,16 +245,17 @@ impl FromRequest<Arc<Console>> for Post {
     }
 }
 
-/// Refuses a post whose `Origin` is another site's.
+/// Refuses a post whose `Origin` is another site's. The site is the `Host` header, or on
+/// HTTP/2 (which browsers choose over TLS) the request's `:authority`, found in its URI.
 #[allow(clippy::result_large_err)]
-fn check_origin(headers: &HeaderMap) -> Result<(), Response> {
+fn check_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> Result<(), Response> {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .or_else(|| headers.get(":authority").and_then(|v| v.to_str().ok()))
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or_default();
     let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin);
     if origin == "null" || origin_host != host {
@@ -288,10 +289,6 @@ impl Fields {
     }
 }
 
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -302,10 +299,6 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .find(|(n, _)| *n == name)
         .map(|(_, v)| v.to_string())
         .filter(|v| !v.is_empty())
-}
-
-fn serde_urlencoded_pair(name: &str, value: &str) -> String {
-    url::form_urlencoded::Serializer::new(String::new()).append_pair(name, value).finish()
 }
 
 /// Where a sign-in may send the browser next: a path of this site only.
@@ -337,10 +330,11 @@ async fn sign_in_page(
 
 async fn sign_in(
     axum::extract::State(console): axum::extract::State<Arc<Console>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     axum::Form(pairs): axum::Form<Vec<(String, String)>>,
 ) -> Response {
-    if let Err(refused) = check_origin(&headers) {
+    if let Err(refused) = check_origin(&headers, &uri) {
         return refused;
     }
     let fields = Fields(pairs);
@@ -377,8 +371,8 @@ async fn sign_in(
     response
 }
 
-async fn sign_out(post: Post) -> Response {
-    let _ = post.who;
+/// Signing out is a post like any other: the extractor checks its CSRF value.
+async fn sign_out(_post: Post) -> Response {
     let mut response = Redirect::to("/sign-in").into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
@@ -486,10 +480,17 @@ mod tests {
     fn cross_site_posts_are_refused() {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:50051"));
-        assert!(check_origin(&headers).is_ok());
+        let path = axum::http::Uri::from_static("/sign-out");
+        assert!(check_origin(&headers, &path).is_ok());
         headers.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:50051"));
-        assert!(check_origin(&headers).is_ok());
+        assert!(check_origin(&headers, &path).is_ok());
         headers.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
-        assert!(check_origin(&headers).is_err());
+        assert!(check_origin(&headers, &path).is_err());
+        // HTTP/2 has no Host header: the authority is in the URI.
+        headers.remove(header::HOST);
+        headers.insert(header::ORIGIN, HeaderValue::from_static("https://console.example"));
+        let h2 = axum::http::Uri::from_static("https://console.example/sign-out");
+        assert!(check_origin(&headers, &h2).is_ok());
+        assert!(check_origin(&headers, &path).is_err());
     }
 }
