@@ -180,6 +180,24 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         self.decode(id, &bytes, result.revision)
     }
 
+    /// Creates a definition unless the coordination key `once` exists, and sets `once` to the
+    /// new id in the same transaction: of several nodes racing to create the first of
+    /// something, exactly one does. Returns whether this call created it.
+    pub async fn create_once(&self, once: &str, id: &str, value: &T) -> Result<bool, DefsError> {
+        let result = self
+            .store
+            .txn(
+                Txn::new()
+                    .when([Compare::absent(once)])
+                    .and_then([Op::put(once, id), Op::put(self.key(id), self.encode(value))]),
+            )
+            .await?;
+        if result.succeeded {
+            self.settle(result.revision).await;
+        }
+        Ok(result.succeeded)
+    }
+
     /// Returns a definition.
     pub async fn get(&self, id: &str) -> Result<Versioned<T>, DefsError> {
         let kv = self

@@ -269,21 +269,9 @@ impl Tokens {
     /// With no token ever created in this cluster, creates an admin token and writes its secret
     /// to `path` (mode 0600). Returns whether this node created it.
     pub async fn bootstrap(&self, path: &std::path::Path) -> anyhow::Result<bool> {
-        use tidings_scheduler::store::{Compare, Op, Txn};
         let (id, secret, record) =
             new_token("first admin token, created at the first start", &[Scope::Admin], None);
-        let key = format!("tokens/{id}");
-        let bytes = serde_json::to_vec(&record)?;
-        let result = self
-            .defs
-            .store()
-            .txn(
-                Txn::new()
-                    .when([Compare::absent(BOOTSTRAPPED)])
-                    .and_then([Op::put(BOOTSTRAPPED, id.clone()), Op::put(key, bytes)]),
-            )
-            .await?;
-        if !result.succeeded {
+        if !self.defs.create_once(BOOTSTRAPPED, &id, &record).await? {
             return Ok(false);
         }
         if let Some(dir) = path.parent() {
