@@ -163,7 +163,8 @@ impl ContactCache {
 /// watch breaks. Returns only if the store shuts down.
 async fn follow(store: &dyn Store, partition: PartitionId, part: &Part) {
     let prefix = crate::state::keys::contacts_prefix(partition);
-    let mut pause = Duration::from_millis(100);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         part.ready.store(false, Ordering::Release);
         let loaded = async {
@@ -195,13 +196,12 @@ async fn follow(store: &dyn Store, partition: PartitionId, part: &Part) {
                 *part.contacts.write().unwrap_or_else(|p| p.into_inner()) = contacts;
                 part.ready.store(true, Ordering::Release);
                 tracing::debug!(partition, contacts = count, "contacts cached");
-                pause = Duration::from_millis(100);
+                backoff.reset();
                 stream
             }
             Err(error) => {
                 tracing::debug!(partition, %error, "cannot load contacts; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
                 continue;
             }
         };

@@ -1,8 +1,9 @@
 //! Tidings core: everything below the gRPC surface, from the top down.
 //!
 //! - [`app`]: the application layer the adapters (gRPC, console) call: ingest, contacts and
-//!   audiences, deliveries, runs;
-//! - [`engine`]: what events, timers and attempt outcomes mean, returned as typed effects;
+//!   audiences, the campaign life cycle, runs, deliveries;
+//! - [`engine`]: what events, timers and attempt outcomes mean, returned as typed effects, one
+//!   module per concern (events, runs, intervals, follow-ups, deliveries, standing);
 //! - [`cluster`]: membership, partition assignment, ownership with epoch fencing, and the
 //!   per-partition workers that commit the engine's effects and start attempts;
 //! - [`delivery`]: rendering, signing, sending, retries, limits and the attempt log;
@@ -17,9 +18,11 @@
 //! - [`schedule`]: interval math (periods, cron in a time zone, misfires);
 //! - [`secrets`]: encryption of secrets at rest;
 //! - [`telemetry`]: the metric instruments and the trace context records carry;
-//! - [`clock`]: the time engine decisions read, injectable for tests.
+//! - [`clock`]: the time engine decisions read, injectable for tests;
+//! - [`backoff`]: the pause between tries of every retry loop.
 
 pub mod app;
+pub mod backoff;
 pub mod campaign;
 pub mod clock;
 pub mod cluster;

@@ -452,19 +452,21 @@ where
     Fut: std::future::Future<Output = Result<T, tidings_scheduler::store::StoreError>>,
 {
     use tidings_scheduler::store::StoreError;
-    let mut pause = std::time::Duration::from_millis(200);
+    let mut backoff = tidings_scheduler::backoff::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(2),
+    );
     let mut waiting = false;
     loop {
         match connect().await {
             Err(StoreError::Unavailable(reason))
-                if tokio::time::Instant::now() + pause < deadline =>
+                if tokio::time::Instant::now() + backoff.peek() < deadline =>
             {
                 if !waiting {
                     warn!(%reason, "{what} does not answer yet; retrying until node.start_timeout");
                     waiting = true;
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                backoff.wait().await;
             }
             other => return other,
         }

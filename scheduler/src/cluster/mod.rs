@@ -339,7 +339,8 @@ impl Manager {
             started_at_ms: crate::now_ms(),
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
-        let mut pause = Duration::from_millis(100);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let attempt = async {
                 let lease = self.shared.store.lease_grant(options.lease_ttl).await?;
@@ -367,8 +368,7 @@ impl Manager {
                 }
                 Err(error) => {
                     warn!(%error, "cannot register; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
+                    backoff.wait().await;
                 }
             }
         }

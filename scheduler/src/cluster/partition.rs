@@ -51,6 +51,18 @@ const RECORD_WAIT: Duration = Duration::from_millis(20);
 /// The first and the longest pause before a batch whose reads failed is tried again.
 const ABORT_PAUSE: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
+/// Batches that failed in a row, and the pause before the next try.
+struct Aborts {
+    count: u32,
+    backoff: crate::backoff::Backoff,
+}
+
+impl Aborts {
+    fn new() -> Self {
+        Self { count: 0, backoff: crate::backoff::Backoff::new(ABORT_PAUSE.0, ABORT_PAUSE.1) }
+    }
+}
+
 /// Live figures of an owned partition, read by ListPartitions.
 #[derive(Debug, Default)]
 pub struct PartitionStats {
@@ -162,21 +174,22 @@ impl Worker {
     async fn recover(
         &self,
         step: Result<(), Halt>,
-        failures: &mut u32,
+        failures: &mut Aborts,
         cancel: &CancellationToken,
     ) -> Result<(), Exit> {
         let error = match step {
             Ok(()) => {
-                *failures = 0;
+                failures.count = 0;
+                failures.backoff.reset();
                 return Ok(());
             }
             Err(Halt::Exit(exit)) => return Err(exit),
             Err(Halt::Abort(error)) => error,
         };
         self.engine.on_abort(self.partition);
-        let pause = ABORT_PAUSE.0.saturating_mul(1 << (*failures).min(6)).min(ABORT_PAUSE.1);
-        *failures += 1;
-        warn!(partition = self.partition, %error, failures = *failures, retry_in_ms = pause.as_millis() as u64, "batch not applied: a read failed; trying again");
+        let pause = failures.backoff.pause();
+        failures.count += 1;
+        warn!(partition = self.partition, %error, failures = failures.count, retry_in_ms = pause.as_millis() as u64, "batch not applied: a read failed; trying again");
         tokio::select! {
             _ = cancel.cancelled() => Err(Exit::Cancelled),
             _ = tokio::time::sleep(pause) => Ok(()),
@@ -190,7 +203,8 @@ impl Worker {
         witness: &Key,
         cancel: &CancellationToken,
     ) -> Result<Outcome_, Exit> {
-        let mut pause = Duration::from_millis(50);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let mut first = true;
         loop {
             // After a failed attempt that may have committed, the witness must still exist.
@@ -225,9 +239,8 @@ impl Worker {
                     first = false;
                     tokio::select! {
                         _ = cancel.cancelled() => return Err(Exit::Cancelled),
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = backoff.wait() => {}
                     }
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 Err(error) => {
                     // A request the store refuses will not pass by retrying; dropping the
@@ -246,7 +259,8 @@ impl Worker {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let mut pause = Duration::from_millis(50);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             match read().await {
                 Ok(value) => return Ok(value),
@@ -254,9 +268,8 @@ impl Worker {
                     debug!(partition = self.partition, %error, "partition read failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Err(Exit::Cancelled),
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = backoff.wait() => {}
                     }
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -321,7 +334,7 @@ impl Worker {
         // Outcomes taken from the channel but not yet recorded (a batch was aborted, or did
         // not hold them all).
         let mut held: VecDeque<Outcome> = VecDeque::new();
-        let mut failures = 0;
+        let mut failures = Aborts::new();
         loop {
             self.stats.pending_timers.store(index.len(), Ordering::Relaxed);
             self.stats.inbox_backlog.store(pending.len() as u64, Ordering::Relaxed);

@@ -371,15 +371,15 @@ impl KvInbox {
 #[async_trait]
 impl InboxFeed for KvInbox {
     async fn next(&mut self) -> StateResult<InboxBatch> {
-        let mut pause = Duration::from_millis(50);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let Some(mut stream) = self.watch.take() else {
                 match self.load().await {
                     Ok(batch) => return Ok(batch),
                     Err(error) => {
                         tracing::debug!(partition = self.partition, %error, "cannot read the inbox; retrying");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(1));
+                        backoff.wait().await;
                         continue;
                     }
                 }

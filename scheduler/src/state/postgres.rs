@@ -321,7 +321,8 @@ async fn listen(
     wake: std::sync::Weak<Wakers>,
     tag: String,
 ) {
-    let mut pause = Duration::from_millis(100);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         if wake.strong_count() == 0 {
             return;
@@ -345,7 +346,7 @@ async fn listen(
                     }
                 });
                 if client.batch_execute("LISTEN tidings_inbox").await.is_ok() {
-                    pause = Duration::from_millis(100);
+                    backoff.reset();
                     if let Some(wake) = wake.upgrade() {
                         wake.all();
                     }
@@ -367,8 +368,7 @@ async fn listen(
                 tracing::debug!(%error, "cannot listen for inbox notifications; retrying")
             }
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
     }
 }
 

@@ -540,7 +540,8 @@ impl EtcdStore {
     ) {
         let mut next = start_revision;
         let mut stream = Some(first);
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let mut current = match stream.take() {
                 Some(current) => current,
@@ -551,7 +552,7 @@ impl EtcdStore {
                     };
                     match reopened {
                         Ok(current) => {
-                            backoff = Duration::from_millis(50);
+                            backoff.reset();
                             current
                         }
                         Err(error @ StoreError::Compacted { .. }) => {
@@ -562,9 +563,8 @@ impl EtcdStore {
                             tracing::debug!(%error, "watch reconnect failed");
                             tokio::select! {
                                 _ = sender.closed() => return,
-                                _ = tokio::time::sleep(backoff) => {}
+                                _ = backoff.wait() => {}
                             }
-                            backoff = (backoff * 2).min(Duration::from_secs(2));
                             continue;
                         }
                     }
