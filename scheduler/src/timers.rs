@@ -46,8 +46,14 @@ pub enum TimerKind {
         contact: String,
         /// The campaign whose delivery started the wait.
         after_campaign: String,
-        /// When the wait started, Unix milliseconds.
+        /// When the attempt that delivered started, Unix milliseconds: it names the follow-up.
         since_ms: i64,
+        /// When the delivery that started the wait was created, Unix milliseconds (0 in
+        /// timers written by earlier versions): interactions count from then, so that a click
+        /// on an earlier copy of a delivery sent again (its first outcome lost with its node)
+        /// still counts.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        created_ms: i64,
         /// The trace of the delivery that started the wait, which the follow-up continues.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         traceparent: String,
@@ -188,6 +194,11 @@ impl TimerIndex {
         self.ahead.clear();
         self.ahead_end.clear();
     }
+}
+
+/// Whether a number is zero, so that serde leaves it out.
+fn is_zero(value: &i64) -> bool {
+    *value == 0
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! A rolling restart under load: three nodes on etcd and PostgreSQL take 1,000 events/s while
 //! each in turn is stopped with SIGTERM and started again. No event is lost, a webhook is sent
-//! twice only when its first attempt was in flight on a stopping node, and no partition waits
-//! for a lease to expire: each is handed over, ownerless only for the moments of the handoff.
+//! twice only when its first attempt was in flight while its partition moved (a node stopping,
+//! or the restarted node taking its share back), and no partition waits for a lease to expire:
+//! each is handed over, ownerless only for the moments of the handoff.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,27 @@ impl Nodes {
     }
 }
 
+/// Waits until no partition has changed owner for two seconds: every handoff has finished.
+async fn owners_steady(store: &dyn tidings_scheduler::store::Store) {
+    let mut last = Vec::new();
+    let mut since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(page) = store.range_prefix(b"owners/", 0).await {
+            let owners: Vec<(Vec<u8>, Vec<u8>)> =
+                page.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+            if owners != last {
+                last = owners;
+                since = Instant::now();
+            } else if since.elapsed() >= Duration::from_secs(2) && last.len() == 64 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("partitions still changed owners a minute after the node rejoined: {last:?}");
+}
+
 /// Ownerless time per partition, from polling the owner keys.
 #[derive(Default)]
 struct Ownerless {
@@ -60,6 +82,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     setup::settled(&store, NODES).await;
 
     let receiver = Receiver::start().await.expect("receiver");
+    let began = Instant::now();
     let first = nodes.running[0].as_ref().expect("running");
     first
         .webhooks()
@@ -194,13 +217,16 @@ async fn a_rolling_restart_under_load_loses_nothing() {
         let stopping = Instant::now();
         node.terminate().await.expect("a graceful stop");
         let stopped = Instant::now();
-        stops.push((stopping, stopped));
         setup::settled(&store, NODES - 1).await;
         let node = NodeProcess::start(nodes.options(i)).await.expect("restart");
         let client = node.events().await.expect("client");
         clients.lock().expect("lock")[i] = Some(client);
         nodes.running[i] = Some(node);
         setup::settled(&store, NODES).await;
+        // The restarted node takes its share from the others through handoffs, which move
+        // partitions (and may resend what was in flight) just as a stop does.
+        owners_steady(&store).await;
+        stops.push((stopping, stopped, Instant::now()));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
@@ -281,14 +307,32 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     // first arrival falls while a node was stopping (within the handoff bound after it).
     let mut first_arrival: HashMap<&str, Instant> = HashMap::new();
     let mut duplicates = 0;
+    let since = |at: Instant| at.saturating_duration_since(began);
     for request in &arrived {
         let id = request.header("webhook-id").expect("webhook-id");
         if let Some(first) = first_arrival.get(id) {
             duplicates += 1;
-            let during_a_stop = stops.iter().any(|(from, to)| {
-                *first + Duration::from_secs(1) >= *from && *first <= *to + Duration::from_secs(6)
+            let during_a_stop = stops.iter().any(|(from, _, rejoined)| {
+                *first + Duration::from_secs(1) >= *from
+                    && *first <= *rejoined + Duration::from_secs(6)
             });
-            assert!(during_a_stop, "{id} was sent twice outside any stop");
+            let windows: Vec<String> = stops
+                .iter()
+                .map(|(from, to, rejoined)| {
+                    format!(
+                        "{:?}..{:?} (rejoined {:?})",
+                        since(*from),
+                        since(*to),
+                        since(*rejoined)
+                    )
+                })
+                .collect();
+            assert!(
+                during_a_stop,
+                "{id} was sent twice outside any stop: first at {:?}, again at {:?}; stops {windows:?}",
+                since(*first),
+                since(request.at)
+            );
         } else {
             first_arrival.insert(id, request.at);
         }

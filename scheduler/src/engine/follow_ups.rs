@@ -37,8 +37,9 @@ impl CampaignEngine {
             {
                 continue;
             }
-            // Interactions count from the start of the attempt that delivered: a receiver can
-            // report a click before the outcome of that attempt is even recorded.
+            // The follow-up is named after the attempt that delivered. Interactions count from
+            // the delivery's creation: a receiver can report a click before the outcome of an
+            // attempt is recorded, or on an earlier copy of a delivery sent again.
             let since_ms = delivery.attempts.last().map_or(delivery.updated_ms, |a| a.start_ms);
             tracing::debug!(campaign = %id, contact = %delivery.contact_id, delay_ms, "follow-up wait started");
             effects.timers.push(Timer {
@@ -49,6 +50,7 @@ impl CampaignEngine {
                     contact: delivery.contact_id.clone(),
                     after_campaign: delivery.campaign_id.clone(),
                     since_ms,
+                    created_ms: delivery.created_ms,
                     traceparent: delivery.traceparent.clone(),
                 },
             });
@@ -62,9 +64,10 @@ impl CampaignEngine {
         partition: PartitionId,
         id: &str,
         contact_id: &str,
-        (after, since_ms, traceparent): (&str, i64, &str),
+        (after, since_ms, created_ms, traceparent): (&str, i64, i64, &str),
         effects: &mut Effects,
     ) -> EngineResult {
+        let from_ms = if created_ms > 0 { created_ms.min(since_ms) } else { since_ms };
         let Some(campaign) = self.campaign(id).await? else { return Ok(()) };
         let Trigger::FollowUp { unless_interactions, .. } = &campaign.trigger else {
             return Ok(());
@@ -75,13 +78,13 @@ impl CampaignEngine {
         let status = self.status(partition, contact_id, after).await?;
         if let Some(kind) = unless_interactions
             .iter()
-            .find(|k| status.interactions.get(*k).is_some_and(|at| *at >= since_ms))
+            .find(|k| status.interactions.get(*k).is_some_and(|at| *at >= from_ms))
         {
             tracing::info!(campaign = %id, contact = %contact_id, interaction = %kind, "follow-up not needed");
             return Ok(());
         }
         let own = self.status(partition, contact_id, id).await?;
-        if own.exited_at_ms.is_some_and(|at| at >= since_ms) {
+        if own.exited_at_ms.is_some_and(|at| at >= from_ms) {
             tracing::info!(campaign = %id, contact = %contact_id, "follow-up cancelled by an exit event");
             return Ok(());
         }

@@ -394,8 +394,15 @@ impl Engine for CampaignEngine {
             TimerKind::RunShard { campaign, run, after } => {
                 self.evaluate_shard(partition, campaign, run, after, effects).await
             }
-            TimerKind::FollowUp { campaign, contact, after_campaign, since_ms, traceparent } => {
-                let wait = (after_campaign.as_str(), *since_ms, traceparent.as_str());
+            TimerKind::FollowUp {
+                campaign,
+                contact,
+                after_campaign,
+                since_ms,
+                created_ms,
+                traceparent,
+            } => {
+                let wait = (after_campaign.as_str(), *since_ms, *created_ms, traceparent.as_str());
                 self.follow_up(partition, campaign, contact, wait, effects).await
             }
             TimerKind::Expire { delivery } => self.expire(partition, delivery, effects).await,

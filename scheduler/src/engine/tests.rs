@@ -177,6 +177,42 @@ async fn a_follow_up_waits_its_delay_and_is_not_sent_after_a_click() {
     assert_eq!(sent, vec!["ignores".to_string()]);
 }
 
+/// Regression: a node died with an email's outcome unrecorded; the email was sent again and
+/// delivered after the contact had clicked the first copy. The click still stops the SMS.
+#[tokio::test]
+async fn a_click_on_a_copy_sent_before_a_lost_outcome_stops_the_follow_up() {
+    let follow_up = Trigger::FollowUp {
+        after_campaign_id: "email".into(),
+        on_status: vec!["delivered".into()],
+        delay_ms: 60_000,
+        unless_interactions: vec!["clicked".into()],
+    };
+    let t =
+        setup(vec![("email", campaign(on_event("urgent"))), ("sms", campaign(follow_up))]).await;
+    let mut effects = Effects::default();
+    let sent = t.clock.now_ms();
+    t.engine.on_event(0, &event("urgent", "clicks", sent), &mut effects).await.expect("event");
+    let job = effects.dispatch.pop().expect("the email is sent");
+    // The first copy arrives and is clicked; its outcome is lost with its node.
+    t.clock.advance(1_000);
+    let mut effects = Effects::default();
+    let clicked = t.clock.now_ms();
+    t.engine
+        .on_interaction(0, "clicks", "email", "", "clicked", clicked, &mut effects)
+        .await
+        .expect("click");
+    // The visibility timer sends it again, and that copy's outcome is recorded.
+    t.clock.advance(20_000);
+    let mut effects = Effects::default();
+    let resent = t.clock.now_ms();
+    t.engine.on_outcome(0, &delivered(job, resent), &mut effects).await.expect("outcome");
+    let wait = effects.timers.pop().expect("the follow-up waits");
+    t.clock.advance(60_000);
+    let mut effects = Effects::default();
+    t.engine.on_timer(0, &wait, &mut effects).await.expect("wait ends");
+    assert!(effects.dispatch.is_empty(), "the click on the first copy stops the follow-up");
+}
+
 #[tokio::test]
 async fn a_send_outside_the_window_waits_for_it_to_open() {
     let mut business_hours = campaign(on_event("notice"));
