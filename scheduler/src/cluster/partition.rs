@@ -788,6 +788,7 @@ impl Worker {
                     self.dispatch(job, reply.clone());
                 }
                 self.settled(&batch.recorded);
+                self.engine.on_commit(self.partition);
                 Ok(())
             }
             Outcome_::Fenced => Err(Exit::Fenced),

@@ -160,6 +160,10 @@ pub trait Engine: Send + Sync + 'static {
     /// the engine kept in memory of that batch's decisions must go.
     fn on_abort(&self, _partition: PartitionId) {}
 
+    /// Called when every batch `partition` decided so far is committed: what the engine kept
+    /// in memory of them may go, since the store now holds it.
+    fn on_commit(&self, _partition: PartitionId) {}
+
     /// Reads ahead, in as few store round trips as possible, what handling these events will
     /// read. Called before each batch of inbox entries.
     /// `at_least` is a store revision the reads must reflect (see
@@ -227,6 +231,51 @@ type ShardId = (String, String, PartitionId);
 
 /// A contact's standing in a campaign: (partition, contact, campaign).
 type StandingId = (PartitionId, String, String);
+
+/// Run shards and standings kept in memory, past which a partition's entries go once its
+/// batches are committed.
+const MAX_CACHED_SHARDS: usize = if cfg!(test) { 4 } else { 100_000 };
+const MAX_CACHED_STANDINGS: usize = if cfg!(test) { 4 } else { 200_000 };
+
+/// Drops the entries of one partition from a cache grown past `max`. The other partitions'
+/// entries stay: their batches may be under way.
+fn trim<M: Retain>(
+    cache: &std::sync::Mutex<M>,
+    max: usize,
+    of_partition: impl Fn(&M::Key) -> bool,
+) {
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() > max {
+        cache.retain_keys(|key| !of_partition(key));
+    }
+}
+
+/// The maps the engine caches in.
+trait Retain {
+    type Key;
+    fn len(&self) -> usize;
+    fn retain_keys(&mut self, keep: impl FnMut(&Self::Key) -> bool);
+}
+
+impl<K: std::hash::Hash + Eq, V> Retain for std::collections::HashMap<K, V> {
+    type Key = K;
+    fn len(&self) -> usize {
+        std::collections::HashMap::len(self)
+    }
+    fn retain_keys(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.retain(|key, _| keep(key));
+    }
+}
+
+impl<K: Ord, V> Retain for std::collections::BTreeMap<K, V> {
+    type Key = K;
+    fn len(&self) -> usize {
+        std::collections::BTreeMap::len(self)
+    }
+    fn retain_keys(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.retain(|key, _| keep(key));
+    }
+}
 
 /// What the campaign engine needs.
 pub struct CampaignEngine {
@@ -502,6 +551,13 @@ impl Engine for CampaignEngine {
     fn on_claim(&self, partition: PartitionId, owned: &tokio_util::sync::CancellationToken) {
         self.contacts.own(partition, owned.clone());
         self.on_abort(partition);
+    }
+
+    fn on_commit(&self, partition: PartitionId) {
+        // Only between batches: within one, the copy is newer than the store, and a batch's
+        // later decisions must read what its earlier ones wrote.
+        trim(&self.shards, MAX_CACHED_SHARDS, |key| key.2 == partition);
+        trim(&self.statuses, MAX_CACHED_STANDINGS, |key| key.0 == partition);
     }
 
     fn on_abort(&self, partition: PartitionId) {

@@ -38,11 +38,7 @@ impl CampaignEngine {
         effects: &mut Effects,
     ) -> EngineResult {
         effects.writes.push(Write::shard(&key.0, &key.1, key.2, &shard)?);
-        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
-        if shards.len() > 100_000 {
-            shards.clear();
-        }
-        shards.insert(key, shard);
+        self.shards.lock().unwrap_or_else(|p| p.into_inner()).insert(key, shard);
         Ok(())
     }
 

@@ -34,11 +34,7 @@ impl CampaignEngine {
     ) -> EngineResult {
         effects.writes.push(Write::standing(partition, contact, campaign, &status)?);
         let key = (partition, contact.to_string(), campaign.to_string());
-        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-        if statuses.len() > 200_000 {
-            statuses.clear();
-        }
-        statuses.insert(key, status);
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner()).insert(key, status);
         Ok(())
     }
 

@@ -213,6 +213,36 @@ async fn a_click_on_a_copy_sent_before_a_lost_outcome_stops_the_follow_up() {
     assert!(effects.dispatch.is_empty(), "the click on the first copy stops the follow-up");
 }
 
+/// Regression: the standings cache cleared itself whenever it outgrew its size, also in the
+/// middle of a batch, and a later decision of that batch read the store's older standing.
+#[tokio::test]
+async fn a_batch_keeps_what_it_wrote_however_large_the_cache_grows() {
+    let t = setup(vec![("email", campaign(on_event("urgent")))]).await;
+    let mut effects = Effects::default();
+    let now = t.clock.now_ms();
+    t.engine
+        .on_interaction(0, "c0", "email", "", "clicked", now, &mut effects)
+        .await
+        .expect("click");
+    for i in 1..=2 * MAX_CACHED_STANDINGS {
+        let contact = format!("c{i}");
+        t.engine
+            .on_interaction(0, &contact, "email", "", "opened", now, &mut effects)
+            .await
+            .expect("open");
+    }
+    t.engine.on_interaction(0, "c0", "email", "", "opened", now, &mut effects).await.expect("open");
+    let standing = t.engine.status(0, "c0", "email").await.expect("standing");
+    assert!(
+        standing.interactions.contains_key("clicked")
+            && standing.interactions.contains_key("opened"),
+        "the batch lost its own click: {standing:?}"
+    );
+    // Once the batch is committed, the partition's entries go: the store holds them.
+    t.engine.on_commit(0);
+    assert!(t.engine.statuses.lock().expect("lock").is_empty());
+}
+
 #[tokio::test]
 async fn a_send_outside_the_window_waits_for_it_to_open() {
     let mut business_hours = campaign(on_event("notice"));
