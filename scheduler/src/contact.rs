@@ -81,15 +81,21 @@ impl ContactCache {
     }
 
     /// Returns the contact when the partition's copy is loaded: `Some(None)` when it does not
-    /// exist, `None` when the caller must read the store.
+    /// exist, `None` when the caller must read the store — also when the cached bytes do not
+    /// decode, so that the store's read fails with the key named instead of the contact being
+    /// taken for absent (and subscribed).
     pub fn get(&self, partition: PartitionId, id: &str) -> Option<Option<Contact>> {
         let part = self.part(partition)?;
         let contacts = part.contacts.read().unwrap_or_else(|p| p.into_inner());
-        Some(contacts.get(id).and_then(|bytes| serde_json::from_slice(bytes).ok()))
+        match contacts.get(id) {
+            None => Some(None),
+            Some(bytes) => serde_json::from_slice(bytes).ok().map(Some),
+        }
     }
 
     /// Returns up to `limit` contacts whose ids sort after `after` ("" for the first page),
-    /// or `None` when the partition's copy is not loaded.
+    /// or `None` when the partition's copy is not loaded or one of the page's contacts does not
+    /// decode (the caller then reads the page from the store, which names it).
     pub fn page(&self, partition: PartitionId, after: &str, limit: usize) -> Option<CachedPage> {
         use std::ops::Bound;
         let part = self.part(partition)?;
@@ -98,9 +104,7 @@ impl ContactCache {
         let mut range = contacts.range::<str, _>((lower, Bound::Unbounded));
         let mut page = Vec::with_capacity(limit);
         for (id, bytes) in range.by_ref().take(limit) {
-            if let Ok(contact) = serde_json::from_slice(bytes) {
-                page.push((id.to_string(), contact));
-            }
+            page.push((id.to_string(), serde_json::from_slice(bytes).ok()?));
         }
         Some(CachedPage { contacts: page, more: range.next().is_some() })
     }
@@ -228,5 +232,36 @@ async fn follow(store: &dyn Store, partition: PartitionId, part: &Part) {
                 None => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache_with(entries: &[(&str, &[u8])]) -> ContactCache {
+        let part = Part::default();
+        part.ready.store(true, Ordering::Release);
+        {
+            let mut contacts = part.contacts.write().expect("lock");
+            for (id, bytes) in entries {
+                contacts.insert((*id).into(), bytes.to_vec().into_boxed_slice());
+            }
+        }
+        let cache = ContactCache::default();
+        cache.parts.write().expect("lock").insert(3, Arc::new(part));
+        cache
+    }
+
+    #[test]
+    fn a_cached_contact_that_does_not_decode_sends_the_caller_to_the_store() {
+        let unsubscribed = Contact { unsubscribed: true, ..Default::default() };
+        let good = serde_json::to_vec(&unsubscribed).expect("json");
+        let cache = cache_with(&[("a", &good), ("b", b"{not json")]);
+        assert_eq!(cache.get(3, "a"), Some(Some(unsubscribed)));
+        assert_eq!(cache.get(3, "absent"), Some(None));
+        assert_eq!(cache.get(3, "b"), None, "an unreadable contact is never taken for absent");
+        assert!(cache.page(3, "", 10).is_none(), "a page with an unreadable contact is read again");
+        assert_eq!(cache.page(3, "", 1).map(|page| page.contacts.len()), Some(1));
     }
 }

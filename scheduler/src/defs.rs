@@ -350,8 +350,15 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cache<T> {
         let mut items = std::collections::HashMap::new();
         for kv in page.kvs {
             let id = String::from_utf8_lossy(&kv.key[defs.prefix.len()..]).into_owned();
-            if let Ok(value) = serde_json::from_slice::<T>(&kv.value) {
-                items.insert(id, Arc::new(value));
+            match serde_json::from_slice::<T>(&kv.value) {
+                Ok(value) => {
+                    items.insert(id, Arc::new(value));
+                }
+                // Left out rather than guessed: nothing acts on it until it is written again
+                // in a form this version reads.
+                Err(error) => {
+                    tracing::warn!(kind = defs.kind, %id, %error, "definition does not decode; ignored")
+                }
             }
         }
         *self.items.write().unwrap_or_else(|p| p.into_inner()) = items;
@@ -394,8 +401,15 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Cache<T> {
                         String::from_utf8_lossy(&event.kv.key[defs.prefix.len()..]).into_owned();
                     match event.kind {
                         crate::store::EventKind::Put => {
-                            if let Ok(value) = serde_json::from_slice::<T>(&event.kv.value) {
-                                items.insert(id, Arc::new(value));
+                            match serde_json::from_slice::<T>(&event.kv.value) {
+                                Ok(value) => {
+                                    items.insert(id, Arc::new(value));
+                                }
+                                // The version before it is stale: it goes too.
+                                Err(error) => {
+                                    tracing::warn!(kind = defs.kind, %id, %error, "definition does not decode; ignored");
+                                    items.remove(&id);
+                                }
                             }
                         }
                         crate::store::EventKind::Delete => {

@@ -283,8 +283,16 @@ impl Backend for KvBackend {
                         event.kind == EventKind::Put
                             && event.kv.key.windows(12).any(|w| w == b"/deliveries/")
                     })
-                    .filter_map(|event| serde_json::from_slice(&event.kv.value).ok())
-                    .map(Ok)
+                    // A watcher only follows along: one record it cannot show is logged and
+                    // passed over rather than ending every watch.
+                    .filter_map(|event| match serde_json::from_slice(&event.kv.value) {
+                        Ok(delivery) => Some(Ok(delivery)),
+                        Err(error) => {
+                            let key = String::from_utf8_lossy(&event.kv.key);
+                            tracing::warn!(%key, %error, "delivery does not decode; not shown");
+                            None
+                        }
+                    })
                     .collect(),
             };
             futures::stream::iter(items)
