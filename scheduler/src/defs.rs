@@ -49,6 +49,16 @@ pub enum DefsError {
         /// The decoder's message.
         reason: String,
     },
+    /// The definition does not encode; nothing was written.
+    #[error("{kind} {id} cannot be stored: {reason}")]
+    Unencodable {
+        /// Resource kind.
+        kind: &'static str,
+        /// The id.
+        id: String,
+        /// The encoder's message.
+        reason: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -141,10 +151,12 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
         format!("{}{id}", self.prefix).into_bytes()
     }
 
-    fn encode(&self, value: &T) -> Vec<u8> {
-        // Definitions are plain structs of strings, numbers and maps with string keys, which
-        // always serialize.
-        serde_json::to_vec(value).unwrap_or_default()
+    fn encode(&self, id: &str, value: &T) -> Result<Vec<u8>, DefsError> {
+        serde_json::to_vec(value).map_err(|e| DefsError::Unencodable {
+            kind: self.kind,
+            id: id.to_string(),
+            reason: e.to_string(),
+        })
     }
 
     fn decode(
@@ -164,7 +176,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
     /// Stores a new definition; fails when the id is taken.
     pub async fn create(&self, id: &str, value: &T) -> Result<Versioned<T>, DefsError> {
         let key = self.key(id);
-        let bytes = self.encode(value);
+        let bytes = self.encode(id, value)?;
         let result = self
             .store
             .txn(
@@ -184,12 +196,13 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
     /// new id in the same transaction: of several nodes racing to create the first of
     /// something, exactly one does. Returns whether this call created it.
     pub async fn create_once(&self, once: &str, id: &str, value: &T) -> Result<bool, DefsError> {
+        let bytes = self.encode(id, value)?;
         let result = self
             .store
             .txn(
                 Txn::new()
                     .when([Compare::absent(once)])
-                    .and_then([Op::put(once, id), Op::put(self.key(id), self.encode(value))]),
+                    .and_then([Op::put(once, id), Op::put(self.key(id), bytes)]),
             )
             .await?;
         if result.succeeded {
@@ -245,7 +258,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
     ) -> Result<Versioned<T>, DefsError> {
         let key = self.key(id);
 
-        let bytes = self.encode(value);
+        let bytes = self.encode(id, value)?;
         let result = self
             .store
             .txn(

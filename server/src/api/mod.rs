@@ -134,7 +134,9 @@ impl From<DefsError> for ApiError {
             DefsError::NotFound { .. } => ApiError::NotFound(error.to_string()),
             DefsError::AlreadyExists { .. } => ApiError::AlreadyExists(error.to_string()),
             DefsError::Conflict { .. } => ApiError::FailedPrecondition(error.to_string()),
-            DefsError::Corrupt { .. } => ApiError::Internal(error.to_string()),
+            DefsError::Corrupt { .. } | DefsError::Unencodable { .. } => {
+                ApiError::Internal(error.to_string())
+            }
             DefsError::Store(store) => store.into(),
         }
     }
