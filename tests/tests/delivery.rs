@@ -529,3 +529,48 @@ async fn a_webhook_failing_too_long_is_disabled_and_can_be_enabled_again() {
     assert_eq!(enabled.enabled, Some(true));
     assert!(enabled.disabled_reason.is_empty());
 }
+
+/// An attempt that waits on this node for its webhook's rate limit longer than its visibility
+/// timer (the attempt's timeout plus a margin) is still in flight, not lost: it is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_waiting_for_the_rate_limit_are_sent_once() {
+    let node = NodeProcess::start(allow_loopback()).await.expect("node");
+    let receiver = Receiver::start().await.expect("receiver");
+    // Five a second with a one-second timeout: the visibility timer of the attempts queued
+    // last (about eight seconds of waiting) falls due long before they are sent.
+    let limited = Webhook {
+        url: receiver.url("/limited"),
+        rate_limit: 5.0,
+        timeout: Some(PbDuration { seconds: 1, nanos: 0 }),
+        ..Default::default()
+    };
+    webhook(&node, "limited", limited).await;
+    on_event(&node, "limited", "limited", "queued").await;
+    let total = 40;
+    let mut events = node.events().await.expect("client");
+    let batch = (0..total)
+        .map(|i| Event {
+            r#type: "queued".into(),
+            contact_id: format!("c{i}"),
+            ..Default::default()
+        })
+        .collect();
+    events
+        .publish_batch(tidings_client::v1::PublishBatchRequest { events: batch })
+        .await
+        .expect("publish");
+    wait_until("every delivery delivered", Duration::from_secs(60), || async {
+        let found = deliveries(&node, "limited").await;
+        (found.len() == total && found.iter().all(|d| d.status == DeliveryStatus::Delivered as i32))
+            .then_some(())
+    })
+    .await
+    .expect("delivered");
+    node.quiet(Duration::from_secs(30)).await.expect("quiet");
+    let received = receiver.received();
+    let mut ids: Vec<&str> = received.iter().filter_map(|r| r.header("webhook-id")).collect();
+    ids.sort_unstable();
+    let sent = ids.len();
+    ids.dedup();
+    assert_eq!((sent, ids.len()), (total, total), "each delivery is sent once");
+}

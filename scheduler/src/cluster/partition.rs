@@ -33,7 +33,7 @@ use crate::engine::{Effects, Engine, EngineError};
 use crate::inbox::InboxEntry;
 use crate::state::{Committed, Fence, Key, State, StateResult, TimerRef, Write};
 use crate::store::Revision;
-use crate::timers::{Timer, TimerIndex};
+use crate::timers::{Timer, TimerIndex, TimerKind};
 
 /// Operations per transaction, below etcd's limit of 128 with room for the guard.
 const MAX_BATCH_OPS: usize = 120;
@@ -48,6 +48,14 @@ const READ_AHEAD_MAX: usize = 4_096;
 /// How long a batch waits for the attempts it started, to record their outcomes in its own
 /// transaction.
 const RECORD_WAIT: Duration = Duration::from_millis(20);
+/// How far a visibility timer moves when its attempt is still in flight on this node. After a
+/// crash the next owner sends such an attempt again at most this long after it was due.
+const VISIBILITY_RECHECK_MS: i64 = 30_000;
+/// How long an attempt may stay in flight on this node, waiting for a slot or its webhook's
+/// rate limit, before its visibility timer counts it as lost after all (a task that never
+/// answers must not hold its delivery forever).
+const MAX_IN_FLIGHT_MS: i64 = 3_600_000;
+
 /// The first and the longest pause before a batch whose reads failed is tried again.
 const ABORT_PAUSE: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
@@ -120,6 +128,10 @@ pub(crate) struct Worker {
     /// The `dispatch_seq` of each delivery's attempt in flight, by delivery id: an outcome
     /// answering an older dispatch is stale. Only this worker's task touches it.
     pub(crate) in_flight: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Visibility timers moved on because their attempt was still in flight here, by delivery
+    /// id: the timer that stands now, and when the first one fell due. Only this worker's task
+    /// touches it.
+    pub(crate) rearmed: std::sync::Mutex<std::collections::HashMap<String, (TimerRef, i64)>>,
     /// How long a worker asked to stop waits for its attempts in flight.
     pub(crate) drain: Duration,
 }
@@ -142,9 +154,41 @@ impl Worker {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn rearmed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (TimerRef, i64)>> {
+        self.rearmed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns the visibility timer a due attempt timer is replaced by, when it is the timer
+    /// of an attempt still in flight on this node — waiting for a slot or its webhook's rate
+    /// limit, not lost — unless that attempt has been out for [`MAX_IN_FLIGHT_MS`].
+    fn rearm(&self, timer: &Timer, now: i64) -> Option<(String, Timer, i64)> {
+        let TimerKind::Attempt { delivery } = &timer.kind else { return None };
+        if !self.in_flight().contains_key(delivery) {
+            return None;
+        }
+        let first_due = self.rearmed().get(delivery).map_or(timer.due_ms, |(_, first)| *first);
+        if now - first_due > MAX_IN_FLIGHT_MS {
+            return None;
+        }
+        let next = Timer { due_ms: now + VISIBILITY_RECHECK_MS, ..timer.clone() };
+        Some((delivery.clone(), next, first_due))
+    }
+
+    /// Points an outcome at the visibility timer that stands for its attempt now, so that
+    /// recording it cancels that one.
+    fn current_visibility(&self, mut outcome: Outcome) -> Outcome {
+        if let Some((visibility, _)) = self.rearmed().get(&outcome.job.delivery.id) {
+            outcome.job.visibility = visibility.clone();
+        }
+        outcome
+    }
+
     /// Starts an attempt, remembering which dispatch of its delivery it is.
     fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
         self.in_flight().insert(job.delivery.id.clone(), job.delivery.dispatch_seq);
+        self.rearmed().remove(&job.delivery.id);
         self.engine.dispatch(job, reply);
     }
 
@@ -161,10 +205,12 @@ impl Worker {
     /// Forgets the dispatches these committed outcomes answered.
     fn settled<'a>(&self, outcomes: impl IntoIterator<Item = &'a Outcome>) {
         let mut in_flight = self.in_flight();
+        let mut rearmed = self.rearmed();
         for outcome in outcomes {
             let delivery = &outcome.job.delivery;
             if in_flight.get(&delivery.id) == Some(&delivery.dispatch_seq) {
                 in_flight.remove(&delivery.id);
+                rearmed.remove(&delivery.id);
             }
         }
     }
@@ -685,7 +731,8 @@ impl Worker {
                 return Ok(());
             }
             let take = held.len().min(PER_BATCH);
-            let waiting: Vec<Outcome> = held.drain(..take).collect();
+            let waiting: Vec<Outcome> =
+                held.drain(..take).map(|outcome| self.current_visibility(outcome)).collect();
             self.engine.prefetch_outcomes(self.partition, &waiting, self.seen()).await;
             let mut batch = Batch::default();
             let mut used = 0;
@@ -788,6 +835,11 @@ impl Worker {
                     self.dispatch(job, reply.clone());
                 }
                 self.settled(&batch.recorded);
+                let mut rearmed = self.rearmed();
+                for (delivery, visibility, first_due) in batch.rearm {
+                    rearmed.insert(delivery, (visibility, first_due));
+                }
+                drop(rearmed);
                 self.engine.on_commit(self.partition);
                 Ok(())
             }
@@ -914,8 +966,16 @@ impl Worker {
             };
             lateness.record((now - fired.due_ms).max(0) as f64 / 1000.0, &[]);
             let mut effects = Effects::default();
+            let mut rearm = None;
             match serde_json::from_slice::<Timer>(value) {
-                Ok(timer) => self.engine.on_timer(self.partition, &timer, &mut effects).await?,
+                Ok(timer) => match self.rearm(&timer, now) {
+                    Some((delivery, next, first_due)) => {
+                        debug!(partition = self.partition, %delivery, "attempt still in flight here; its visibility timer moves on");
+                        rearm = Some((delivery, TimerRef::of(self.partition, &next), first_due));
+                        effects.timers.push(next);
+                    }
+                    None => self.engine.on_timer(self.partition, &timer, &mut effects).await?,
+                },
                 Err(error) => warn!(
                     partition = self.partition,
                     key = %String::from_utf8_lossy(key),
@@ -927,15 +987,17 @@ impl Worker {
             if !batch.writes.is_empty()
                 && batch.writes.len() + 1 + effects.op_count() > MAX_BATCH_OPS
             {
-                carried = Some((fired, effects));
+                carried = Some((fired, effects, rearm));
                 break;
             }
             batch.consume_timer(fired, effects, self.partition)?;
+            batch.rearm.extend(rearm);
         }
         self.commit_batch(batch, index, cancel, reply).await?;
-        if let Some((fired, effects)) = carried {
+        if let Some((fired, effects, rearm)) = carried {
             let mut batch = Batch::default();
             batch.consume_timer(fired, effects, self.partition)?;
+            batch.rearm.extend(rearm);
             self.commit_batch(batch, index, cancel, reply).await?;
         }
         Ok(())
@@ -972,6 +1034,8 @@ struct Batch {
     recorded: Vec<Outcome>,
     /// A key the batch deletes or writes, to recognise a batch that did commit.
     witness: Option<Key>,
+    /// Visibility timers the batch moves on (delivery, new timer, when the first fell due).
+    rearm: Vec<(String, TimerRef, i64)>,
 }
 
 /// Returns the index of the last write to `key`.
