@@ -145,6 +145,7 @@ pub struct Campaigns {
     campaigns: Definitions<Campaign>,
     webhooks: Definitions<Webhook>,
     state: State,
+    runs: super::Runs,
     partitions: u32,
     clock: Clock,
 }
@@ -163,7 +164,8 @@ impl Campaigns {
         state: State,
         partitions: u32,
     ) -> Self {
-        Self { campaigns, webhooks, state, partitions, clock: Clock::system() }
+        let runs = super::Runs::new(state.clone(), partitions);
+        Self { campaigns, webhooks, state, runs, partitions, clock: Clock::system() }
     }
 
     /// Returns these calls reading the time from `clock`.
@@ -263,8 +265,7 @@ impl Campaigns {
         );
         run.data = request.data;
         run.traceparent = request.traceparent;
-        let runs = super::Runs::new(self.state.clone(), self.partitions);
-        let (run, new) = runs.start(id, &run_id, &run).await?;
+        let (run, new) = self.runs.start(id, &run_id, &run).await?;
         if new {
             tracing::info!(campaign = %id, run = %run_id, scheduled = later, "run started");
         }

@@ -507,7 +507,6 @@ impl Manager {
                     },
                     seen: std::sync::atomic::AtomicI64::new(epoch),
                     in_flight: Default::default(),
-                    rearmed: Default::default(),
                     // Inside the handoff bound, so that the worker ends before it is aborted.
                     drain: self.shared.options.handoff_timeout.mul_f64(0.8),
                 };

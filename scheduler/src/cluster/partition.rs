@@ -125,15 +125,20 @@ pub(crate) struct Worker {
     /// The newest store revision this worker knows of (its epoch, its last commit, the
     /// inbox entries it has seen): its reads must reflect at least that much.
     pub(crate) seen: std::sync::atomic::AtomicI64,
-    /// The `dispatch_seq` of each delivery's attempt in flight, by delivery id: an outcome
-    /// answering an older dispatch is stale. Only this worker's task touches it.
-    pub(crate) in_flight: std::sync::Mutex<std::collections::HashMap<String, u64>>,
-    /// Visibility timers moved on because their attempt was still in flight here, by delivery
-    /// id: the timer that stands now, and when the first one fell due. Only this worker's task
-    /// touches it.
-    pub(crate) rearmed: std::sync::Mutex<std::collections::HashMap<String, (TimerRef, i64)>>,
+    /// Each delivery's attempt in flight, by delivery id. Only this worker's task touches it.
+    pub(crate) in_flight: std::sync::Mutex<std::collections::HashMap<String, InFlight>>,
     /// How long a worker asked to stop waits for its attempts in flight.
     pub(crate) drain: Duration,
+}
+
+/// An attempt in flight on this node.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    /// Which dispatch of its delivery it is: an outcome answering an older one is stale.
+    seq: u64,
+    /// The visibility timer that stands for it, when that was moved on because the attempt
+    /// was still here, with when the first one fell due.
+    moved: Option<(TimerRef, i64)>,
 }
 
 enum Outcome_ {
@@ -150,14 +155,8 @@ impl Worker {
         self.seen.load(Ordering::Relaxed)
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, InFlight>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn rearmed(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (TimerRef, i64)>> {
-        self.rearmed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Returns the visibility timer a due attempt timer is replaced by, when it is the timer
@@ -165,10 +164,10 @@ impl Worker {
     /// limit, not lost — unless that attempt has been out for [`MAX_IN_FLIGHT_MS`].
     fn rearm(&self, timer: &Timer, now: i64) -> Option<(String, Timer, i64)> {
         let TimerKind::Attempt { delivery } = &timer.kind else { return None };
-        if !self.in_flight().contains_key(delivery) {
-            return None;
-        }
-        let first_due = self.rearmed().get(delivery).map_or(timer.due_ms, |(_, first)| *first);
+        let first_due = match &self.in_flight().get(delivery)?.moved {
+            Some((_, first)) => *first,
+            None => timer.due_ms,
+        };
         if now - first_due > MAX_IN_FLIGHT_MS {
             return None;
         }
@@ -179,7 +178,9 @@ impl Worker {
     /// Points an outcome at the visibility timer that stands for its attempt now, so that
     /// recording it cancels that one.
     fn current_visibility(&self, mut outcome: Outcome) -> Outcome {
-        if let Some((visibility, _)) = self.rearmed().get(&outcome.job.delivery.id) {
+        if let Some((visibility, _)) =
+            self.in_flight().get(&outcome.job.delivery.id).and_then(|f| f.moved.as_ref())
+        {
             outcome.job.visibility = visibility.clone();
         }
         outcome
@@ -187,15 +188,16 @@ impl Worker {
 
     /// Starts an attempt, remembering which dispatch of its delivery it is.
     fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
-        self.in_flight().insert(job.delivery.id.clone(), job.delivery.dispatch_seq);
-        self.rearmed().remove(&job.delivery.id);
+        let attempt = InFlight { seq: job.delivery.dispatch_seq, moved: None };
+        self.in_flight().insert(job.delivery.id.clone(), attempt);
         self.engine.dispatch(job, reply);
     }
 
     /// Returns whether an outcome answers the latest dispatch of its delivery.
     fn is_current(&self, outcome: &Outcome) -> bool {
         let delivery = &outcome.job.delivery;
-        let current = self.in_flight().get(&delivery.id) == Some(&delivery.dispatch_seq);
+        let current =
+            self.in_flight().get(&delivery.id).map(|f| f.seq) == Some(delivery.dispatch_seq);
         if !current {
             debug!(partition = self.partition, delivery = %delivery.id, dispatch_seq = delivery.dispatch_seq, "dropping the outcome of an earlier dispatch");
         }
@@ -205,12 +207,10 @@ impl Worker {
     /// Forgets the dispatches these committed outcomes answered.
     fn settled<'a>(&self, outcomes: impl IntoIterator<Item = &'a Outcome>) {
         let mut in_flight = self.in_flight();
-        let mut rearmed = self.rearmed();
         for outcome in outcomes {
             let delivery = &outcome.job.delivery;
-            if in_flight.get(&delivery.id) == Some(&delivery.dispatch_seq) {
+            if in_flight.get(&delivery.id).map(|f| f.seq) == Some(delivery.dispatch_seq) {
                 in_flight.remove(&delivery.id);
-                rearmed.remove(&delivery.id);
             }
         }
     }
@@ -835,11 +835,15 @@ impl Worker {
                     self.dispatch(job, reply.clone());
                 }
                 self.settled(&batch.recorded);
-                let mut rearmed = self.rearmed();
+                let mut in_flight = self.in_flight();
                 for (delivery, visibility, first_due) in batch.rearm {
-                    rearmed.insert(delivery, (visibility, first_due));
+                    // No outcome is recorded between this batch's decision and its commit, so
+                    // the attempt is still here.
+                    if let Some(attempt) = in_flight.get_mut(&delivery) {
+                        attempt.moved = Some((visibility, first_due));
+                    }
                 }
-                drop(rearmed);
+                drop(in_flight);
                 self.engine.on_commit(self.partition);
                 Ok(())
             }

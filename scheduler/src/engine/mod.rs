@@ -237,46 +237,6 @@ type StandingId = (PartitionId, String, String);
 const MAX_CACHED_SHARDS: usize = if cfg!(test) { 4 } else { 100_000 };
 const MAX_CACHED_STANDINGS: usize = if cfg!(test) { 4 } else { 200_000 };
 
-/// Drops the entries of one partition from a cache grown past `max`. The other partitions'
-/// entries stay: their batches may be under way.
-fn trim<M: Retain>(
-    cache: &std::sync::Mutex<M>,
-    max: usize,
-    of_partition: impl Fn(&M::Key) -> bool,
-) {
-    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if cache.len() > max {
-        cache.retain_keys(|key| !of_partition(key));
-    }
-}
-
-/// The maps the engine caches in.
-trait Retain {
-    type Key;
-    fn len(&self) -> usize;
-    fn retain_keys(&mut self, keep: impl FnMut(&Self::Key) -> bool);
-}
-
-impl<K: std::hash::Hash + Eq, V> Retain for std::collections::HashMap<K, V> {
-    type Key = K;
-    fn len(&self) -> usize {
-        std::collections::HashMap::len(self)
-    }
-    fn retain_keys(&mut self, mut keep: impl FnMut(&K) -> bool) {
-        self.retain(|key, _| keep(key));
-    }
-}
-
-impl<K: Ord, V> Retain for std::collections::BTreeMap<K, V> {
-    type Key = K;
-    fn len(&self) -> usize {
-        std::collections::BTreeMap::len(self)
-    }
-    fn retain_keys(&mut self, mut keep: impl FnMut(&K) -> bool) {
-        self.retain(|key, _| keep(key));
-    }
-}
-
 /// What the campaign engine needs.
 pub struct CampaignEngine {
     state: State,
@@ -555,9 +515,17 @@ impl Engine for CampaignEngine {
 
     fn on_commit(&self, partition: PartitionId) {
         // Only between batches: within one, the copy is newer than the store, and a batch's
-        // later decisions must read what its earlier ones wrote.
-        trim(&self.shards, MAX_CACHED_SHARDS, |key| key.2 == partition);
-        trim(&self.statuses, MAX_CACHED_STANDINGS, |key| key.0 == partition);
+        // later decisions must read what its earlier ones wrote. Only this partition's entries
+        // go: the other partitions' batches may be under way.
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        if shards.len() > MAX_CACHED_SHARDS {
+            shards.retain(|key, _| key.2 != partition);
+        }
+        drop(shards);
+        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        if statuses.len() > MAX_CACHED_STANDINGS {
+            statuses.retain(|key, _| key.0 != partition);
+        }
     }
 
     fn on_abort(&self, partition: PartitionId) {

@@ -139,16 +139,20 @@ fn delivered(job: Job, at_ms: i64) -> Outcome {
     Outcome { job, attempt: Some(attempt), verdict: Verdict::Success, deferred_until_ms: None }
 }
 
-#[tokio::test]
-async fn a_follow_up_waits_its_delay_and_is_not_sent_after_a_click() {
+/// An email on `urgent` events, and an SMS a minute after it is delivered unless clicked.
+async fn email_then_sms_unless_clicked() -> Setup {
     let follow_up = Trigger::FollowUp {
         after_campaign_id: "email".into(),
         on_status: vec!["delivered".into()],
         delay_ms: 60_000,
         unless_interactions: vec!["clicked".into()],
     };
-    let t =
-        setup(vec![("email", campaign(on_event("urgent"))), ("sms", campaign(follow_up))]).await;
+    setup(vec![("email", campaign(on_event("urgent"))), ("sms", campaign(follow_up))]).await
+}
+
+#[tokio::test]
+async fn a_follow_up_waits_its_delay_and_is_not_sent_after_a_click() {
+    let t = email_then_sms_unless_clicked().await;
     let mut waits = Vec::new();
     for contact in ["clicks", "ignores"] {
         let mut effects = Effects::default();
@@ -181,14 +185,7 @@ async fn a_follow_up_waits_its_delay_and_is_not_sent_after_a_click() {
 /// delivered after the contact had clicked the first copy. The click still stops the SMS.
 #[tokio::test]
 async fn a_click_on_a_copy_sent_before_a_lost_outcome_stops_the_follow_up() {
-    let follow_up = Trigger::FollowUp {
-        after_campaign_id: "email".into(),
-        on_status: vec!["delivered".into()],
-        delay_ms: 60_000,
-        unless_interactions: vec!["clicked".into()],
-    };
-    let t =
-        setup(vec![("email", campaign(on_event("urgent"))), ("sms", campaign(follow_up))]).await;
+    let t = email_then_sms_unless_clicked().await;
     let mut effects = Effects::default();
     let sent = t.clock.now_ms();
     t.engine.on_event(0, &event("urgent", "clicks", sent), &mut effects).await.expect("event");
