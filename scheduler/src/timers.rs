@@ -48,12 +48,13 @@ pub enum TimerKind {
         after_campaign: String,
         /// When the attempt that delivered started, Unix milliseconds: it names the follow-up.
         since_ms: i64,
-        /// When the delivery that started the wait was created, Unix milliseconds (0 in
-        /// timers written by earlier versions): interactions count from then, so that a click
-        /// on an earlier copy of a delivery sent again (its first outcome lost with its node)
-        /// still counts.
+        /// When what caused the delivery that started the wait happened (the time in its
+        /// id: the event's acceptance, the run's start, the previous wait's end), Unix
+        /// milliseconds; 0 in timers written by earlier versions. Interactions count from
+        /// then, so that a click on a copy sent before its node died counts, even when the
+        /// next owner made the delivery again, later than the click.
         #[serde(default, skip_serializing_if = "is_zero")]
-        created_ms: i64,
+        origin_ms: i64,
         /// The trace of the delivery that started the wait, which the follow-up continues.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         traceparent: String,

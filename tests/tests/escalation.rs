@@ -168,3 +168,83 @@ async fn email_then_sms_then_call_unless_the_contact_acts() {
         assert_eq!(ids.len(), 1, "{path} for {contact}: one delivery");
     }
 }
+
+/// A node that stops after sending a delivery but before recording it leaves its event in the
+/// inbox; a click on that delivery reported meanwhile lands behind it. The next owner handles
+/// both in order: the click is not lost for naming a delivery its event creates, and the
+/// follow-up it cancels is not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_queued_behind_its_event_stops_the_chain() {
+    use std::sync::Arc;
+    use tidings_scheduler::app::{Ingest, Publish};
+    use tidings_scheduler::inbox::{Event as Queued, InboxEntry};
+
+    let data = tempfile::tempdir().expect("temp dir");
+    let options = NodeOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let receiver = Receiver::start().await.expect("receiver");
+    let mut node = NodeProcess::start(options.clone()).await.expect("node");
+    for (id, kind) in [
+        (
+            "email",
+            Kind::Event(EventTrigger { event_type: "alert.urgent".into(), filter: String::new() }),
+        ),
+        ("sms", follow_up("email", "clicked")),
+    ] {
+        let webhook = Webhook {
+            url: receiver.url(&format!("/{id}?c={{{{ contact.id }}}}")),
+            ..Default::default()
+        };
+        setup::webhook(&node, id, webhook).await;
+        let campaign =
+            Campaign { webhook_id: id.into(), trigger: setup::trigger(kind), ..Default::default() };
+        setup::active_campaign(&node, id, campaign).await;
+    }
+    node.terminate().await.expect("stop");
+
+    // What the stopped node left: the event, and behind it a click on the delivery it makes
+    // (an embedded node has 8 partitions).
+    {
+        let store =
+            tidings_scheduler::store::EmbeddedStore::open(&data.path().join("tidings.redb"))
+                .expect("store");
+        let state = tidings_scheduler::state::State::new(Arc::new(store));
+        let ingest = Ingest::new(state, 8, Duration::from_secs(3600));
+        let now = tidings_scheduler::now_ms();
+        let contact = "clicks-early";
+        let event = Queued {
+            id: tidings_scheduler::inbox::new_id("evt"),
+            kind: "alert.urgent".into(),
+            contact_id: contact.into(),
+            data: Default::default(),
+            occurred_ms: now,
+            accepted_ms: now,
+            resume_after: None,
+            exits_after: None,
+            traceparent: String::new(),
+        };
+        let partition = ingest.partition_of(contact);
+        let delivery = tidings_scheduler::delivery::record::derived_id(
+            partition,
+            now,
+            &format!("e/{}/email", event.id),
+        );
+        ingest.publish(&Publish { event, idempotency_key: String::new() }).await.expect("event");
+        let click = InboxEntry::Interaction {
+            contact: String::new(),
+            campaign: String::new(),
+            delivery,
+            kind: "clicked".into(),
+            at_ms: now + 1,
+        };
+        ingest.interaction(partition, click).await.expect("click");
+    }
+
+    let _node = NodeProcess::start(options).await.expect("restart");
+    arrival(&receiver, "/email", "clicks-early").await;
+    tokio::time::sleep(Duration::from_secs(WAIT_SECONDS as u64 + 3)).await;
+    assert!(hits(&receiver, "/sms", "clicks-early").is_empty(), "the click stops the chain");
+}

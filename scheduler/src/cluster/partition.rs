@@ -629,6 +629,14 @@ impl Worker {
         let mut taken = 0;
         let mut carried = None;
         while let Some(entry) = parsed.pop_front() {
+            // Reads go to the store: an entry that reads a delivery this batch writes (a click
+            // on a delivery its event created, after a failover) waits for the batch's commit.
+            if let Some(id) = delivery_read(&entry)
+                && last_write(&batch.writes, &Key::Delivery { partition: self.partition, id })
+                    .is_some()
+            {
+                break;
+            }
             let key = pending[taken].0.clone();
             let effects = self.entry_effects(&key, entry).await?;
             // The engine may have cached what these effects write, so they are never dropped:
@@ -1040,6 +1048,18 @@ struct Batch {
     witness: Option<Key>,
     /// Visibility timers the batch moves on (delivery, new timer, when the first fell due).
     rearm: Vec<(String, TimerRef, i64)>,
+}
+
+/// The delivery an inbox entry reads, if it names one.
+fn delivery_read(entry: &serde_json::Result<InboxEntry>) -> Option<String> {
+    match entry {
+        Ok(InboxEntry::Interaction { delivery, .. } | InboxEntry::Redeliver { delivery })
+            if !delivery.is_empty() =>
+        {
+            Some(delivery.clone())
+        }
+        _ => None,
+    }
 }
 
 /// Returns the index of the last write to `key`.

@@ -38,9 +38,12 @@ impl CampaignEngine {
                 continue;
             }
             // The follow-up is named after the attempt that delivered. Interactions count from
-            // the delivery's creation: a receiver can report a click before the outcome of an
-            // attempt is recorded, or on an earlier copy of a delivery sent again.
+            // the delivery's cause: a receiver can report a click before the outcome of an
+            // attempt is recorded, or on a copy sent by a node that died before recording it,
+            // whose next owner made the delivery again after the click.
             let since_ms = delivery.attempts.last().map_or(delivery.updated_ms, |a| a.start_ms);
+            let origin_ms = record::id_time_ms(&delivery.id)
+                .map_or(delivery.created_ms, |at| at.min(delivery.created_ms));
             tracing::debug!(campaign = %id, contact = %delivery.contact_id, delay_ms, "follow-up wait started");
             effects.timers.push(Timer {
                 id: format!("f-{id}-{}", delivery.id),
@@ -50,7 +53,7 @@ impl CampaignEngine {
                     contact: delivery.contact_id.clone(),
                     after_campaign: delivery.campaign_id.clone(),
                     since_ms,
-                    created_ms: delivery.created_ms,
+                    origin_ms,
                     traceparent: delivery.traceparent.clone(),
                 },
             });
@@ -64,10 +67,10 @@ impl CampaignEngine {
         partition: PartitionId,
         id: &str,
         contact_id: &str,
-        (after, since_ms, created_ms, traceparent): (&str, i64, i64, &str),
+        (after, since_ms, origin_ms, traceparent): (&str, i64, i64, &str),
         effects: &mut Effects,
     ) -> EngineResult {
-        let from_ms = if created_ms > 0 { created_ms.min(since_ms) } else { since_ms };
+        let from_ms = if origin_ms > 0 { origin_ms.min(since_ms) } else { since_ms };
         let Some(campaign) = self.campaign(id).await? else { return Ok(()) };
         let Trigger::FollowUp { unless_interactions, .. } = &campaign.trigger else {
             return Ok(());

@@ -408,10 +408,10 @@ impl Engine for CampaignEngine {
                 contact,
                 after_campaign,
                 since_ms,
-                created_ms,
+                origin_ms,
                 traceparent,
             } => {
-                let wait = (after_campaign.as_str(), *since_ms, *created_ms, traceparent.as_str());
+                let wait = (after_campaign.as_str(), *since_ms, *origin_ms, traceparent.as_str());
                 self.follow_up(partition, campaign, contact, wait, effects).await
             }
             TimerKind::Expire { delivery } => self.expire(partition, delivery, effects).await,

@@ -210,6 +210,43 @@ async fn a_click_on_a_copy_sent_before_a_lost_outcome_stops_the_follow_up() {
     assert!(effects.dispatch.is_empty(), "the click on the first copy stops the follow-up");
 }
 
+/// Regression: a node sent an email and died before recording it; the contact clicked that
+/// copy; the next owner handled the event again and made the delivery anew, after the click.
+/// The click still stops the SMS.
+#[tokio::test]
+async fn a_click_before_the_next_owner_makes_the_delivery_again_stops_the_follow_up() {
+    let t = email_then_sms_unless_clicked().await;
+    let accepted = t.clock.now_ms();
+    let urgent = event("urgent", "clicks", accepted);
+    let mut effects = Effects::default();
+    t.engine.on_event(0, &urgent, &mut effects).await.expect("event");
+    let first = effects.dispatch.pop().expect("the email is sent");
+    t.clock.advance(1_000);
+    let mut effects = Effects::default();
+    let clicked = t.clock.now_ms();
+    t.engine
+        .on_interaction(0, "clicks", "email", "", "clicked", clicked, &mut effects)
+        .await
+        .expect("click");
+    // The next owner, 20 s later, handles the event again: the same delivery, made anew.
+    t.clock.advance(20_000);
+    let mut effects = Effects::default();
+    t.engine.on_event(0, &urgent, &mut effects).await.expect("event again");
+    let again = effects.dispatch.pop().expect("the email is sent again");
+    assert_eq!(again.delivery.id, first.delivery.id, "the same webhook-id");
+    assert!(again.delivery.created_ms > clicked);
+    let mut effects = Effects::default();
+    t.engine
+        .on_outcome(0, &delivered(again, t.clock.now_ms()), &mut effects)
+        .await
+        .expect("outcome");
+    let wait = effects.timers.pop().expect("the follow-up waits");
+    t.clock.advance(60_000);
+    let mut effects = Effects::default();
+    t.engine.on_timer(0, &wait, &mut effects).await.expect("wait ends");
+    assert!(effects.dispatch.is_empty(), "the click on the first copy stops the follow-up");
+}
+
 /// Regression: the standings cache cleared itself whenever it outgrew its size, also in the
 /// middle of a batch, and a later decision of that batch read the store's older standing.
 #[tokio::test]
