@@ -324,11 +324,12 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
         lease_ttl: Duration::from_secs(10),
         handoff_timeout: Duration::from_secs(5),
         live_nodes: Default::default(),
+        max_in_flight: 4096,
     };
     let loading = Instant::now();
     let engine_recorder = recorder.clone();
     let (cluster, task) = Cluster::start(
-        store.clone(),
+        &tidings_scheduler::coordination::Coordination::over(store.clone()),
         state.clone(),
         |_| Arc::new(Counting(engine_recorder)),
         options,
@@ -370,10 +371,11 @@ async fn timers(kind: &str, count: u64) -> anyhow::Result<()> {
         lease_ttl: Duration::from_secs(10),
         handoff_timeout: Duration::from_secs(5),
         live_nodes: Default::default(),
+        max_in_flight: 4096,
     };
     let engine_burst = burst.clone();
     let (_cluster, task) = Cluster::start(
-        store.clone(),
+        &tidings_scheduler::coordination::Coordination::over(store.clone()),
         state.clone(),
         |_| Arc::new(Counting(engine_burst)),
         options,

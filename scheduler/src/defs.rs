@@ -109,7 +109,7 @@ impl<T> std::fmt::Debug for Definitions<T> {
 impl<T: Serialize + DeserializeOwned> Definitions<T> {
     /// Returns access to the definitions of `kind` (singular, `webhook`) stored under
     /// `defs/{collection}/`.
-    pub fn new(store: Arc<dyn Store>, kind: &'static str, collection: &str) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, kind: &'static str, collection: &str) -> Self {
         Self {
             store,
             kind,
@@ -120,7 +120,7 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
     }
 
     /// Returns access to the definitions of `kind` stored under `prefix` (ending in `/`).
-    pub fn with_prefix(store: Arc<dyn Store>, kind: &'static str, prefix: &str) -> Self {
+    pub(crate) fn with_prefix(store: Arc<dyn Store>, kind: &'static str, prefix: &str) -> Self {
         Self { store, kind, prefix: prefix.to_string(), applied: None, _type: PhantomData }
     }
 
@@ -140,11 +140,6 @@ impl<T: Serialize + DeserializeOwned> Definitions<T> {
                 tracing::debug!(kind = self.kind, revision, "cache behind a write after 2 s");
             }
         }
-    }
-
-    /// Returns the store the definitions live in.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
     }
 
     fn key(&self, id: &str) -> Vec<u8> {

@@ -9,6 +9,8 @@
 //! - [`delivery`]: rendering, signing, sending, retries, limits and the attempt log;
 //! - [`state`]: partition data as typed tables (keys, records, reads that fail closed, the
 //!   fenced partition transaction);
+//! - [`coordination`]: the coordination store a node runs on (definitions, membership,
+//!   ownership), the one handle on it the server holds;
 //! - [`store`]: the key-value contract with etcd's semantics, on etcd and on a local redb file;
 //! - [`keys`]: the coordination keys (cluster, nodes, owners);
 //! - [`defs`]: typed definitions (webhooks, segments, campaigns) over the store, with etags;
@@ -27,6 +29,7 @@ pub mod campaign;
 pub mod clock;
 pub mod cluster;
 pub mod contact;
+pub mod coordination;
 
 pub mod defs;
 pub mod delivery;

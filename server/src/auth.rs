@@ -6,7 +6,7 @@
 //! enough; the secret itself is never stored, logged or returned after creation.
 
 use std::pin::Pin;
-use std::sync::Arc;
+
 use std::task::{Context, Poll};
 
 use base64::Engine;
@@ -14,7 +14,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tidings_scheduler::defs::{Cache, Definitions, DefsError, Versioned};
-use tidings_scheduler::store::Store;
 use tonic::Status;
 
 /// What a token may do.
@@ -203,10 +202,10 @@ const BOOTSTRAPPED: &str = "auth/bootstrapped";
 impl Tokens {
     /// Loads the tokens and follows their changes until `stop` is cancelled.
     pub async fn start(
-        store: Arc<dyn Store>,
+        coordination: &tidings_scheduler::coordination::Coordination,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<Self, DefsError> {
-        let defs = Definitions::with_prefix(store, "token", "tokens/");
+        let defs = coordination.tokens();
         let cache = Cache::start(defs.clone(), stop).await?;
         Ok(Self { defs: defs.read_your_writes(&cache), cache })
     }

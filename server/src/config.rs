@@ -139,6 +139,9 @@ pub struct DeliveryConfig {
     pub ports: Vec<u16>,
     /// PEM bundle of CAs trusted for webhook endpoints besides the Mozilla roots.
     pub ca_file: String,
+    /// Attempts one partition keeps in flight on its node at most; past that its new events
+    /// and run shards wait in its inbox.
+    pub max_in_flight_per_partition: usize,
 }
 
 /// The `[events]` section.
@@ -186,14 +189,14 @@ impl std::fmt::Debug for EtcdConfig {
 
 impl EtcdConfig {
     /// Returns the options of the etcd client.
-    pub fn options(&self) -> tidings_scheduler::store::EtcdOptions {
+    pub fn options(&self) -> tidings_scheduler::coordination::EtcdOptions {
         let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
-        tidings_scheduler::store::EtcdOptions {
+        tidings_scheduler::coordination::EtcdOptions {
             endpoints: self.endpoints.clone(),
             prefix: self.prefix.clone(),
             request_timeout: self.request_timeout,
             connect_timeout: self.connect_timeout,
-            tls: tidings_scheduler::store::EtcdTls {
+            tls: tidings_scheduler::coordination::EtcdTls {
                 ca_file: path(&self.tls.ca_file),
                 identity: path(&self.tls.cert_file).zip(path(&self.tls.key_file)),
             },
@@ -483,6 +486,11 @@ impl Config {
         }
         if self.delivery.circuit_threshold == 0 {
             return Err(ConfigError("delivery.circuit_threshold: must be at least 1".into()));
+        }
+        if self.delivery.max_in_flight_per_partition == 0 {
+            return Err(ConfigError(
+                "delivery.max_in_flight_per_partition: must be at least 1".into(),
+            ));
         }
         if !self.etcd.endpoints.is_empty() && self.postgres.url.is_empty() {
             return Err(ConfigError(

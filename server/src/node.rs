@@ -6,12 +6,12 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use tidings_api::v1;
 use tidings_scheduler::cluster::{Cluster, ClusterOptions};
-use tidings_scheduler::defs::{Cache, Definitions};
+use tidings_scheduler::coordination::{Coordination, until_reachable};
+use tidings_scheduler::defs::Cache;
 use tidings_scheduler::delivery::dispatch::{DispatchOptions, Dispatcher};
 use tidings_scheduler::engine::CampaignEngine;
 use tidings_scheduler::secrets::Cipher;
 use tidings_scheduler::state::State;
-use tidings_scheduler::store::{EmbeddedStore, EtcdStore, Store};
 use tidings_scheduler::template::Templates;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -42,23 +42,23 @@ impl Node {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         // The key first: a missing key should not wait for an etcd connection to be reported.
         let cipher = load_cipher(&config)?;
-        let store = open_store(&config).await?;
-        let state = open_state(&config, &store).await?;
-        Self::serve(config, cipher, store, state).await
+        let coordination = open_coordination(&config).await?;
+        let state = open_state(&config, &coordination).await?;
+        Self::serve(config, cipher, coordination, state).await
     }
 
-    /// Starts serving on a store the caller opened (tests wrap one to inject faults); the
-    /// configuration's store settings are not used.
-    pub async fn start_on(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+    /// Starts serving on a store the caller opened (tests wrap one to inject faults), which
+    /// also holds the partitions' state; the configuration's store settings are not used.
+    pub async fn start_on(config: Config, coordination: Coordination) -> anyhow::Result<Self> {
         let cipher = load_cipher(&config)?;
-        let state = State::new(store.clone());
-        Self::serve(config, cipher, store, state).await
+        let state = coordination.embedded_state();
+        Self::serve(config, cipher, coordination, state).await
     }
 
     async fn serve(
         config: Config,
         cipher: Cipher,
-        store: Arc<dyn Store>,
+        coordination: Coordination,
         state: State,
     ) -> anyhow::Result<Self> {
         let templates = Arc::new(Templates::new());
@@ -98,15 +98,12 @@ impl Node {
             lease_ttl: config.cluster.lease_ttl,
             handoff_timeout: config.cluster.handoff_timeout,
             live_nodes: Arc::new(std::sync::atomic::AtomicUsize::new(1)),
+            max_in_flight: config.delivery.max_in_flight_per_partition,
         };
         let caches_stop = CancellationToken::new();
-        let webhook_defs = Definitions::new(store.clone(), "webhook", "webhooks");
+        let webhook_defs = coordination.webhooks();
         let webhook_cache = Cache::start(webhook_defs.clone(), caches_stop.clone()).await?;
-        let campaign_cache = Cache::start(
-            Definitions::new(store.clone(), "campaign", "campaigns"),
-            caches_stop.clone(),
-        )
-        .await?;
+        let campaign_cache = Cache::start(coordination.campaigns(), caches_stop.clone()).await?;
         let live_nodes = Arc::new(std::sync::atomic::AtomicUsize::new(1));
         let dispatch_options = DispatchOptions {
             allow: config.delivery.allow_networks.iter().filter_map(|n| n.parse().ok()).collect(),
@@ -135,7 +132,7 @@ impl Node {
         let cluster_options = ClusterOptions { live_nodes, ..cluster_options };
         let retention = config.delivery.retention;
         let engine_parts = (
-            store.clone(),
+            coordination.clone(),
             state.clone(),
             campaign_cache.clone(),
             webhook_cache.clone(),
@@ -144,13 +141,20 @@ impl Node {
             dispatcher.clone(),
         );
         let (cluster, cluster_task) = Cluster::start(
-            store.clone(),
+            &coordination,
             state.clone(),
             move |partitions| {
-                let (store, state, campaigns, webhooks, templates, cipher, dispatcher) =
+                let (coordination, state, campaigns, webhooks, templates, cipher, dispatcher) =
                     engine_parts;
                 Arc::new(CampaignEngine::new(
-                    store, state, campaigns, webhooks, templates, cipher, dispatcher, partitions,
+                    &coordination,
+                    state,
+                    campaigns,
+                    webhooks,
+                    templates,
+                    cipher,
+                    dispatcher,
+                    partitions,
                     retention,
                 ))
             },
@@ -162,6 +166,7 @@ impl Node {
 
         let webhooks = Arc::new(WebhookApi::new(
             webhook_defs.clone().read_your_writes(&webhook_cache),
+            coordination.campaigns(),
             cipher.clone(),
             templates.clone(),
             dispatcher.clone(),
@@ -182,7 +187,7 @@ impl Node {
         let streams = crate::api::Streams::new(config.grpc.max_streams);
         let campaigns = Arc::new(
             CampaignApi::new(
-                store.clone(),
+                &coordination,
                 state.clone(),
                 cluster.partitions(),
                 templates.clone(),
@@ -200,9 +205,9 @@ impl Node {
             streams,
         ));
         let contacts =
-            Arc::new(ContactApi::new(store.clone(), state.clone(), cluster.partitions()));
+            Arc::new(ContactApi::new(&coordination, state.clone(), cluster.partitions()));
 
-        let tokens = Tokens::start(store.clone(), caches_stop.clone())
+        let tokens = Tokens::start(&coordination, caches_stop.clone())
             .await
             .context("loading the tokens")?;
         let auth = if config.auth_enabled() {
@@ -376,7 +381,7 @@ impl Node {
             if tokio::time::timeout(bound, cluster_task).await.is_err() {
                 warn!(?bound, "leaving the cluster took too long");
             }
-            drop(store);
+            drop(coordination);
             info!("stopped");
             Ok(())
         });
@@ -405,72 +410,34 @@ impl Node {
     }
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_coordination(config: &Config) -> anyhow::Result<Coordination> {
     if config.cluster_mode() {
-        let options = config.etcd.options();
-        let deadline = tokio::time::Instant::now() + config.node.start_timeout;
-        let store = until_reachable("etcd", deadline, || EtcdStore::connect(options.clone()))
-            .await
-            .with_context(|| {
-                format!("etcd.endpoints: cannot reach etcd at {}", config.etcd.endpoints.join(","))
-            })?;
-        Ok(Arc::new(store))
+        Coordination::etcd(config.etcd.options(), config.node.start_timeout).await.with_context(
+            || format!("etcd.endpoints: cannot reach etcd at {}", config.etcd.endpoints.join(",")),
+        )
     } else {
         let dir = &config.node.data_dir;
         crate::files::private_dir(dir)
             .with_context(|| format!("node.data_dir: cannot create {}", dir.display()))?;
         let file = dir.join("tidings.redb");
-        let store = EmbeddedStore::open(&file).with_context(|| {
+        let coordination = Coordination::embedded(&file).with_context(|| {
             format!("node.data_dir: cannot open the store in {}", dir.display())
         })?;
         crate::files::restrict(&file, 0o600)
             .with_context(|| format!("node.data_dir: cannot restrict {}", file.display()))?;
-        Ok(Arc::new(store))
+        Ok(coordination)
     }
 }
 
 /// Opens the state layer: PostgreSQL in cluster mode, the embedded store otherwise.
-async fn open_state(config: &Config, store: &Arc<dyn Store>) -> anyhow::Result<State> {
+async fn open_state(config: &Config, coordination: &Coordination) -> anyhow::Result<State> {
     if !config.cluster_mode() {
-        return Ok(State::new(store.clone()));
+        return Ok(coordination.embedded_state());
     }
     let deadline = tokio::time::Instant::now() + config.node.start_timeout;
     until_reachable("PostgreSQL", deadline, || State::postgres(config.postgres.options()))
         .await
         .context("postgres.url: cannot open PostgreSQL")
-}
-
-/// Calls `connect` again while it fails as unavailable (the store is not up yet), with
-/// backoff, until `deadline`; logs the first failure. Other errors return at once.
-async fn until_reachable<T, F, Fut>(
-    what: &str,
-    deadline: tokio::time::Instant,
-    mut connect: F,
-) -> Result<T, tidings_scheduler::store::StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tidings_scheduler::store::StoreError>>,
-{
-    use tidings_scheduler::store::StoreError;
-    let mut backoff = tidings_scheduler::backoff::Backoff::new(
-        std::time::Duration::from_millis(200),
-        std::time::Duration::from_secs(2),
-    );
-    let mut waiting = false;
-    loop {
-        match connect().await {
-            Err(StoreError::Unavailable(reason))
-                if tokio::time::Instant::now() + backoff.peek() < deadline =>
-            {
-                if !waiting {
-                    warn!(%reason, "{what} does not answer yet; retrying until node.start_timeout");
-                    waiting = true;
-                }
-                backoff.wait().await;
-            }
-            other => return other,
-        }
-    }
 }
 
 fn load_cipher(config: &Config) -> anyhow::Result<Cipher> {

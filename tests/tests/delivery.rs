@@ -574,3 +574,60 @@ async fn attempts_waiting_for_the_rate_limit_are_sent_once() {
     ids.dedup();
     assert_eq!((sent, ids.len()), (total, total), "each delivery is sent once");
 }
+
+/// A partition keeps a bounded number of attempts in flight: past it, new events wait in its
+/// inbox (visible in ListPartitions) instead of becoming tasks, and every one is still sent
+/// once the endpoint catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_in_flight_bound_events_wait_in_the_inbox() {
+    let mut options = allow_loopback();
+    options.env.push(("TIDINGS_CLUSTER__PARTITIONS".into(), "1".into()));
+    options.env.push(("TIDINGS_DELIVERY__MAX_IN_FLIGHT_PER_PARTITION".into(), "3".into()));
+    let node = NodeProcess::start(options).await.expect("node");
+    let receiver = Receiver::start().await.expect("receiver");
+    let slow = Webhook { url: receiver.url("/slow"), rate_limit: 4.0, ..Default::default() };
+    webhook(&node, "slow", slow).await;
+    on_event(&node, "slow", "slow", "queued").await;
+    let total = 20;
+    let mut events = node.events().await.expect("client");
+    for i in 0..total {
+        let event =
+            Event { r#type: "queued".into(), contact_id: format!("c{i}"), ..Default::default() };
+        events.publish(PublishRequest { event: Some(event) }).await.expect("publish");
+    }
+    // Four a second: once four are delivered, without the bound every other event would have
+    // become an attempt long ago; with it, all but the few in flight still wait in the inbox.
+    wait_until("four deliveries", Duration::from_secs(10), || async {
+        let found = deliveries(&node, "slow").await;
+        let delivered = found.iter().filter(|d| d.status == DeliveryStatus::Delivered as i32);
+        (delivered.count() >= 4).then_some(())
+    })
+    .await
+    .expect("four deliveries");
+    let partitions = node
+        .cluster()
+        .await
+        .expect("client")
+        .list_partitions(tidings_client::v1::ListPartitionsRequest {})
+        .await
+        .expect("partitions")
+        .into_inner()
+        .partitions;
+    let waiting: u64 = partitions.iter().map(|p| p.inbox_backlog).sum();
+    assert!(waiting >= 10, "{waiting} events wait in the inbox");
+    wait_until("every delivery delivered", Duration::from_secs(60), || async {
+        let found = deliveries(&node, "slow").await;
+        (found.len() == total && found.iter().all(|d| d.status == DeliveryStatus::Delivered as i32))
+            .then_some(())
+    })
+    .await
+    .expect("delivered");
+    let mut ids: Vec<String> = receiver
+        .received()
+        .iter()
+        .filter_map(|r| r.header("webhook-id").map(String::from))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "each delivery is sent");
+}

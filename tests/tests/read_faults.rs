@@ -66,7 +66,9 @@ async fn start_node(store: Arc<dyn Store>, dir: &std::path::Path) -> Node {
     let mut config = Config::load(None, &overrides).expect("config");
     config.delivery.allow_networks = vec!["127.0.0.1/32".into()];
     config.secrets.key = TEST_SECRETS_KEY.into();
-    Node::start_on(config, store).await.expect("node")
+    Node::start_on(config, tidings_scheduler::coordination::Coordination::over(store))
+        .await
+        .expect("node")
 }
 
 async fn create(

@@ -57,6 +57,12 @@ pub struct ClusterOptions {
     pub handoff_timeout: Duration,
     /// Kept equal to the number of live nodes, for whoever shares a cluster-wide budget.
     pub live_nodes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Attempts a partition keeps in flight at most: past that, its worker takes no inbox
+    /// entry (events, run shards) until outcomes come back, so that a slow or rate-limited
+    /// endpoint holds a bounded number of tasks and requests in memory. One entry (an event
+    /// for many campaigns, a page of a run), and timers that fall due (retries, follow-ups,
+    /// intervals), may go past it by the attempts they start.
+    pub max_in_flight: usize,
 }
 
 /// The record under `cluster`.
@@ -149,12 +155,13 @@ impl Cluster {
     /// until `shutdown` is cancelled; then hands every partition off and leaves. The returned
     /// task ends when the node has left.
     pub async fn start(
-        store: Arc<dyn Store>,
+        coordination: &crate::coordination::Coordination,
         state: crate::state::State,
         engine: impl FnOnce(u32) -> Arc<dyn Engine>,
         options: ClusterOptions,
         shutdown: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        let store = coordination.store().clone();
         let partitions = ensure_cluster(store.as_ref(), options.partitions).await?;
         let engine = engine(partitions);
 
@@ -509,6 +516,8 @@ impl Manager {
                     in_flight: Default::default(),
                     // Inside the handoff bound, so that the worker ends before it is aborted.
                     drain: self.shared.options.handoff_timeout.mul_f64(0.8),
+                    attempts: Default::default(),
+                    max_in_flight: self.shared.options.max_in_flight.max(1),
                 };
                 let token = cancel.clone();
                 let abort =

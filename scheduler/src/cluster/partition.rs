@@ -129,6 +129,69 @@ pub(crate) struct Worker {
     pub(crate) in_flight: std::sync::Mutex<std::collections::HashMap<String, InFlight>>,
     /// How long a worker asked to stop waits for its attempts in flight.
     pub(crate) drain: Duration,
+    /// The tasks of this worker's attempts, and what stops those still running when it ends.
+    pub(crate) attempts: Attempts,
+    /// See [`super::ClusterOptions::max_in_flight`].
+    pub(crate) max_in_flight: usize,
+}
+
+/// The tasks of a partition worker's attempts: each ends with its outcome, or when the
+/// worker ends (a handoff, a lost partition, a shutdown) with the attempts it gave up on.
+#[derive(Default)]
+pub(crate) struct Attempts {
+    tasks: tokio_util::task::TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Attempts {
+    /// Runs `attempt` on a task of its own; its outcome goes to `reply`.
+    fn spawn(
+        &self,
+        attempt: impl std::future::Future<Output = Outcome> + Send + 'static,
+        reply: mpsc::UnboundedSender<Outcome>,
+    ) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                outcome = attempt => {
+                    // The worker may be gone: the visibility timer covers the attempt.
+                    let _ = reply.send(outcome);
+                }
+            }
+        });
+    }
+
+    /// Forwards `outcomes` to `reply` on a task of its own, until the attempts end.
+    fn forward(
+        &self,
+        mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+        reply: mpsc::UnboundedSender<Outcome>,
+    ) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let outcome = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    outcome = outcomes.recv() => outcome,
+                };
+                let Some(outcome) = outcome else { return };
+                if reply.send(outcome).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Stops the attempts still running and waits for their tasks to end: they stop at their
+    /// next wait (a slot, the rate limit, the endpoint's answer).
+    async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(1), self.tasks.wait()).await.is_err() {
+            warn!(tasks = self.tasks.len(), "attempt tasks still running 1 s after being stopped");
+        }
+    }
 }
 
 /// An attempt in flight on this node.
@@ -188,9 +251,12 @@ impl Worker {
 
     /// Starts an attempt, remembering which dispatch of its delivery it is.
     fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
-        let attempt = InFlight { seq: job.delivery.dispatch_seq, moved: None };
-        self.in_flight().insert(job.delivery.id.clone(), attempt);
-        self.engine.dispatch(job, reply);
+        let entry = InFlight { seq: job.delivery.dispatch_seq, moved: None };
+        let id = job.delivery.id.clone();
+        if let Some(attempt) = self.engine.attempt(job) {
+            self.in_flight().insert(id, entry);
+            self.attempts.spawn(attempt, reply);
+        }
     }
 
     /// Returns whether an outcome answers the latest dispatch of its delivery.
@@ -322,10 +388,12 @@ impl Worker {
     }
 
     pub(crate) async fn run(self, cancel: CancellationToken) -> Exit {
-        match self.run_inner(&cancel).await {
+        let exit = match self.run_inner(&cancel).await {
             Ok(never) => match never {},
             Err(exit) => exit,
-        }
+        };
+        self.attempts.stop().await;
+        exit
     }
 
     async fn run_inner(
@@ -437,7 +505,9 @@ impl Worker {
                 sweep_from = more;
                 continue;
             }
-            if !pending.is_empty() {
+            // At the bound of attempts in flight, the inbox waits for outcomes; timers go on
+            // (retries, and the visibility timers that give up on attempts out for too long).
+            if !pending.is_empty() && self.in_flight().len() < self.max_in_flight {
                 let step = self.process_inbox(&mut pending, &mut index, cancel, &reply).await;
                 self.recover(step, &mut failures, cancel).await?;
                 continue;
@@ -629,6 +699,10 @@ impl Worker {
         let mut taken = 0;
         let mut carried = None;
         while let Some(entry) = parsed.pop_front() {
+            // The bound of attempts in flight holds between entries.
+            if taken > 0 && self.in_flight().len() + batch.dispatch.len() >= self.max_in_flight {
+                break;
+            }
             // Reads go to the store: an entry that reads a delivery this batch writes (a click
             // on a delivery its event created, after a failover) waits for the batch's commit.
             if let Some(id) = delivery_read(&entry)
@@ -886,14 +960,7 @@ impl Worker {
         }
         if waiting > 0 {
             // The worker reads these only after this batch has committed.
-            let reply = reply.clone();
-            tokio::spawn(async move {
-                while let Some(outcome) = receiver.recv().await {
-                    if reply.send(outcome).is_err() {
-                        return;
-                    }
-                }
-            });
+            self.attempts.forward(receiver, reply.clone());
         }
         if arrived.is_empty() {
             return Vec::new();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -332,14 +332,11 @@ impl Dispatcher {
         }
     }
 
-    /// Starts a job; its outcome goes to `reply`.
-    pub fn submit(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
+    /// Returns a job's attempt, for the caller to run: waiting for a slot and the rate
+    /// limit, sending, and its outcome.
+    pub fn job(&self, job: Job) -> impl std::future::Future<Output = Outcome> + Send + 'static {
         let this = self.clone();
-        tokio::spawn(async move {
-            let outcome = this.run(job).await;
-            // The worker may be gone (partition lost): the visibility timer covers it.
-            let _ = reply.send(outcome);
-        });
+        async move { this.run(job).await }
     }
 
     fn endpoint(&self, id: &str, webhook: &Webhook) -> Arc<Endpoint> {

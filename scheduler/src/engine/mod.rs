@@ -29,8 +29,6 @@ mod standing;
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
 use crate::campaign::Campaign;
 use crate::cluster::PartitionId;
 use crate::contact::{Contact, ContactCache};
@@ -41,7 +39,7 @@ use crate::inbox::Event;
 use crate::rules::Programs;
 use crate::secrets::Cipher;
 use crate::state::{State, StateError, TimerRef, Write};
-use crate::store::Store;
+
 use crate::template::Templates;
 use crate::timers::{Timer, TimerKind};
 use crate::webhook::Webhook;
@@ -190,8 +188,11 @@ pub trait Engine: Send + Sync + 'static {
     /// ends.
     fn on_claim(&self, _partition: PartitionId, _owned: &tokio_util::sync::CancellationToken) {}
 
-    /// Starts an attempt of this partition; its outcome goes to `reply`.
-    fn dispatch(&self, _job: Job, _reply: mpsc::UnboundedSender<Outcome>) {}
+    /// Returns an attempt of a job of this partition, for the partition's worker to run on
+    /// its own tasks; `None` for an engine that sends nothing.
+    fn attempt(&self, _job: Job) -> Option<futures::future::BoxFuture<'static, Outcome>> {
+        None
+    }
 
     /// How often the worker calls [`Engine::sweep`]; `None` for never.
     fn sweep_every(&self) -> Option<std::time::Duration> {
@@ -279,7 +280,7 @@ impl CampaignEngine {
     /// Returns an engine.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        store: Arc<dyn Store>,
+        coordination: &crate::coordination::Coordination,
         state: State,
         campaigns: Cache<Campaign>,
         webhooks: Cache<Webhook>,
@@ -291,8 +292,8 @@ impl CampaignEngine {
     ) -> Self {
         Self {
             state,
-            campaign_defs: Definitions::new(store.clone(), "campaign", "campaigns"),
-            segment_defs: Definitions::new(store, "segment", "segments"),
+            campaign_defs: coordination.campaigns(),
+            segment_defs: coordination.segments(),
             campaigns,
             webhooks,
             templates,
@@ -490,8 +491,8 @@ impl Engine for CampaignEngine {
         self.read_ahead_standings(partition, outcomes, at_least).await
     }
 
-    fn dispatch(&self, job: Job, reply: mpsc::UnboundedSender<Outcome>) {
-        self.dispatcher.submit(job, reply);
+    fn attempt(&self, job: Job) -> Option<futures::future::BoxFuture<'static, Outcome>> {
+        Some(Box::pin(self.dispatcher.job(job)))
     }
 
     fn sweep_every(&self) -> Option<std::time::Duration> {

@@ -6,7 +6,7 @@ use crate::clock::Clock;
 use crate::delivery::dispatch::DispatchOptions;
 use crate::delivery::record::{Attempt, ErrorClass};
 use crate::delivery::retry::Verdict;
-use crate::store::{EmbeddedStore, FlakyStore};
+use crate::store::{EmbeddedStore, FlakyStore, Store};
 use crate::webhook::{Method, RetryPolicy};
 
 /// 2026-12-01 20:00:00 UTC, a Tuesday.
@@ -97,7 +97,7 @@ async fn setup(campaigns: Vec<(&str, Campaign)>) -> Setup {
     .expect("dispatcher");
     let clock = Clock::manual(EVENING_MS);
     let engine = CampaignEngine::new(
-        shared.clone(),
+        &crate::coordination::Coordination::over(shared.clone()),
         State::new(shared),
         campaigns,
         webhooks,

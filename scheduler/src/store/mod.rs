@@ -70,6 +70,30 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::Exhausted(_))
     }
+
+    /// Returns what a caller may do about it.
+    pub fn failure(&self) -> Failure {
+        match self {
+            StoreError::Unavailable(_) => Failure::Unavailable,
+            StoreError::Exhausted(_) => Failure::Exhausted,
+            StoreError::InvalidRequest(_) => Failure::Invalid,
+            _ => Failure::Internal,
+        }
+    }
+}
+
+/// What a caller may do about a store's failure, for those that report it onwards (the API
+/// maps it to a status code) without knowing the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The store did not answer: the same call may succeed soon.
+    Unavailable,
+    /// The store ran out of something: the same call may succeed later.
+    Exhausted,
+    /// The request breaks a limit of the store.
+    Invalid,
+    /// Anything else: trying again will not help.
+    Internal,
 }
 
 /// The result type of store operations.

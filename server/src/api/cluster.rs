@@ -50,7 +50,7 @@ impl ClusterService for ClusterApi {
             .cluster
             .partition_status()
             .await
-            .map_err(ApiError::from)?
+            .map_err(|e| ApiError::of_store(e.failure(), e.to_string()))?
             .into_iter()
             .map(|p| pb::Partition {
                 id: p.id,

@@ -4,8 +4,6 @@
 //! are inputs, like inbox entries, not state the partition owner derives; the owner reads them
 //! when it decides.
 
-use std::sync::Arc;
-
 use futures::StreamExt;
 use tidings_api::v1 as pb;
 use tidings_api::v1::contact_service_server::ContactService;
@@ -17,7 +15,6 @@ use tidings_scheduler::defs::{Definitions, DefsError, Versioned};
 use tidings_scheduler::now_ms;
 use tidings_scheduler::rules;
 use tidings_scheduler::segment::Segment;
-use tidings_scheduler::store::Store;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{json_to_struct, struct_to_json, timestamp};
@@ -33,10 +30,9 @@ const MAX_REJECTS_LISTED: usize = 1000;
 
 /// Serves ContactService and SegmentService.
 pub(crate) struct ContactApi {
-    /// For the definitions of segments and campaigns.
-    store: Arc<dyn Store>,
     contacts: Contacts,
     segments: Definitions<Segment>,
+    campaigns: Definitions<tidings_scheduler::campaign::Campaign>,
 }
 
 impl From<ContactError> for ApiError {
@@ -52,14 +48,14 @@ impl From<ContactError> for ApiError {
 
 impl ContactApi {
     pub(crate) fn new(
-        store: Arc<dyn Store>,
+        coordination: &tidings_scheduler::coordination::Coordination,
         state: tidings_scheduler::state::State,
         partitions: u32,
     ) -> Self {
         Self {
-            segments: Definitions::new(store.clone(), "segment", "segments"),
+            segments: coordination.segments(),
+            campaigns: coordination.campaigns(),
             contacts: Contacts::new(state, partitions),
-            store,
         }
     }
 
@@ -370,9 +366,7 @@ impl SegmentService for ContactApi {
         check_id(&mut v, "id", &request.id);
         v.check()?;
         let etag = parse_etag("etag", &request.etag)?;
-        let campaigns: Definitions<tidings_scheduler::campaign::Campaign> =
-            Definitions::new(self.store.clone(), "campaign", "campaigns");
-        let (all, _) = campaigns.list(None, 0).await.map_err(ApiError::from)?;
+        let (all, _) = self.campaigns.list(None, 0).await.map_err(ApiError::from)?;
         if let Some(user) = all.iter().find(|c| {
             c.value.audience.segment_id == request.id
                 && c.value.state != tidings_scheduler::campaign::CampaignState::Archived

@@ -19,8 +19,8 @@ pub(crate) use webhooks::WebhookApi;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tidings_scheduler::coordination::Failure;
 use tidings_scheduler::defs::DefsError;
-use tidings_scheduler::store::StoreError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -95,15 +95,14 @@ impl From<ApiError> for Status {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Unavailable(_) => ApiError::Unavailable(format!("{error}; try again")),
-            StoreError::Exhausted(_) => ApiError::Exhausted(format!("{error}; try again later")),
-            StoreError::InvalidRequest(message) => {
-                ApiError::Invalid(vec![("request".into(), message)])
-            }
-            other => ApiError::Internal(other.to_string()),
+impl ApiError {
+    /// The error for a store's failure, described by `message`.
+    pub(crate) fn of_store(failure: Failure, message: String) -> Self {
+        match failure {
+            Failure::Unavailable => ApiError::Unavailable(format!("{message}; try again")),
+            Failure::Exhausted => ApiError::Exhausted(format!("{message}; try again later")),
+            Failure::Invalid => ApiError::Invalid(vec![("request".into(), message)]),
+            Failure::Internal => ApiError::Internal(message),
         }
     }
 }
@@ -113,15 +112,14 @@ impl From<tidings_scheduler::engine::EngineError> for ApiError {
         use tidings_scheduler::engine::EngineError;
         let message = error.to_string();
         match error {
-            EngineError::Read { source, .. } | EngineError::Write { source, .. } => match source {
-                StoreError::Unavailable(_) => {
-                    ApiError::Unavailable(format!("{message}; try again"))
+            EngineError::Read { source, .. } | EngineError::Write { source, .. } => {
+                match source.failure() {
+                    failure @ (Failure::Unavailable | Failure::Exhausted) => {
+                        ApiError::of_store(failure, message)
+                    }
+                    _ => ApiError::Internal(message),
                 }
-                StoreError::Exhausted(_) => {
-                    ApiError::Exhausted(format!("{message}; try again later"))
-                }
-                _ => ApiError::Internal(message),
-            },
+            }
             EngineError::Definition(error) => error.into(),
             _ => ApiError::Internal(message),
         }
@@ -137,7 +135,7 @@ impl From<DefsError> for ApiError {
             DefsError::Corrupt { .. } | DefsError::Unencodable { .. } => {
                 ApiError::Internal(error.to_string())
             }
-            DefsError::Store(store) => store.into(),
+            DefsError::Store(store) => ApiError::of_store(store.failure(), store.to_string()),
         }
     }
 }

@@ -79,6 +79,8 @@ const WRITABLE: [&str; 14] = [
 /// Serves WebhookService over the webhook definitions.
 pub(crate) struct WebhookApi {
     webhooks: Definitions<Webhook>,
+    /// To refuse deleting a webhook a campaign still uses.
+    campaigns: Definitions<Campaign>,
     cipher: Cipher,
     templates: Arc<Templates>,
     dispatcher: Dispatcher,
@@ -87,11 +89,12 @@ pub(crate) struct WebhookApi {
 impl WebhookApi {
     pub(crate) fn new(
         webhooks: Definitions<Webhook>,
+        campaigns: Definitions<Campaign>,
         cipher: Cipher,
         templates: Arc<Templates>,
         dispatcher: Dispatcher,
     ) -> Self {
-        Self { webhooks, cipher, templates, dispatcher }
+        Self { webhooks, campaigns, cipher, templates, dispatcher }
     }
 
     async fn send_test(
@@ -974,8 +977,7 @@ impl WebhookService for WebhookApi {
         violations.check()?;
         let etag = parse_etag("etag", &request.etag)?;
         // A campaign that can still send must not lose its webhook.
-        let campaigns: Definitions<Campaign> =
-            Definitions::new(self.webhooks.store().clone(), "campaign", "campaigns");
+        let campaigns = &self.campaigns;
         let mut after: Option<String> = None;
         loop {
             let (page, more) =

@@ -48,15 +48,15 @@ pub(crate) struct CampaignApi {
 
 impl CampaignApi {
     pub(crate) fn new(
-        store: Arc<dyn tidings_scheduler::store::Store>,
+        coordination: &tidings_scheduler::coordination::Coordination,
         state: tidings_scheduler::state::State,
         partitions: u32,
         templates: Arc<tidings_scheduler::template::Templates>,
         cipher: tidings_scheduler::secrets::Cipher,
         streams: super::Streams,
     ) -> Self {
-        let campaigns = Definitions::new(store.clone(), "campaign", "campaigns");
-        let webhooks = Definitions::new(store.clone(), "webhook", "webhooks");
+        let campaigns = coordination.campaigns();
+        let webhooks = coordination.webhooks();
         Self {
             streams,
             lifecycle: Campaigns::new(
@@ -67,7 +67,7 @@ impl CampaignApi {
             ),
             campaigns,
             webhooks,
-            segments: Definitions::new(store, "segment", "segments"),
+            segments: coordination.segments(),
             runs: Runs::new(state.clone(), partitions),
             contacts: Contacts::new(state.clone(), partitions),
             state,
