@@ -1,7 +1,6 @@
 //! CEL expressions: segment filters, event filters and business rules.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Deepest nesting of parentheses, brackets and braces.
 pub const MAX_DEPTH: usize = 32;
@@ -79,10 +78,19 @@ pub fn check(source: &str) -> Result<(), String> {
     })
 }
 
-/// Compiled expressions by source, so each is parsed once per node.
-#[derive(Default)]
+/// Compiled expressions by source, so each is parsed once per node; the least used go past
+/// [`MAX_PROGRAMS`].
 pub struct Programs {
-    compiled: Mutex<HashMap<String, Arc<cel::Program>>>,
+    compiled: quick_cache::sync::Cache<String, Arc<cel::Program>>,
+}
+
+/// Compiled expressions kept per node.
+const MAX_PROGRAMS: usize = 10_000;
+
+impl Default for Programs {
+    fn default() -> Self {
+        Self { compiled: quick_cache::sync::Cache::new(MAX_PROGRAMS) }
+    }
 }
 
 impl std::fmt::Debug for Programs {
@@ -98,21 +106,14 @@ impl Programs {
         source: &str,
         variables: &[(&str, &serde_json::Value)],
     ) -> Result<bool, String> {
-        let program = {
-            let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-            match compiled.get(source) {
-                Some(program) => program.clone(),
-                None => {
-                    // Expressions stored before these bounds existed are held to them too.
-                    check_cost(source)?;
-                    let program =
-                        Arc::new(cel::Program::compile(source).map_err(|e| e.to_string())?);
-                    if compiled.len() > 10_000 {
-                        compiled.clear();
-                    }
-                    compiled.insert(source.to_string(), program.clone());
-                    program
-                }
+        let program = match self.compiled.get(source) {
+            Some(program) => program,
+            None => {
+                // Expressions stored before these bounds existed are held to them too.
+                check_cost(source)?;
+                let program = Arc::new(cel::Program::compile(source).map_err(|e| e.to_string())?);
+                self.compiled.insert(source.to_string(), program.clone());
+                program
             }
         };
         // The standard library's declarations take long to build: each thread builds them

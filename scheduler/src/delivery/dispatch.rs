@@ -111,16 +111,37 @@ struct Circuit {
     cooldown: Duration,
 }
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+/// This node's share of a webhook's rate limit: requests spaced evenly at the rate (a burst
+/// of one), rebuilt when the share changes (the rate, or the number of live nodes).
+struct Limiter {
+    rate: f64,
+    limiter: Arc<governor::DefaultDirectRateLimiter>,
 }
 
 struct Endpoint {
     max_in_flight: u32,
     in_flight: Arc<Semaphore>,
-    bucket: Mutex<Bucket>,
+    limiter: Mutex<Option<Limiter>>,
     circuit: Mutex<Circuit>,
+}
+
+impl Endpoint {
+    /// Returns the limiter of this share of the rate.
+    fn limiter(&self, rate: f64) -> Arc<governor::DefaultDirectRateLimiter> {
+        let mut current = lock(&self.limiter);
+        if let Some(current) = current.as_ref().filter(|l| l.rate == rate) {
+            return current.limiter.clone();
+        }
+        // Rates too small to wait for are refused at write time; an hour a request at most.
+        let period = Duration::try_from_secs_f64(1.0 / rate)
+            .unwrap_or(Duration::from_secs(3600))
+            .clamp(Duration::from_nanos(1), Duration::from_secs(3600));
+        let quota = governor::Quota::with_period(period)
+            .unwrap_or_else(|| governor::Quota::per_hour(std::num::NonZeroU32::MIN));
+        let limiter = Arc::new(governor::RateLimiter::direct(quota));
+        *current = Some(Limiter { rate, limiter: limiter.clone() });
+        limiter
+    }
 }
 
 struct Inner {
@@ -347,7 +368,7 @@ impl Dispatcher {
             let endpoint = Arc::new(Endpoint {
                 max_in_flight: webhook.max_in_flight,
                 in_flight: Arc::new(Semaphore::new(webhook.max_in_flight.max(1) as usize)),
-                bucket: Mutex::new(Bucket { tokens: 1.0, at: Instant::now() }),
+                limiter: Mutex::new(None),
                 circuit: Mutex::new(Circuit {
                     cooldown: self.inner.options.circuit_cooldown,
                     ..Default::default()
@@ -363,37 +384,17 @@ impl Dispatcher {
         if rate_limit <= 0.0 {
             return;
         }
-        let started = Instant::now();
-        let mut waited = false;
         let nodes = self.inner.live_nodes.load(Ordering::Relaxed).max(1) as f64;
-        let rate = rate_limit / nodes;
-        loop {
-            let wait = {
-                let mut bucket = lock(&endpoint.bucket);
-                let now = Instant::now();
-                let capacity = rate.max(1.0);
-                bucket.tokens = (bucket.tokens
-                    + now.duration_since(bucket.at).as_secs_f64() * rate)
-                    .min(capacity);
-                bucket.at = now;
-                if bucket.tokens >= 1.0 {
-                    bucket.tokens -= 1.0;
-                    if waited {
-                        let metrics = crate::telemetry::metrics();
-                        let attributes = [KeyValue::new("tidings.webhook.id", webhook.to_string())];
-                        metrics.rate_limit_waits.add(1, &attributes);
-                        metrics.rate_limit_wait.add(started.elapsed().as_secs_f64(), &attributes);
-                    }
-                    return;
-                }
-                // A rate too small to wait for (refused at write time) waits an hour a try.
-                Duration::try_from_secs_f64((1.0 - bucket.tokens) / rate)
-                    .unwrap_or(Duration::from_secs(3600))
-                    .min(Duration::from_secs(3600))
-            };
-            waited = true;
-            tokio::time::sleep(wait).await;
+        let limiter = endpoint.limiter(rate_limit / nodes);
+        if limiter.check().is_ok() {
+            return;
         }
+        let started = Instant::now();
+        limiter.until_ready().await;
+        let metrics = crate::telemetry::metrics();
+        let attributes = [KeyValue::new("tidings.webhook.id", webhook.to_string())];
+        metrics.rate_limit_waits.add(1, &attributes);
+        metrics.rate_limit_wait.add(started.elapsed().as_secs_f64(), &attributes);
     }
 
     async fn run(&self, job: Job) -> Outcome {

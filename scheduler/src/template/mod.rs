@@ -7,9 +7,13 @@ pub mod limits;
 /// Parses and renders Liquid templates with the standard filters.
 pub struct Templates {
     parser: liquid::Parser,
-    /// Parsed templates by source: a webhook's templates are parsed once per node.
-    parsed: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<liquid::Template>>>,
+    /// Parsed templates by source: a webhook's templates are parsed once per node; the least
+    /// used go past [`MAX_PARSED`].
+    parsed: quick_cache::sync::Cache<String, std::sync::Arc<liquid::Template>>,
 }
+
+/// Parsed templates kept per node.
+const MAX_PARSED: usize = 10_000;
 
 impl std::fmt::Debug for Templates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -37,23 +41,19 @@ impl Templates {
             .block(filters::CaptureBlock)
             .build()
             .unwrap_or_default();
-        Self { parser, parsed: Default::default() }
+        Self { parser, parsed: quick_cache::sync::Cache::new(MAX_PARSED) }
     }
 
     /// Parses a template.
     pub(crate) fn parse(&self, source: &str) -> Result<std::sync::Arc<liquid::Template>, String> {
-        if let Some(template) = self.parsed.lock().unwrap_or_else(|p| p.into_inner()).get(source) {
-            return Ok(template.clone());
+        if let Some(template) = self.parsed.get(source) {
+            return Ok(template);
         }
         limits::check(source)?;
         let template = std::sync::Arc::new(
             self.parser.parse(source).map_err(|error| first_line(&error.to_string()))?,
         );
-        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
-        if parsed.len() >= 10_000 {
-            parsed.clear();
-        }
-        parsed.insert(source.to_string(), template.clone());
+        self.parsed.insert(source.to_string(), template.clone());
         Ok(template)
     }
 
