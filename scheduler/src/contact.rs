@@ -1,4 +1,4 @@
-//! The contact record, kept in its partition under `p/{p}/contacts/{id}`.
+//! The contact record, kept in its partition, and its owner's copy of a partition's contacts.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::PartitionId;
-use crate::store::{EventKind, Store};
+use crate::state::ContactChange;
 
 /// A contact as stored.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -132,18 +132,16 @@ impl ContactCache {
     /// Starts loading and following `partition`'s contacts if this node owns it and does not
     /// follow them yet.
     pub fn start(self: &Arc<Self>, state: &crate::state::State, partition: PartitionId) {
-        // Only a key-value store can be followed; elsewhere the engine reads the store.
-        let Some(store) = state.kv_store() else { return };
         let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner()).remove(&partition);
         if let Some(owned) = owned.filter(|o| !o.is_cancelled()) {
-            self.follow(store, partition, owned);
+            self.follow(state.clone(), partition, owned);
         }
     }
 
     /// Loads `partition`'s contacts and follows their changes until `cancel`, then forgets them.
-    pub fn follow(
+    fn follow(
         self: &Arc<Self>,
-        store: Arc<dyn Store>,
+        state: crate::state::State,
         partition: PartitionId,
         cancel: CancellationToken,
     ) {
@@ -153,7 +151,7 @@ impl ContactCache {
         tokio::spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = follow(store.as_ref(), partition, &part) => {}
+                _ = follow(&state, partition, &part) => {}
             }
             let mut parts = cache.parts.write().unwrap_or_else(|p| p.into_inner());
             if parts.get(&partition).is_some_and(|p| Arc::ptr_eq(p, &part)) {
@@ -163,46 +161,24 @@ impl ContactCache {
     }
 }
 
-/// Loads a partition's contacts into `part` and applies their changes, reloading when the
-/// watch breaks. Returns only if the store shuts down.
-async fn follow(store: &dyn Store, partition: PartitionId, part: &Part) {
-    let prefix = crate::state::keys::contacts_prefix(partition);
+/// Loads a partition's contacts into `part` and applies their changes, loading again when the
+/// feed breaks. Returns when the backend keeps no contacts in memory (the engine then reads
+/// the store).
+async fn follow(state: &crate::state::State, partition: PartitionId, part: &Part) {
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         part.ready.store(false, Ordering::Release);
-        let loaded = async {
-            let revision = store.revision().await?;
-            let stream = store.watch(prefix.as_bytes(), revision + 1).await?;
-            let mut contacts = BTreeMap::new();
-            let end = crate::store::prefix_end(prefix.as_bytes());
-            let mut start = prefix.clone().into_bytes();
-            loop {
-                let page = store.range(&start, &end, 10_000).await?;
-                for kv in &page.kvs {
-                    let id = String::from_utf8_lossy(&kv.key[prefix.len()..]);
-                    contacts.insert(id.into(), kv.value.clone().into_boxed_slice());
-                }
-                match page.kvs.last() {
-                    Some(last) if page.more => {
-                        start = last.key.clone();
-                        start.push(0);
-                    }
-                    _ => break,
-                }
-            }
-            Ok::<_, crate::store::StoreError>((contacts, stream))
-        }
-        .await;
-        let mut stream = match loaded {
-            Ok((contacts, stream)) => {
-                let count = contacts.len();
-                *part.contacts.write().unwrap_or_else(|p| p.into_inner()) = contacts;
+        let mut changes = match state.follow_contacts(partition).await {
+            Ok(Some(feed)) => {
+                let count = feed.contacts.len();
+                *part.contacts.write().unwrap_or_else(|p| p.into_inner()) = feed.contacts;
                 part.ready.store(true, Ordering::Release);
                 tracing::debug!(partition, contacts = count, "contacts cached");
                 backoff.reset();
-                stream
+                feed.changes
             }
+            Ok(None) => return,
             Err(error) => {
                 tracing::debug!(partition, %error, "cannot load contacts; retrying");
                 backoff.wait().await;
@@ -210,23 +186,22 @@ async fn follow(store: &dyn Store, partition: PartitionId, part: &Part) {
             }
         };
         loop {
-            match stream.next().await {
+            match changes.next().await {
                 Some(Ok(batch)) => {
                     let mut contacts = part.contacts.write().unwrap_or_else(|p| p.into_inner());
-                    for event in batch.events {
-                        let id = String::from_utf8_lossy(&event.kv.key[prefix.len()..]);
-                        match event.kind {
-                            EventKind::Put => {
-                                contacts.insert(id.into(), event.kv.value.into_boxed_slice());
+                    for change in batch {
+                        match change {
+                            ContactChange::Put(id, bytes) => {
+                                contacts.insert(id, bytes);
                             }
-                            EventKind::Delete => {
-                                contacts.remove(id.as_ref());
+                            ContactChange::Delete(id) => {
+                                contacts.remove(&id);
                             }
                         }
                     }
                 }
                 Some(Err(error)) => {
-                    tracing::debug!(partition, %error, "contact watch ended; reloading");
+                    tracing::debug!(partition, %error, "contact feed ended; loading again");
                     break;
                 }
                 None => return,

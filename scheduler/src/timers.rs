@@ -170,7 +170,7 @@ impl TimerIndex {
     pub fn due_ahead(&self, now: i64, limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.ahead
             .iter()
-            .take_while(|(key, _)| crate::state::keys::timer_due(key).is_none_or(|due| due <= now))
+            .take_while(|(key, _)| crate::state::timer_due(key).is_none_or(|due| due <= now))
             .take(limit)
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect()

@@ -190,9 +190,27 @@ pub(crate) trait Backend: Send + Sync {
         scan_limit: usize,
     ) -> StateResult<DeliveryPage>;
 
-    /// Returns the key-value store under the backend, when there is one (the owner's contact
-    /// cache follows it).
-    fn kv_store(&self) -> Option<std::sync::Arc<dyn crate::store::Store>> {
-        None
+    /// Loads a partition's contacts and follows their changes, on a backend whose owner keeps
+    /// them in memory (the key-value one); `None` elsewhere, where the engine reads them.
+    async fn follow_contacts(&self, _partition: PartitionId) -> StateResult<Option<ContactFeed>> {
+        Ok(None)
     }
+}
+
+/// A partition's contacts as stored (their JSON bytes, by id) at one point, and the changes
+/// after it, in order.
+pub struct ContactFeed {
+    /// Every contact of the partition.
+    pub contacts: std::collections::BTreeMap<Box<str>, Box<[u8]>>,
+    /// The changes since; an error ends the feed (the follower loads again).
+    pub changes: Pin<Box<dyn Stream<Item = StateResult<Vec<ContactChange>>> + Send>>,
+}
+
+/// A change to one contact.
+#[derive(Debug, PartialEq)]
+pub enum ContactChange {
+    /// Written: its id and JSON bytes.
+    Put(Box<str>, Box<[u8]>),
+    /// Deleted: its id.
+    Delete(Box<str>),
 }

@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::backend::{
-    Backend, Committed, DeliveryPage, DeliveryStream, InboxBatch, InboxFeed, Raw, Table, TimerPage,
+    Backend, Committed, ContactChange, ContactFeed, DeliveryPage, DeliveryStream, InboxBatch,
+    InboxFeed, Raw, Table, TimerPage,
 };
 use super::{DeliveryFilter, Expect, Fence, Key, StateError, StateResult, Write, keys};
 use crate::cluster::PartitionId;
@@ -339,8 +340,45 @@ impl Backend for KvBackend {
         Ok(DeliveryPage { deliveries: found, next: None })
     }
 
-    fn kv_store(&self) -> Option<Arc<dyn Store>> {
-        Some(self.store.clone())
+    async fn follow_contacts(&self, partition: PartitionId) -> StateResult<Option<ContactFeed>> {
+        let prefix = keys::contacts_prefix(partition);
+        let read = |source| StateError::Read { key: prefix.clone(), source };
+        let revision = self.store.revision().await.map_err(read)?;
+        // Watched from the load's revision on: nothing written after the load is missed.
+        let stream = self.store.watch(prefix.as_bytes(), revision + 1).await.map_err(read)?;
+        let mut contacts = std::collections::BTreeMap::new();
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let mut start = prefix.clone().into_bytes();
+        loop {
+            let page = self.store.range(&start, &end, 10_000).await.map_err(read)?;
+            for kv in &page.kvs {
+                let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into();
+                contacts.insert(id, kv.value.clone().into_boxed_slice());
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        let changes = stream.map(move |batch| {
+            let batch = batch.map_err(|source| StateError::Read { key: prefix.clone(), source })?;
+            Ok(batch
+                .events
+                .into_iter()
+                .map(|event| {
+                    let id: Box<str> =
+                        String::from_utf8_lossy(&event.kv.key[prefix.len()..]).into();
+                    match event.kind {
+                        EventKind::Put => ContactChange::Put(id, event.kv.value.into_boxed_slice()),
+                        EventKind::Delete => ContactChange::Delete(id),
+                    }
+                })
+                .collect())
+        });
+        Ok(Some(ContactFeed { contacts, changes: Box::pin(changes) }))
     }
 }
 

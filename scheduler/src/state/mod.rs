@@ -39,7 +39,7 @@ use serde::de::DeserializeOwned;
 
 use backend::{Backend, Raw, Table};
 pub use backend::{Committed, TimerPage};
-pub use backend::{DeliveryStream, InboxBatch, InboxFeed};
+pub use backend::{ContactChange, ContactFeed, DeliveryStream, InboxBatch, InboxFeed};
 pub use keys::partition_of;
 
 use crate::campaign::{Run, Shard};
@@ -572,9 +572,13 @@ impl State {
         Ok(Self { backend: Arc::new(postgres::PgBackend::connect(options).await?) })
     }
 
-    /// Returns the key-value store under the state layer, when there is one.
-    pub(crate) fn kv_store(&self) -> Option<Arc<dyn Store>> {
-        self.backend.kv_store()
+    /// Loads a partition's contacts and follows their changes, on a backend whose owner keeps
+    /// them in memory (the key-value one); `None` elsewhere, where the engine reads them.
+    pub(crate) async fn follow_contacts(
+        &self,
+        partition: PartitionId,
+    ) -> StateResult<Option<ContactFeed>> {
+        self.backend.follow_contacts(partition).await
     }
 
     async fn record<T: DeserializeOwned>(&self, key: &Key) -> StateResult<Option<T>> {
