@@ -24,9 +24,9 @@
 //! - [`backoff`]: the pause between tries of every retry loop.
 
 pub mod app;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod campaign;
-pub mod clock;
+pub(crate) mod clock;
 pub mod cluster;
 pub mod contact;
 pub mod coordination;
@@ -35,7 +35,7 @@ pub mod defs;
 pub mod delivery;
 pub mod engine;
 pub mod inbox;
-pub mod keys;
+pub(crate) mod keys;
 pub mod rules;
 pub mod schedule;
 

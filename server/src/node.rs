@@ -101,6 +101,8 @@ impl Node {
             max_in_flight: config.delivery.max_in_flight_per_partition,
         };
         let caches_stop = CancellationToken::new();
+        // The node's own background tasks, waited for at shutdown.
+        let background = tokio_util::task::TaskTracker::new();
         let webhook_defs = coordination.webhooks();
         let webhook_cache = Cache::start(webhook_defs.clone(), caches_stop.clone()).await?;
         let campaign_cache = Cache::start(coordination.campaigns(), caches_stop.clone()).await?;
@@ -179,7 +181,7 @@ impl Node {
         let events = EventApi::new(ingest.clone(), cluster.partitions());
         let cluster_api = Arc::new(ClusterApi::new(cluster.clone()));
         // Stops with the definition caches, after the API.
-        tokio::spawn(tidings_scheduler::app::sweep_idempotency_keys(
+        background.spawn(tidings_scheduler::app::sweep_idempotency_keys(
             ingest.clone(),
             cluster.clone(),
             caches_stop.clone(),
@@ -309,7 +311,7 @@ impl Node {
             info!(addr = %listener.local_addr()?, "console listening");
             let router = console.router();
             let stop = shutdown.clone();
-            tokio::spawn(async move {
+            background.spawn(async move {
                 let served =
                     axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
                 if let Err(error) = served.await {
@@ -380,6 +382,13 @@ impl Node {
             let bound = handoff + std::time::Duration::from_secs(2);
             if tokio::time::timeout(bound, cluster_task).await.is_err() {
                 warn!(?bound, "leaving the cluster took too long");
+            }
+            background.close();
+            if tokio::time::timeout(std::time::Duration::from_secs(2), background.wait())
+                .await
+                .is_err()
+            {
+                warn!("background tasks still running 2 s after the cluster was left");
             }
             drop(coordination);
             info!("stopped");

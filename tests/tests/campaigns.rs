@@ -169,6 +169,12 @@ async fn a_run_reaches_every_member_of_its_segment_once() {
         ..Default::default()
     };
     setup::active_campaign(&node, "promo", campaign).await;
+    // The segment of a campaign that can still send cannot be deleted.
+    let request =
+        tidings_client::v1::DeleteSegmentRequest { id: "pro".into(), etag: String::new() };
+    let in_use = segments.delete_segment(request).await.expect_err("in use");
+    assert_eq!(in_use.code(), Code::FailedPrecondition);
+    assert!(in_use.message().contains("promo"), "{}", in_use.message());
     // A dry run: the audience and the exact requests, with nothing sent.
     let preview = campaigns
         .preview_campaign(tidings_client::v1::PreviewCampaignRequest {

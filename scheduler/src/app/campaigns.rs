@@ -139,6 +139,43 @@ pub fn deletable(state: CampaignState) -> bool {
     matches!(state, CampaignState::Draft | CampaignState::Archived)
 }
 
+/// Returns a campaign that can still send (any but an archived one) and sends through webhook
+/// `id`: a webhook in use cannot be deleted.
+pub async fn webhook_user(
+    campaigns: &Definitions<Campaign>,
+    id: &str,
+) -> Result<Option<String>, DefsError> {
+    first_user(campaigns, |c| c.webhook_id == id).await
+}
+
+/// Returns a campaign that can still send and targets segment `id`: a segment in use cannot be
+/// deleted.
+pub async fn segment_user(
+    campaigns: &Definitions<Campaign>,
+    id: &str,
+) -> Result<Option<String>, DefsError> {
+    first_user(campaigns, |c| c.audience.segment_id == id).await
+}
+
+async fn first_user(
+    campaigns: &Definitions<Campaign>,
+    uses: impl Fn(&Campaign) -> bool,
+) -> Result<Option<String>, DefsError> {
+    let mut after: Option<String> = None;
+    loop {
+        let (page, more) = campaigns.list(after.as_deref(), 500).await?;
+        if let Some(user) =
+            page.iter().find(|c| c.value.state != CampaignState::Archived && uses(&c.value))
+        {
+            return Ok(Some(user.id.clone()));
+        }
+        match page.last() {
+            Some(last) if more => after = Some(last.id.clone()),
+            _ => return Ok(None),
+        }
+    }
+}
+
 /// Campaign life cycle calls over the definitions and the partitions' inboxes.
 #[derive(Clone)]
 pub struct Campaigns {

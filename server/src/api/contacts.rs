@@ -366,14 +366,13 @@ impl SegmentService for ContactApi {
         check_id(&mut v, "id", &request.id);
         v.check()?;
         let etag = parse_etag("etag", &request.etag)?;
-        let (all, _) = self.campaigns.list(None, 0).await.map_err(ApiError::from)?;
-        if let Some(user) = all.iter().find(|c| {
-            c.value.audience.segment_id == request.id
-                && c.value.state != tidings_scheduler::campaign::CampaignState::Archived
-        }) {
+        let user = tidings_scheduler::app::campaigns::segment_user(&self.campaigns, &request.id)
+            .await
+            .map_err(ApiError::from)?;
+        if let Some(user) = user {
             return Err(ApiError::FailedPrecondition(format!(
-                "segment {} is used by campaign {}",
-                request.id, user.id
+                "segment {} is used by campaign {user}; archive the campaign first",
+                request.id
             ))
             .into());
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tidings_api::v1 as pb;
 use tidings_api::v1::webhook_service_server::WebhookService;
-use tidings_scheduler::campaign::{Campaign, CampaignState};
+use tidings_scheduler::campaign::Campaign;
 use tidings_scheduler::defs::{Definitions, DefsError, Versioned};
 use tidings_scheduler::secrets::{Cipher, Secret};
 use tidings_scheduler::template::{Templates, has_markup};
@@ -976,25 +976,15 @@ impl WebhookService for WebhookApi {
         check_id(&mut violations, "id", &request.id);
         violations.check()?;
         let etag = parse_etag("etag", &request.etag)?;
-        // A campaign that can still send must not lose its webhook.
-        let campaigns = &self.campaigns;
-        let mut after: Option<String> = None;
-        loop {
-            let (page, more) =
-                campaigns.list(after.as_deref(), 500).await.map_err(ApiError::from)?;
-            if let Some(user) = page.iter().find(|c| {
-                c.value.webhook_id == request.id && c.value.state != CampaignState::Archived
-            }) {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "webhook {} is used by campaign {}; archive the campaign first",
-                    request.id, user.id
-                ))
-                .into());
-            }
-            match page.last() {
-                Some(last) if more => after = Some(last.id.clone()),
-                _ => break,
-            }
+        let user = tidings_scheduler::app::campaigns::webhook_user(&self.campaigns, &request.id)
+            .await
+            .map_err(ApiError::from)?;
+        if let Some(user) = user {
+            return Err(ApiError::FailedPrecondition(format!(
+                "webhook {} is used by campaign {user}; archive the campaign first",
+                request.id
+            ))
+            .into());
         }
         self.webhooks.delete(&request.id, etag).await.map_err(ApiError::from)?;
         info!(webhook = %request.id, "webhook deleted");
