@@ -251,6 +251,14 @@ pub struct Shard {
     pub skipped: BTreeMap<String, u64>,
     /// Whether the partition finished evaluating the audience.
     pub done: bool,
+    /// When the partition last changed it, Unix milliseconds (0 in shards written by earlier
+    /// versions): the last of a completed run's shards tells when the run ended.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub changed_ms: i64,
+}
+
+fn is_zero(value: &i64) -> bool {
+    *value == 0
 }
 
 /// Returns the inbox write that continues a run's shard in `partition` after the contact

@@ -31,14 +31,14 @@ fn fields(status: &tidings_client::tonic::Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Waits until a run is completed and returns it.
+/// Waits until a run is completed and returns it; a completed run says when it ended.
 async fn completed(
     campaigns: &tidings_client::CampaignServiceClient<tidings_client::tonic::transport::Channel>,
     campaign: &str,
     run: &str,
     within: Duration,
 ) -> tidings_client::v1::Run {
-    wait_until("the run to complete", within, || {
+    let run = wait_until("the run to complete", within, || {
         let mut campaigns = campaigns.clone();
         let request = GetRunRequest { campaign_id: campaign.into(), run_id: run.into() };
         async move {
@@ -47,7 +47,12 @@ async fn completed(
         }
     })
     .await
-    .expect("completed")
+    .expect("completed");
+    let (Some(start), Some(end)) = (&run.start_time, &run.end_time) else {
+        panic!("a completed run has a start and an end time: {run:?}");
+    };
+    assert!((end.seconds, end.nanos) >= (start.seconds, start.nanos), "{run:?}");
+    run
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

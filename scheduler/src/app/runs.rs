@@ -68,7 +68,9 @@ pub fn change(from: RunState, to: RunState) -> Change {
 /// Returns the run with its partitions' counters added up, completed when it is running,
 /// every partition is done and every queued delivery has finished.
 pub fn tally(mut run: Run, shards: impl IntoIterator<Item = Shard>) -> Run {
+    let mut changed_ms = 0;
     for shard in shards {
+        changed_ms = changed_ms.max(shard.changed_ms);
         run.audience += shard.audience;
         run.queued += shard.queued;
         run.delivered += shard.delivered;
@@ -83,6 +85,10 @@ pub fn tally(mut run: Run, shards: impl IntoIterator<Item = Shard>) -> Run {
         && run.delivered + run.failed >= run.queued
     {
         run.state = RunState::Completed;
+        // Completion is read, not written: it ended with the last change of its shards.
+        if run.ended_ms.is_none() && changed_ms > 0 {
+            run.ended_ms = Some(changed_ms);
+        }
     }
     run
 }
@@ -262,6 +268,14 @@ mod tests {
         assert_eq!(waiting.state, RunState::Running);
         let done = tally(run.clone(), [shard(true, 2, 2), shard(true, 1, 1)]);
         assert_eq!((done.state, done.delivered), (RunState::Completed, 3));
+        // It ended with the last change of its shards.
+        let at = |changed_ms, shard: Shard| Shard { changed_ms, ..shard };
+        let ended =
+            tally(run.clone(), [at(7_000, shard(true, 2, 2)), at(9_000, shard(true, 1, 1))]);
+        assert_eq!(ended.ended_ms, Some(9_000));
+        let running =
+            tally(run.clone(), [at(7_000, shard(true, 2, 2)), at(9_000, shard(false, 1, 1))]);
+        assert_eq!(running.ended_ms, None);
         let paused = tally(Run::new(RunState::Paused, 0, 1), [shard(true, 1, 1)]);
         assert_eq!(paused.state, RunState::Paused);
     }

@@ -34,9 +34,10 @@ impl CampaignEngine {
     pub(super) fn save_shard(
         &self,
         key: ShardId,
-        shard: crate::campaign::Shard,
+        mut shard: crate::campaign::Shard,
         effects: &mut Effects,
     ) -> EngineResult {
+        shard.changed_ms = self.clock.now_ms();
         effects.writes.push(Write::shard(&key.0, &key.1, key.2, &shard)?);
         self.shards.lock().unwrap_or_else(|p| p.into_inner()).insert(key, shard);
         Ok(())
