@@ -400,7 +400,7 @@ async fn a_render_failure_is_a_visible_failed_delivery() {
     publish(&node, "e.strict", "u1", None).await;
     let failed = final_delivery(&node, "strict", DeliveryStatus::Failed).await;
     assert_eq!(failed.attempts[0].error_class, ErrorClass::Render as i32);
-    assert!(failed.reason.starts_with("body:"), "{}", failed.reason);
+    assert!(failed.reason.starts_with("body: event.data.missing is not set"), "{}", failed.reason);
     assert!(receiver.received().is_empty());
 }
 

@@ -71,32 +71,9 @@ impl Templates {
         if writer.out.len() >= limit {
             return Err(format!("{what}: rendered to more than {limit} bytes, the limit"));
         }
-        let output =
-            rendered.map(|_| String::from_utf8_lossy(&writer.out).into_owned()).map_err(|e| {
-                let message = e.to_string();
-                let first = message
-                    .lines()
-                    .map(str::trim)
-                    .find(|l| !l.is_empty())
-                    .unwrap_or("render failed")
-                    .to_string();
-                let detail: Vec<&str> = message
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| {
-                        l.starts_with("requested variable") || l.starts_with("available variables")
-                    })
-                    .collect();
-                format!(
-                    "{what}: {first}{}{}",
-                    if detail.is_empty() { "" } else { " (" },
-                    if detail.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{})", detail.join("; "))
-                    }
-                )
-            })?;
+        let output = rendered
+            .map(|_| String::from_utf8_lossy(&writer.out).into_owned())
+            .map_err(|e| format!("{what}: {}", explain(&e.to_string())))?;
         if output.len() > limit {
             return Err(format!(
                 "{what}: rendered to {} bytes; the limit is {limit}",
@@ -218,6 +195,38 @@ impl std::io::Write for Limited {
     }
 }
 
+/// Says what a Liquid render error means, naming the missing value and what was there
+/// instead: `contact.attributes.phone is not set (contact.attributes has name, plan)`.
+fn explain(message: &str) -> String {
+    let field = |name: &str| {
+        message.lines().map(str::trim).find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+    };
+    const HINT: &str = "a `default` filter gives a value when it may be missing";
+    if let (Some(variable), Some(index)) = (field("variable"), field("requested index")) {
+        let path = if index.parse::<u64>().is_ok() {
+            format!("{variable}[{index}]")
+        } else {
+            format!("{variable}.{index}")
+        };
+        let there = match field("available indexes").filter(|a| !a.is_empty()) {
+            Some(available) => format!("{variable} has {available}"),
+            None => format!("{variable} has nothing"),
+        };
+        return format!("{path} is not set ({there}); {HINT}");
+    }
+    if let Some(variable) = field("requested variable") {
+        return format!(
+            "{variable} is not set (the variables are contact, event, campaign, run and delivery); {HINT}"
+        );
+    }
+    let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    match lines.as_slice() {
+        [] => "render failed".to_string(),
+        [first] => (*first).to_string(),
+        [first, rest @ ..] => format!("{first} ({})", rest.join("; ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,10 +252,17 @@ mod tests {
     #[test]
     fn a_missing_variable_is_an_error_unless_defaulted() {
         let templates = Templates::new();
-        let error = templates
-            .render("body", "{{ contact.attributes.phone }}", &context(), MAX_BODY)
-            .expect_err("missing");
-        assert!(error.starts_with("body:"), "{error}");
+        for (source, says) in [
+            (
+                "{{ contact.attributes.phone }}",
+                "body: contact.attributes.phone is not set (contact.attributes has name, plan)",
+            ),
+            ("{{ event.data.items[5] }}", "body: event.data.items[5] is not set"),
+            ("{{ nothing }}", "body: nothing is not set (the variables are contact,"),
+        ] {
+            let error = templates.render("body", source, &context(), MAX_BODY).expect_err(source);
+            assert!(error.starts_with(says), "{source}: {error}");
+        }
         let out = templates
             .render(
                 "body",
