@@ -209,7 +209,11 @@ fn explain(message: &str) -> String {
             format!("{variable}.{index}")
         };
         let there = match field("available indexes").filter(|a| !a.is_empty()) {
-            Some(available) => format!("{variable} has {available}"),
+            Some(available) => {
+                let mut names: Vec<&str> = available.split(", ").collect();
+                names.sort_unstable();
+                format!("{variable} has {}", names.join(", "))
+            }
             None => format!("{variable} has nothing"),
         };
         return format!("{path} is not set ({there}); {HINT}");
