@@ -57,6 +57,14 @@ fn count(receiver: &Receiver, path: &str, contact: &str) -> usize {
 }
 
 async fn start_node(store: Arc<dyn Store>, dir: &std::path::Path) -> Node {
+    start_node_with(store, dir, |_| {}).await
+}
+
+async fn start_node_with(
+    store: Arc<dyn Store>,
+    dir: &std::path::Path,
+    change: impl FnOnce(&mut Config),
+) -> Node {
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".into()),
         data_dir: Some(dir.to_path_buf()),
@@ -66,6 +74,7 @@ async fn start_node(store: Arc<dyn Store>, dir: &std::path::Path) -> Node {
     let mut config = Config::load(None, &overrides).expect("config");
     config.delivery.allow_networks = vec!["127.0.0.1/32".into()];
     config.secrets.key = TEST_SECRETS_KEY.into();
+    change(&mut config);
     Node::start_on(config, tidings_scheduler::coordination::Coordination::over(store))
         .await
         .expect("node")
@@ -263,4 +272,77 @@ async fn failed_reads_lose_reset_and_misdirect_nothing() {
     assert_eq!(count(&receiver, "/sms", "alice"), 1);
 
     node.stop().await.expect("stop");
+}
+
+/// A write the store refuses as invalid (as it refuses one too large) does not leave its
+/// partition owned and idle: the owner releases it and claims it again only a lease's time
+/// later, and once the store takes the writes, the event is delivered, under one webhook-id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_releases_the_partition_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let embedded: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("tidings.redb")).expect("store"));
+    let flaky = FlakyStore::new(embedded);
+    let node = start_node_with(flaky.clone(), dir.path(), |config| {
+        config.cluster.lease_ttl = Duration::from_secs(2);
+    })
+    .await;
+    let url = format!("http://{}", node.addr());
+    let receiver = Receiver::start().await.expect("receiver");
+    let mut webhooks = WebhookServiceClient::connect(url.clone()).await.expect("client");
+    let mut campaigns = CampaignServiceClient::connect(url.clone()).await.expect("client");
+    let mut events = EventServiceClient::connect(url.clone()).await.expect("client");
+    let on_event =
+        trigger(Kind::Event(EventTrigger { event_type: "e".into(), filter: String::new() }));
+    let campaign = Campaign { trigger: on_event, ..Default::default() };
+    create(&mut webhooks, &mut campaigns, &receiver, "email", campaign).await;
+
+    let partition = tidings_scheduler::state::partition_of("c1", 8);
+    let cluster = ClusterServiceClient::connect(url.clone()).await.expect("client");
+    wait_until("the partition to be owned", Duration::from_secs(20), || {
+        let mut cluster = cluster.clone();
+        async move {
+            let partitions =
+                cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
+            let p = partitions.partitions.iter().find(|p| p.id == partition)?;
+            (!p.owner.is_empty()).then_some(())
+        }
+    })
+    .await
+    .expect("owned");
+    flaky.refuse_partition_writes(true);
+    let event = Event { r#type: "e".into(), contact_id: "c1".into(), ..Default::default() };
+    events.publish(PublishRequest { event: Some(event) }).await.expect("publish");
+    wait_until("the refused partition to be released", Duration::from_secs(20), || {
+        let mut cluster = cluster.clone();
+        async move {
+            let partitions =
+                cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
+            let p = partitions.partitions.iter().find(|p| p.id == partition)?;
+            p.owner.is_empty().then_some(())
+        }
+    })
+    .await
+    .expect("released");
+
+    flaky.refuse_partition_writes(false);
+    let receiver = &receiver;
+    wait_until("the event's delivery", Duration::from_secs(30), || {
+        let mut cluster = cluster.clone();
+        async move {
+            let partitions =
+                cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
+            let p = partitions.partitions.iter().find(|p| p.id == partition)?;
+            (!p.owner.is_empty() && p.inbox_backlog == 0 && count(receiver, "/email", "c1") > 0)
+                .then_some(())
+        }
+    })
+    .await
+    .expect("delivered");
+    let ids: std::collections::BTreeSet<String> = receiver
+        .received()
+        .iter()
+        .filter_map(|r| r.header("webhook-id").map(String::from))
+        .collect();
+    assert_eq!(ids.len(), 1, "one delivery, however often it was sent: {ids:?}");
 }

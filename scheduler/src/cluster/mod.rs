@@ -185,6 +185,7 @@ impl Cluster {
             engine,
             workers: BTreeMap::new(),
             tasks: JoinSet::new(),
+            refused: BTreeMap::new(),
         };
         let task = tokio::spawn(manager.run(shutdown));
         Ok((Self { shared }, task))
@@ -307,6 +308,9 @@ struct Manager {
     engine: Arc<dyn Engine>,
     workers: BTreeMap<PartitionId, WorkerSlot>,
     tasks: JoinSet<(PartitionId, Revision, Exit)>,
+    /// Partitions whose writes the store refused, with when: this node leaves them to others
+    /// for a lease's time before it claims them again.
+    refused: BTreeMap<PartitionId, Instant>,
 }
 
 /// One registration: a lease, the node key under it, and renewal.
@@ -462,12 +466,16 @@ impl Manager {
         let current: BTreeMap<PartitionId, String> =
             owners.iter().map(|(p, o)| (*p, o.node.clone())).collect();
         let target = assign::plan(self.shared.partitions, &live, &current);
+        let pause = self.shared.options.lease_ttl;
+        self.refused.retain(|_, since| since.elapsed() < pause);
         for (p, wanted) in target.iter().enumerate() {
             let p = p as PartitionId;
             let mine = wanted.as_deref() == Some(self.me());
             let owner = owners.get(&p);
             match (mine, self.workers.get(&p)) {
-                (true, None) if owner.is_none() => self.claim(p, session).await,
+                (true, None) if owner.is_none() && !self.refused.contains_key(&p) => {
+                    self.claim(p, session).await
+                }
                 (false, Some(slot)) if slot.releasing.is_none() => {
                     debug!(partition = p, "handing off");
                     slot.cancel.cancel();
@@ -547,6 +555,11 @@ impl Manager {
             Exit::Cancelled => {
                 self.release(partition, epoch).await;
                 ownership_changes("released", 1);
+            }
+            Exit::Refused => {
+                self.release(partition, epoch).await;
+                self.refused.insert(partition, Instant::now());
+                ownership_changes("refused", 1);
             }
         }
     }

@@ -92,6 +92,9 @@ pub(crate) enum Exit {
     Cancelled,
     /// Its epoch no longer matches the owner key: another node owns the partition.
     Fenced,
+    /// The store refused one of its writes as invalid (too large, for example), which it
+    /// would refuse again: the partition is released for a while instead of kept idle.
+    Refused,
 }
 
 /// What ends one step of the worker early.
@@ -355,10 +358,10 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    // A request the store refuses will not pass by retrying; dropping the
-                    // partition lets a fresh owner (maybe a newer version) pick it up.
-                    warn!(partition = self.partition, %error, "partition write refused; dropping the partition");
-                    return Ok(Outcome_::Fenced);
+                    // A request the store refuses will not pass by retrying; releasing the
+                    // partition lets another owner (maybe a newer version) pick it up.
+                    tracing::error!(partition = self.partition, %error, "partition write refused by the store; releasing the partition");
+                    return Err(Exit::Refused);
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! Faults injected into a real store, for tests: [`FlakyStore`] passes everything to the store
-//! it wraps, except the reads it is told to fail.
+//! it wraps, except the reads it is told to fail and the partition writes it is told to refuse.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +17,7 @@ pub struct FlakyStore {
     inner: Arc<dyn Store>,
     failing: AtomicBool,
     failed: AtomicU64,
+    refusing: AtomicBool,
 }
 
 impl std::fmt::Debug for FlakyStore {
@@ -28,12 +29,23 @@ impl std::fmt::Debug for FlakyStore {
 impl FlakyStore {
     /// Wraps `inner`; reads work until told otherwise.
     pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self { inner, failing: AtomicBool::new(false), failed: AtomicU64::new(0) })
+        Arc::new(Self {
+            inner,
+            failing: AtomicBool::new(false),
+            failed: AtomicU64::new(0),
+            refusing: AtomicBool::new(false),
+        })
     }
 
     /// Makes every read fail (`true`) or work again (`false`).
     pub fn fail_reads(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes the store refuse (`true`) the partition owners' fenced transactions as invalid
+    /// requests, as a store refuses one too large, or take them again (`false`).
+    pub fn refuse_partition_writes(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::SeqCst);
     }
 
     /// Returns how many reads failed so far.
@@ -73,6 +85,15 @@ impl Store for FlakyStore {
             && txn.then.iter().chain(&txn.otherwise).all(|op| matches!(op, Op::Get { .. }));
         if reads_only {
             self.read()?;
+        }
+        let fenced = txn.when.iter().any(|c| c.key.starts_with(b"owners/"));
+        let writes_partition = txn.then.iter().any(|op| match op {
+            Op::Put { key, .. } | Op::Delete { key } => key.starts_with(b"p/"),
+            Op::DeletePrefix { prefix } => prefix.starts_with(b"p/"),
+            _ => false,
+        });
+        if fenced && writes_partition && self.refusing.load(Ordering::SeqCst) {
+            return Err(StoreError::InvalidRequest("injected refusal".into()));
         }
         self.inner.txn(txn).await
     }
