@@ -44,29 +44,67 @@ fn etcd_binary() -> PathBuf {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
-        let mut etcd = Self::new()?;
-        etcd.spawn()?;
-        etcd.wait_ready().await?;
-        Ok(etcd)
+        Self::launch(|_| Ok(())).await
     }
 
     /// Starts etcd serving clients over TLS only, requiring a client certificate from its CA.
     pub async fn start_tls() -> anyhow::Result<Self> {
-        let mut etcd = Self::new()?;
-        let ca = crate::certs::Authority::new("etcd test CA")?;
-        let dir = etcd.dir.path().to_path_buf();
-        let (cert, key) = ca.issue(&["localhost", "127.0.0.1"])?;
-        crate::certs::write(&dir, "server.pem", &cert)?;
-        crate::certs::write(&dir, "server.key", &key)?;
-        let (client_cert, client_key) = ca.issue(&["tidings"])?;
-        etcd.tls = Some(EtcdTlsFiles {
-            ca: crate::certs::write(&dir, "ca.pem", &ca.pem)?,
-            client_cert: crate::certs::write(&dir, "client.pem", &client_cert)?,
-            client_key: crate::certs::write(&dir, "client.key", &client_key)?,
-        });
-        etcd.spawn()?;
-        etcd.wait_ready().await?;
-        Ok(etcd)
+        Self::launch(|etcd| {
+            let ca = crate::certs::Authority::new("etcd test CA")?;
+            let dir = etcd.dir.path().to_path_buf();
+            let (cert, key) = ca.issue(&["localhost", "127.0.0.1"])?;
+            crate::certs::write(&dir, "server.pem", &cert)?;
+            crate::certs::write(&dir, "server.key", &key)?;
+            let (client_cert, client_key) = ca.issue(&["tidings"])?;
+            etcd.tls = Some(EtcdTlsFiles {
+                ca: crate::certs::write(&dir, "ca.pem", &ca.pem)?,
+                client_cert: crate::certs::write(&dir, "client.pem", &client_cert)?,
+                client_key: crate::certs::write(&dir, "client.key", &client_key)?,
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    /// Starts etcd on free ports, prepared by `prepare`, and waits until it answers. A port
+    /// can be taken by another process between being found free and etcd binding it, and etcd
+    /// then exits: it is started again on other ports, up to three times.
+    async fn launch(prepare: impl Fn(&mut Self) -> anyhow::Result<()>) -> anyhow::Result<Self> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut etcd = Self::new()?;
+            prepare(&mut etcd)?;
+            etcd.spawn()?;
+            match etcd.ready_or_exited().await {
+                Ok(()) => return Ok(etcd),
+                Err(error) if tries < 3 => {
+                    eprintln!("etcd did not start ({error:#}); trying other ports");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Waits until etcd answers, or fails at once when its process has exited.
+    async fn ready_or_exited(&mut self) -> anyhow::Result<()> {
+        let endpoint = self.endpoint();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.connect_at(&endpoint, "/ready/").await.is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                anyhow::bail!("etcd exited with {status}: {}", tail.join(" | "));
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("timed out after 20s waiting for etcd to answer");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn new() -> anyhow::Result<Self> {
