@@ -1339,6 +1339,24 @@ impl PgInbox {
         ];
         let rows = client.query(&statement, &params).await.map_err(store_error)?;
         let xmin: i64 = rows.first().map_or(self.from, |row| row.get(0));
+        if xmin < self.from {
+            // Transaction ids never go back, except when the server lost its last commits in
+            // a crash (not yet flushed, with synchronous_commit off) and hands their ids out
+            // again: rows written since may sit below `from`. Everything is read again, as at
+            // the start, and the worker drops what it held.
+            tracing::warn!(
+                partition = self.partition,
+                xmin,
+                from = self.from,
+                "PostgreSQL's transaction ids went back (a crash lost commits); reading the inbox again"
+            );
+            self.from = 0;
+            self.after = None;
+            self.xmin = i64::MAX;
+            self.seen.clear();
+            self.first = true;
+            return Ok(Vec::new());
+        }
         self.xmin = self.xmin.min(xmin);
         let mut found = Vec::new();
         let mut returned = 0;
@@ -1377,10 +1395,12 @@ impl InboxFeed for PgInbox {
                     _ = tokio::time::sleep(INBOX_POLL) => {}
                 }
             }
-            let entries: Vec<(Key, Vec<u8>)> = self
-                .read_new()
-                .await
-                .map_err(read)?
+            let mut entries = self.read_new().await.map_err(read)?;
+            if self.first && entries.is_empty() {
+                // Read again from the start (see `read_new`): the whole inbox, at once.
+                entries = self.read_new().await.map_err(read)?;
+            }
+            let entries: Vec<(Key, Vec<u8>)> = entries
                 .into_iter()
                 .map(|(id, value)| (Key::Inbox { partition, id }, value))
                 .collect();
