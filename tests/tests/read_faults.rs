@@ -274,6 +274,16 @@ async fn failed_reads_lose_reset_and_misdirect_nothing() {
     node.stop().await.expect("stop");
 }
 
+/// Returns one partition as ListPartitions shows it.
+async fn partition_state(
+    cluster: &ClusterServiceClient<Channel>,
+    partition: u32,
+) -> Option<tidings_client::v1::Partition> {
+    let partitions =
+        cluster.clone().list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
+    partitions.partitions.into_iter().find(|p| p.id == partition)
+}
+
 /// A write the store refuses as invalid (as it refuses one too large) does not leave its
 /// partition owned and idle: the owner releases it and claims it again only a lease's time
 /// later, and once the store takes the writes, the event is delivered, under one webhook-id.
@@ -299,43 +309,26 @@ async fn a_refused_write_releases_the_partition_and_loses_nothing() {
 
     let partition = tidings_scheduler::state::partition_of("c1", 8);
     let cluster = ClusterServiceClient::connect(url.clone()).await.expect("client");
-    wait_until("the partition to be owned", Duration::from_secs(20), || {
-        let mut cluster = cluster.clone();
-        async move {
-            let partitions =
-                cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
-            let p = partitions.partitions.iter().find(|p| p.id == partition)?;
-            (!p.owner.is_empty()).then_some(())
-        }
+    let state = || partition_state(&cluster, partition);
+    wait_until("the partition to be owned", Duration::from_secs(20), || async {
+        state().await.filter(|p| !p.owner.is_empty())
     })
     .await
     .expect("owned");
     flaky.refuse_partition_writes(true);
     let event = Event { r#type: "e".into(), contact_id: "c1".into(), ..Default::default() };
     events.publish(PublishRequest { event: Some(event) }).await.expect("publish");
-    wait_until("the refused partition to be released", Duration::from_secs(20), || {
-        let mut cluster = cluster.clone();
-        async move {
-            let partitions =
-                cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
-            let p = partitions.partitions.iter().find(|p| p.id == partition)?;
-            p.owner.is_empty().then_some(())
-        }
+    wait_until("the refused partition to be released", Duration::from_secs(20), || async {
+        state().await.filter(|p| p.owner.is_empty())
     })
     .await
     .expect("released");
 
     flaky.refuse_partition_writes(false);
-    let receiver = &receiver;
-    wait_until("the event's delivery", Duration::from_secs(30), || {
-        let mut cluster = cluster.clone();
-        async move {
-            let partitions =
-                cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
-            let p = partitions.partitions.iter().find(|p| p.id == partition)?;
-            (!p.owner.is_empty() && p.inbox_backlog == 0 && count(receiver, "/email", "c1") > 0)
-                .then_some(())
-        }
+    wait_until("the event's delivery", Duration::from_secs(30), || async {
+        state().await.filter(|p| {
+            !p.owner.is_empty() && p.inbox_backlog == 0 && count(&receiver, "/email", "c1") > 0
+        })
     })
     .await
     .expect("delivered");

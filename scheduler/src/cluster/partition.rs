@@ -701,9 +701,11 @@ impl Worker {
         let mut batch = Batch::default();
         let mut taken = 0;
         let mut carried = None;
+        // Nothing is dispatched before the batch commits, so the room is known once.
+        let room = self.max_in_flight.saturating_sub(self.in_flight().len());
         while let Some(entry) = parsed.pop_front() {
             // The bound of attempts in flight holds between entries.
-            if taken > 0 && self.in_flight().len() + batch.dispatch.len() >= self.max_in_flight {
+            if taken > 0 && batch.dispatch.len() >= room {
                 break;
             }
             // Reads go to the store: an entry that reads a delivery this batch writes (a click
