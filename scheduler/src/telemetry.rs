@@ -55,6 +55,9 @@ pub struct Metrics {
     pub txn_size: Histogram<u64>,
     /// `tidings.run.contacts`: contacts a run went through, by campaign and outcome.
     pub run_contacts: Counter<u64>,
+    /// `tidings.inbox.set_aside`: inbox entries whose writes the store refused on their own,
+    /// removed so that their partition goes on.
+    pub set_aside: Counter<u64>,
 }
 
 impl Metrics {
@@ -120,6 +123,10 @@ impl Metrics {
                 .u64_counter("tidings.run.contacts")
                 .with_description("Contacts runs went through, by campaign and outcome.")
                 .build(),
+            set_aside: meter
+                .u64_counter("tidings.inbox.set_aside")
+                .with_description("Inbox entries set aside: the store refused their writes.")
+                .build(),
         }
     }
 }
@@ -127,7 +134,12 @@ impl Metrics {
 /// Returns the node's instruments, created from the global meter provider on first use.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(|| Metrics::new(&meter()))
+    METRICS.get_or_init(|| {
+        let metrics = Metrics::new(&meter());
+        // Rare events are exported from the start, at zero, so that a rule can watch them.
+        metrics.set_aside.add(0, &[]);
+        metrics
+    })
 }
 
 /// Returns the meter of every Tidings instrument.

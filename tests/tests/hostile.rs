@@ -120,6 +120,12 @@ async fn hostile_templates_and_expressions_cannot_hurt_a_node() {
     let error = send_body(&mut webhooks, &receiver, "replace", replace).await;
     assert!(error.contains("longer than"), "{error}");
     healthy(&node).await;
+    // Every bound on the source holds, yet 90,000 appends to a 512 KiB string would hold a
+    // worker for seconds: the render stops at its time budget.
+    let slow = "{% assign s = 'xxxxxxxx' %}{% for i in (1..16) %}{% assign s = s | append: s %}{% endfor %}{% for i in (1..300) %}{% for j in (1..300) %}{% assign t = s | append: 'x' %}{% endfor %}{% endfor %}{{ t | size }}";
+    let error = send_body(&mut webhooks, &receiver, "slow", slow).await;
+    assert!(error.contains("took longer than 1000 ms to render"), "{error}");
+    healthy(&node).await;
     let overflow = "{{ -9223372036854775808 | divided_by: -1 }}";
     let error = send_body(&mut webhooks, &receiver, "overflow", overflow).await;
     assert!(error.contains("overflow"), "{error}");
@@ -145,6 +151,37 @@ async fn hostile_templates_and_expressions_cannot_hurt_a_node() {
     let deep = format!("{}true{}", "(".repeat(1_000), ")".repeat(1_000));
     let status = segments.create_segment(segment(&deep)).await.expect_err("deep");
     assert!(status.message().contains("deeper than"), "{}", status.message());
+    healthy(&node).await;
+    // One comprehension whose body walks the list again: quadratic in the contact's data, so
+    // it runs only over data small enough for its budget.
+    let walk = "contact.attributes.l.all(x, x in contact.attributes.l)";
+    segments.create_segment(segment(walk)).await.expect("allowed at write time");
+    let mut contacts =
+        tidings_client::ContactServiceClient::connect(node.url()).await.expect("client");
+    for (id, items) in [("big", 8_000), ("small", 100)] {
+        use tidings_client::prost_types::{ListValue, Struct, Value, value::Kind as ValueKind};
+        let values = (0..items)
+            .map(|i| Value { kind: Some(ValueKind::NumberValue(f64::from(i))) })
+            .collect();
+        let list = Value { kind: Some(ValueKind::ListValue(ListValue { values })) };
+        let attributes = Struct { fields: [("l".to_string(), list)].into() };
+        let contact = tidings_client::v1::Contact {
+            id: id.into(),
+            attributes: Some(attributes),
+            ..Default::default()
+        };
+        let request = tidings_client::v1::UpsertContactRequest {
+            contact: Some(contact),
+            etag: String::new(),
+        };
+        contacts.upsert_contact(request).await.expect("contact");
+    }
+    let count = segments
+        .count_segment(tidings_client::v1::CountSegmentRequest { id: "s".into() })
+        .await
+        .expect("count")
+        .into_inner();
+    assert_eq!((count.count, count.total), (1, 2), "only the small contact is evaluated");
     healthy(&node).await;
 
     // Numeric edges name the field.

@@ -339,3 +339,110 @@ async fn a_refused_write_releases_the_partition_and_loses_nothing() {
         .collect();
     assert_eq!(ids.len(), 1, "one delivery, however often it was sent: {ids:?}");
 }
+
+/// A batch the store refuses for its size is taken again one entry at a time: the entries the
+/// store takes alone go on, the one it refuses alone is set aside, and the partition keeps its
+/// owner throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_the_store_refuses_alone_is_set_aside_and_the_rest_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let embedded: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("tidings.redb")).expect("store"));
+    let flaky = FlakyStore::new(embedded);
+    let node = start_node(flaky.clone(), dir.path()).await;
+    let url = format!("http://{}", node.addr());
+    let receiver = Receiver::start().await.expect("receiver");
+    let mut webhooks = WebhookServiceClient::connect(url.clone()).await.expect("client");
+    let mut campaigns = CampaignServiceClient::connect(url.clone()).await.expect("client");
+    let mut events = EventServiceClient::connect(url.clone()).await.expect("client");
+    let webhook = Webhook {
+        url: receiver.url("/hook?n={{ event.data.n }}"),
+        body: "{{ event.data | json }}".into(),
+        ..Default::default()
+    };
+    webhooks
+        .create_webhook(CreateWebhookRequest { webhook_id: "w".into(), webhook: Some(webhook) })
+        .await
+        .expect("create webhook");
+    let on_event =
+        trigger(Kind::Event(EventTrigger { event_type: "e".into(), filter: String::new() }));
+    let campaign = Campaign { webhook_id: "w".into(), trigger: on_event, ..Default::default() };
+    campaigns
+        .create_campaign(CreateCampaignRequest {
+            campaign_id: "c".into(),
+            campaign: Some(campaign),
+        })
+        .await
+        .expect("create campaign");
+    campaigns
+        .activate_campaign(ActivateCampaignRequest { id: "c".into() })
+        .await
+        .expect("activate");
+    let partition = tidings_scheduler::state::partition_of("c1", 8);
+    let cluster = ClusterServiceClient::connect(url.clone()).await.expect("client");
+    let state = || partition_state(&cluster, partition);
+    wait_until("the partition to be owned", Duration::from_secs(20), || async {
+        state().await.filter(|p| !p.owner.is_empty())
+    })
+    .await
+    .expect("owned");
+
+    // Three events of one contact, so one partition's inbox holds them together; the second
+    // carries 40 KiB, and its delivery record makes any batch with it too large.
+    flaky.refuse_partition_writes_over(32 * 1024);
+    let event = |n: u32, blob: usize| {
+        let mut fields = BTreeMap::new();
+        fields.insert("n".to_string(), Value { kind: Some(value::Kind::NumberValue(n.into())) });
+        fields.insert(
+            "blob".to_string(),
+            Value { kind: Some(value::Kind::StringValue("x".repeat(blob))) },
+        );
+        Event {
+            r#type: "e".into(),
+            contact_id: "c1".into(),
+            data: Some(Struct { fields }),
+            ..Default::default()
+        }
+    };
+    let batch = vec![event(1, 10), event(2, 40 * 1024), event(3, 10)];
+    events
+        .publish_batch(tidings_client::v1::PublishBatchRequest { events: batch })
+        .await
+        .expect("publish");
+    let sent = |n: &str| {
+        let path = format!("/hook?n={n}");
+        receiver.received().iter().filter(|r| r.path == path).count()
+    };
+    wait_until("the entries the store takes", Duration::from_secs(30), || async {
+        state().await.filter(|p| p.inbox_backlog == 0 && sent("1") > 0 && sent("3") > 0)
+    })
+    .await
+    .expect("delivered, the large one set aside");
+    let owner = state().await.expect("partition").owner;
+    assert!(!owner.is_empty(), "the partition kept its owner");
+
+    // The partition goes on with what comes next.
+    events.publish(PublishRequest { event: Some(event(4, 10)) }).await.expect("publish");
+    wait_until("the next event", Duration::from_secs(20), || async {
+        (sent("4") > 0).then_some(())
+    })
+    .await
+    .expect("delivered");
+    let deliveries =
+        tidings_client::DeliveryServiceClient::connect(url.clone()).await.expect("client");
+    let urls = wait_until("the deliveries recorded", Duration::from_secs(20), || {
+        let mut deliveries = deliveries.clone();
+        async move {
+            let request =
+                tidings_client::v1::ListDeliveriesRequest { page_size: 100, ..Default::default() };
+            let listed = deliveries.list_deliveries(request).await.ok()?.into_inner().deliveries;
+            let urls: Vec<String> =
+                listed.into_iter().filter_map(|d| d.request.map(|r| r.url)).collect();
+            (urls.len() >= 3).then_some(urls)
+        }
+    })
+    .await
+    .expect("recorded");
+    assert_eq!(urls.len(), 3, "{urls:?}");
+    assert!(!urls.iter().any(|url| url.ends_with("n=2")), "the set-aside entry wrote nothing");
+}

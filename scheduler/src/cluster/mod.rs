@@ -526,6 +526,7 @@ impl Manager {
                     drain: self.shared.options.handoff_timeout.mul_f64(0.8),
                     attempts: Default::default(),
                     max_in_flight: self.shared.options.max_in_flight.max(1),
+                    split: Default::default(),
                 };
                 let token = cancel.clone();
                 let abort =

@@ -136,6 +136,9 @@ pub(crate) struct Worker {
     pub(crate) attempts: Attempts,
     /// See [`super::ClusterOptions::max_in_flight`].
     pub(crate) max_in_flight: usize,
+    /// Inbox entries still to take one per batch: those of a batch the store refused, so
+    /// that the one it refuses on its own is found and set aside.
+    pub(crate) split: std::sync::atomic::AtomicUsize,
 }
 
 /// The tasks of a partition worker's attempts: each ends with its outcome, or when the
@@ -681,10 +684,12 @@ impl Worker {
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Halt> {
         // Each entry takes at least one write (its removal), so a batch holds at most
-        // MAX_BATCH_OPS entries, and one more may be carried into a transaction of its own.
+        // MAX_BATCH_OPS entries, and one more may be carried into a transaction of its own;
+        // after a refused batch, one entry at a time.
+        let split = self.split.load(Ordering::Relaxed) > 0;
         let mut parsed: VecDeque<serde_json::Result<InboxEntry>> = pending
             .iter()
-            .take(MAX_BATCH_OPS + 1)
+            .take(if split { 1 } else { MAX_BATCH_OPS + 1 })
             .map(|(_, value)| serde_json::from_slice(value))
             .collect();
         // Read ahead the contacts of the events this batch will likely take.
@@ -727,14 +732,62 @@ impl Worker {
             batch.consume(key, effects, self.partition)?;
             taken += 1;
         }
-        self.commit_batch(batch, index, cancel, reply).await?;
+        if let Err(halt) = self.commit_batch(batch, index, cancel, reply).await {
+            return self.refused(halt, pending, taken, index, cancel, reply).await;
+        }
         pending.drain(..taken);
+        if split {
+            self.split
+                .store(self.split.load(Ordering::Relaxed).saturating_sub(taken), Ordering::Relaxed);
+        }
         if let Some((key, effects)) = carried {
             let mut batch = Batch::default();
             batch.consume(key, effects, self.partition)?;
-            self.commit_batch(batch, index, cancel, reply).await?;
+            if let Err(halt) = self.commit_batch(batch, index, cancel, reply).await {
+                return self.refused(halt, pending, 1, index, cancel, reply).await;
+            }
             pending.pop_front();
         }
+        Ok(())
+    }
+
+    /// After the store refused the batch of the first `taken` entries of `pending` (a request
+    /// it finds invalid, such as one too large, which it would refuse again): a batch of
+    /// several is taken again one entry at a time; a single entry is set aside, removed with
+    /// nothing of what it would write, when the store takes its removal alone. When the store
+    /// refuses that too, the partition's writes are refused whatever they hold, and the worker
+    /// stops so that the partition is released.
+    async fn refused(
+        &self,
+        halt: Halt,
+        pending: &mut VecDeque<(Key, Vec<u8>)>,
+        taken: usize,
+        index: &mut TimerIndex,
+        cancel: &CancellationToken,
+        reply: &mpsc::UnboundedSender<Outcome>,
+    ) -> Result<(), Halt> {
+        if !matches!(halt, Halt::Exit(Exit::Refused)) {
+            return Err(halt);
+        }
+        // What the engine kept of the refused batch was never written.
+        self.engine.on_abort(self.partition);
+        if taken > 1 {
+            warn!(
+                partition = self.partition,
+                entries = taken,
+                "batch refused by the store; taking its entries one at a time"
+            );
+            self.split.store(taken, Ordering::Relaxed);
+            return Ok(());
+        }
+        let Some((key, _)) = pending.front().cloned() else { return Ok(()) };
+        let mut batch = Batch::default();
+        batch.consume(key.clone(), Effects::default(), self.partition)?;
+        self.commit_batch(batch, index, cancel, reply).await?;
+        tracing::error!(partition = self.partition, %key, "inbox entry set aside: the store refused what it writes; it is removed and its effects are not applied");
+        crate::telemetry::metrics().set_aside.add(1, &[]);
+        pending.pop_front();
+        self.split.store(self.split.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
         Ok(())
     }
 

@@ -65,9 +65,19 @@ impl Templates {
             ensure_path(&mut context, &path);
         }
         let globals = liquid::model::to_object(&context).map_err(|e| format!("{what}: {e}"))?;
-        // The writer refuses to grow past the limit, which stops rendering right there.
-        let mut writer = Limited { out: Vec::new(), limit };
-        let rendered = template.render_to(&mut writer, &globals);
+        // The writer refuses to grow past the limit, which stops rendering right there; every
+        // step checks the time budget.
+        let mut writer = crate::template::budget::Timed(Limited { out: Vec::new(), limit });
+        let rendered =
+            crate::template::budget::within(|| template.render_to(&mut writer, &globals)).map_err(
+                |()| {
+                    format!(
+                        "{what}: took longer than {} ms to render, the limit",
+                        crate::template::budget::MAX_RENDER_TIME.as_millis()
+                    )
+                },
+            )?;
+        let writer = writer.0;
         if writer.out.len() >= limit {
             return Err(format!("{what}: rendered to more than {limit} bytes, the limit"));
         }
@@ -285,5 +295,19 @@ mod tests {
             .render("body", "{% for i in (1..10000) %}xxxxxxxxxx{% endfor %}", &context(), 1000)
             .expect_err("too big");
         assert!(error.contains("limit"), "{error}");
+    }
+
+    /// Within every bound on the source, yet 90,000 appends to a 512 KiB string: the render
+    /// stops at its time budget instead of holding a worker for seconds.
+    #[test]
+    fn rendering_stops_at_its_time_budget() {
+        let templates = Templates::new();
+        let slow = "{% assign s = 'xxxxxxxx' %}{% for i in (1..16) %}{% assign s = s | append: s %}{% endfor %}\
+                    {% for i in (1..300) %}{% for j in (1..300) %}{% assign t = s | append: 'x' %}{% endfor %}{% endfor %}{{ t | size }}";
+        assert!(crate::template::limits::check(slow).is_ok());
+        let error = templates.render("body", slow, &context(), MAX_BODY).expect_err("too slow");
+        assert_eq!(error, "body: took longer than 1000 ms to render, the limit");
+        let fine = templates.render("body", "{{ 1 | plus: 1 }}", &context(), MAX_BODY);
+        assert_eq!(fine.as_deref(), Ok("2"), "the next render has a budget of its own");
     }
 }

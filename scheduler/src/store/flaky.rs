@@ -18,6 +18,8 @@ pub struct FlakyStore {
     failing: AtomicBool,
     failed: AtomicU64,
     refusing: AtomicBool,
+    /// Partition writes larger than this many bytes are refused.
+    refusing_over: AtomicU64,
 }
 
 impl std::fmt::Debug for FlakyStore {
@@ -34,6 +36,7 @@ impl FlakyStore {
             failing: AtomicBool::new(false),
             failed: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
+            refusing_over: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -46,6 +49,12 @@ impl FlakyStore {
     /// requests, as a store refuses one too large, or take them again (`false`).
     pub fn refuse_partition_writes(&self, refusing: bool) {
         self.refusing.store(refusing, Ordering::SeqCst);
+    }
+
+    /// Makes the store refuse the partition owners' fenced transactions that put more than
+    /// `bytes` bytes of values, as etcd refuses a request over its size limit.
+    pub fn refuse_partition_writes_over(&self, bytes: u64) {
+        self.refusing_over.store(bytes, Ordering::SeqCst);
     }
 
     /// Returns how many reads failed so far.
@@ -94,6 +103,17 @@ impl Store for FlakyStore {
         });
         if fenced && writes_partition && self.refusing.load(Ordering::SeqCst) {
             return Err(StoreError::InvalidRequest("injected refusal".into()));
+        }
+        let size: u64 = txn
+            .then
+            .iter()
+            .map(|op| match op {
+                Op::Put { value, .. } => value.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        if fenced && size > self.refusing_over.load(Ordering::SeqCst) {
+            return Err(StoreError::InvalidRequest(format!("injected refusal: {size} bytes")));
         }
         self.inner.txn(txn).await
     }

@@ -1,6 +1,7 @@
 //! Liquid templates for URLs, header values and bodies, bounded in what they may ask of a
-//! node ([`limits`] on the source, [`filters`] at render time).
+//! node ([`limits`] on the source, [`filters`] and [`budget`] at render time).
 
+pub(crate) mod budget;
 mod filters;
 pub mod limits;
 
@@ -22,25 +23,98 @@ impl std::fmt::Debug for Templates {
 }
 
 impl Templates {
-    /// Returns an engine with Liquid's standard tags and filters.
+    /// Returns an engine with Liquid's standard tags and filters, each checking the render's
+    /// time budget ([`budget`]) before it runs.
     pub fn new() -> Self {
+        use liquid_lib::stdlib;
+        let mut parser = liquid::ParserBuilder::new();
+        macro_rules! tags {
+            ($($tag:expr),* $(,)?) => { $(parser = parser.tag(budget::TimedTag(Box::new($tag)));)* };
+        }
+        macro_rules! blocks {
+            ($($block:expr),* $(,)?) => { $(parser = parser.block(budget::TimedBlock(Box::new($block)));)* };
+        }
+        macro_rules! filters {
+            ($($filter:expr),* $(,)?) => { $(parser = parser.filter(budget::TimedFilter(Box::new($filter)));)* };
+        }
+        tags!(
+            stdlib::AssignTag,
+            stdlib::BreakTag,
+            stdlib::ContinueTag,
+            stdlib::CycleTag,
+            stdlib::IncludeTag,
+            stdlib::IncrementTag,
+            stdlib::DecrementTag,
+            stdlib::RenderTag,
+        );
+        blocks!(
+            stdlib::RawBlock,
+            stdlib::IfBlock,
+            stdlib::UnlessBlock,
+            stdlib::IfChangedBlock,
+            stdlib::ForBlock,
+            stdlib::TableRowBlock,
+            stdlib::CommentBlock,
+            stdlib::CaseBlock,
+        );
+        filters!(
+            stdlib::Abs,
+            stdlib::AtLeast,
+            stdlib::AtMost,
+            stdlib::Capitalize,
+            stdlib::Ceil,
+            stdlib::Compact,
+            stdlib::Date,
+            stdlib::Default,
+            stdlib::Downcase,
+            stdlib::Escape,
+            stdlib::EscapeOnce,
+            stdlib::First,
+            stdlib::Floor,
+            stdlib::Join,
+            stdlib::Last,
+            stdlib::Lstrip,
+            stdlib::Map,
+            stdlib::NewlineToBr,
+            stdlib::Remove,
+            stdlib::RemoveFirst,
+            stdlib::Reverse,
+            stdlib::Round,
+            stdlib::Rstrip,
+            stdlib::Size,
+            stdlib::Slice,
+            stdlib::Sort,
+            stdlib::SortNatural,
+            stdlib::Split,
+            stdlib::Strip,
+            stdlib::StripHtml,
+            stdlib::StripNewlines,
+            stdlib::Truncate,
+            stdlib::TruncateWords,
+            stdlib::Uniq,
+            stdlib::Upcase,
+            stdlib::UrlDecode,
+            stdlib::UrlEncode,
+            stdlib::Where,
+        );
+        // The bounded builders, arithmetic and capture stand in for the standard ones of the
+        // same names.
+        filters!(
+            Json,
+            filters::Append,
+            filters::Prepend,
+            filters::Replace,
+            filters::ReplaceFirst,
+            filters::Concat,
+            filters::Plus,
+            filters::Minus,
+            filters::Times,
+            filters::DividedBy,
+            filters::Modulo,
+        );
+        blocks!(filters::CaptureBlock);
         // Building only fails for partials that do not parse, and there are none.
-        // The bounded filters and capture replace the standard ones of the same names.
-        let parser = liquid::ParserBuilder::with_stdlib()
-            .filter(Json)
-            .filter(filters::Append)
-            .filter(filters::Prepend)
-            .filter(filters::Replace)
-            .filter(filters::ReplaceFirst)
-            .filter(filters::Concat)
-            .filter(filters::Plus)
-            .filter(filters::Minus)
-            .filter(filters::Times)
-            .filter(filters::DividedBy)
-            .filter(filters::Modulo)
-            .block(filters::CaptureBlock)
-            .build()
-            .unwrap_or_default();
+        let parser = parser.build().unwrap_or_default();
         Self { parser, parsed: quick_cache::sync::Cache::new(MAX_PARSED) }
     }
 

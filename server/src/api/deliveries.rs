@@ -3,9 +3,7 @@
 use tidings_api::v1 as pb;
 use tidings_api::v1::delivery_service_server::DeliveryService;
 
-/// The stream type of server-streaming calls.
-type BoxStream<T> =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, GrpcStatus>> + Send + 'static>>;
+use super::BoxStream;
 use tidings_scheduler::app::{Deliveries, DeliveryError, DeliveryFilter};
 use tidings_scheduler::delivery::record::{self, Attempt, Delivery, ErrorClass, Status};
 use tokio_stream::StreamExt;
@@ -219,7 +217,6 @@ impl DeliveryService for DeliveryApi {
         let filter = Filter::parse(request.into_inner().filter.as_ref())?;
         let permit = self.streams.open()?;
         let watch = self.deliveries.watch(filter, 256).await.map_err(ApiError::from)?;
-        let lagged = watch.lagged;
         let stream = ReceiverStream::new(watch.changes).map(|change| match change {
             Ok(delivery) => Ok(to_proto(&delivery)),
             Err(_) => {
@@ -227,16 +224,6 @@ impl DeliveryService for DeliveryApi {
             }
         });
         // A caller too slow to keep up learns why its stream ended.
-        let end = futures::stream::once(async move {
-            let _permit = permit;
-            lagged.load(std::sync::atomic::Ordering::Acquire).then(|| {
-                GrpcStatus::resource_exhausted(format!(
-                    "this watch fell behind: its buffer stayed full for {} s; watch again and read faster",
-                    tidings_scheduler::app::deliveries::SLOW_CALLER.as_secs()
-                ))
-            })
-        })
-        .filter_map(|error| error.map(Err));
-        Ok(Response::new(Box::pin(stream.chain(end))))
+        Ok(Response::new(super::ending_when_lagged(stream, watch.lagged, permit)))
     }
 }

@@ -53,6 +53,35 @@ impl Streams {
     }
 }
 
+/// The stream type of server-streaming calls.
+pub(crate) type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Ends `stream` with RESOURCE_EXHAUSTED when `lagged` was set (its producer gave up on a
+/// caller that left the buffer full for [`SLOW_CALLER`]), and holds the stream's `permit`
+/// until then.
+pub(crate) fn ending_when_lagged<T: Send + 'static>(
+    stream: impl futures::Stream<Item = Result<T, Status>> + Send + 'static,
+    lagged: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> BoxStream<T> {
+    use futures::StreamExt;
+    let end = futures::stream::once(async move {
+        let _permit = permit;
+        lagged.load(std::sync::atomic::Ordering::Acquire).then(|| {
+            Status::resource_exhausted(format!(
+                "this watch fell behind: its buffer stayed full for {} s; watch again and read \
+                 faster",
+                SLOW_CALLER.as_secs()
+            ))
+        })
+    })
+    .filter_map(|error| async move { error.map(Err) });
+    Box::pin(stream.chain(end))
+}
+
+pub(crate) use tidings_scheduler::app::deliveries::SLOW_CALLER;
+
 /// How long a caller is asked to wait after RESOURCE_EXHAUSTED.
 const EXHAUSTED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -23,8 +23,8 @@ pub(crate) use self::validate::check_interaction_kind;
 use self::validate::{PAST_TOLERANCE_MS, WRITABLE};
 use super::convert::{json_to_struct, struct_to_json, timestamp, timestamp_ms};
 use super::{
-    ApiError, Violations, check_id, invalid, new_id, page_size, page_token, parse_etag,
-    parse_page_token,
+    ApiError, BoxStream, SLOW_CALLER, Violations, check_id, invalid, new_id, page_size, page_token,
+    parse_etag, parse_page_token,
 };
 
 /// Serves CampaignService.
@@ -155,12 +155,13 @@ impl CampaignApi {
                         .collect();
                     let campaigns = serde_json::Value::Object(campaigns);
                     let vars = [("contact", &view), ("event", &event), ("campaigns", &campaigns)];
-                    if let Some(rule) = campaign
-                        .rules
-                        .iter()
-                        .find(|r| !self.programs.evaluate(r, &vars).unwrap_or(false))
-                    {
-                        skip_reason = format!("rule: {rule}");
+                    for rule in &campaign.rules {
+                        match self.programs.evaluate(rule, &vars) {
+                            Ok(true) => continue,
+                            Ok(false) => skip_reason = format!("rule: {rule}"),
+                            Err(error) => skip_reason = format!("rule: {rule}: {error}"),
+                        }
+                        break;
                     }
                 }
                 let context = tidings_scheduler::delivery::render::Context {
@@ -265,10 +266,6 @@ impl From<CampaignError> for ApiError {
         }
     }
 }
-
-/// The stream type of server-streaming calls.
-type BoxStream<T> =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl CampaignApi {
     /// Returns a run with its counters added up.
@@ -587,16 +584,18 @@ impl CampaignService for CampaignApi {
         // Fails at once for an unknown run.
         self.read_run(&r.campaign_id, &r.run_id).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lagging = lagged.clone();
         let this = self.clone();
-        // The task ends when the run ends or the caller goes away.
+        // The task ends when the run ends, the caller goes away, or the caller leaves its
+        // buffer full for SLOW_CALLER.
         tokio::spawn(async move {
-            let _permit = permit;
             let mut last = None;
             loop {
                 let run = match this.read_run(&r.campaign_id, &r.run_id).await {
                     Ok(run) => run,
                     Err(error) => {
-                        let _ = sender.send(Err(Status::from(error))).await;
+                        let _ = sender.send_timeout(Err(Status::from(error)), SLOW_CALLER).await;
                         return;
                     }
                 };
@@ -605,8 +604,13 @@ impl CampaignService for CampaignApi {
                     Some(RunState::Completed | RunState::Cancelled)
                 );
                 if last.as_ref() != Some(&run) {
-                    if sender.send(Ok(run.clone())).await.is_err() {
-                        return;
+                    match sender.send_timeout(Ok(run.clone()), SLOW_CALLER).await {
+                        Ok(()) => {}
+                        Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                            lagging.store(true, std::sync::atomic::Ordering::Release);
+                            return;
+                        }
+                        Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
                     }
                     last = Some(run);
                 }
@@ -619,7 +623,8 @@ impl CampaignService for CampaignApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        Ok(Response::new(super::ending_when_lagged(stream, lagged, permit)))
     }
 
     async fn preview_campaign(
