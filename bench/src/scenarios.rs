@@ -469,10 +469,15 @@ async fn start_node_with(
         Some(_) => Some(postgres_url(prefix).await?),
         None => None,
     };
+    // Calls carry a token, as in production: a cluster's first node makes the admin token,
+    // and the nodes started after it on the same prefix are given it.
+    let token = TOKENS.lock().ok().and_then(|tokens| tokens.get(prefix).cloned());
     let options = NodeOptions {
         etcd: etcd.map(Etcd::endpoint),
         prefix: Some(prefix.to_string()),
         postgres,
+        auth: true,
+        token,
         args: vec!["--node-id".into(), id.into()],
         log_level: Some("warn,tidings_server::node=info".into()),
         env: [
@@ -486,8 +491,17 @@ async fn start_node_with(
         ..Default::default()
     };
     let _ = kind;
-    NodeProcess::start(options).await
+    let node = NodeProcess::start(options).await?;
+    let token = node.token().context("the node wrote no admin token")?.to_string();
+    if let Ok(mut tokens) = TOKENS.lock() {
+        tokens.entry(prefix.to_string()).or_insert(token);
+    }
+    Ok(node)
 }
+
+/// The admin token of each cluster (by etcd prefix) the bench started.
+static TOKENS: std::sync::LazyLock<Mutex<std::collections::HashMap<String, String>>> =
+    std::sync::LazyLock::new(Default::default);
 
 async fn publish(kind: &str, seconds: u64) -> anyhow::Result<()> {
     let etcd = if kind == "postgres" { Some(Etcd::start().await?) } else { None };
@@ -502,10 +516,11 @@ async fn publish(kind: &str, seconds: u64) -> anyhow::Result<()> {
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for client in 0..clients {
-        let (url, accepted, latencies) = (node.url(), accepted.clone(), latencies.clone());
+        let (transport, accepted, latencies) =
+            (node.transport().await?, accepted.clone(), latencies.clone());
         let unavailable = unavailable.clone();
         tasks.spawn(async move {
-            let mut api = tidings_client::EventServiceClient::connect(url).await?;
+            let mut api = tidings_client::EventServiceClient::new(transport);
             let mut round = 0u64;
             while Instant::now() < deadline {
                 let events = (0..batch)
@@ -616,8 +631,8 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let published: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
     let clients = [
-        tidings_client::EventServiceClient::connect(nodes[1].url()).await?,
-        tidings_client::EventServiceClient::connect(nodes[2].url()).await?,
+        tidings_client::EventServiceClient::new(nodes[1].transport().await?),
+        tidings_client::EventServiceClient::new(nodes[2].transport().await?),
     ];
     let publisher = {
         let (stop, published) = (stop.clone(), published.clone());
@@ -733,8 +748,7 @@ async fn failover(ttl: u64) -> anyhow::Result<()> {
 /// start); every event is published through a running node (a call a
 /// stopping node refuses goes to the next, with the same idempotency key).
 async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
-    use tidings_client::tonic::transport::Channel;
-    type Client = tidings_client::EventServiceClient<Channel>;
+    type Client = tidings_client::EventServiceClient<tidings_client::Transport>;
     let etcd = Etcd::start().await?;
     let prefix = unique_prefix();
     let store = etcd.store_at(&prefix).await?;
@@ -786,7 +800,7 @@ async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
     };
     let mut list = Vec::new();
     for node in &nodes {
-        list.push(Some(Client::connect(node.url()).await?));
+        list.push(Some(Client::new(node.transport().await?)));
     }
     let clients: Arc<Mutex<Vec<Option<Client>>>> = Arc::new(Mutex::new(list));
     let published: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -846,7 +860,7 @@ async fn rolling(rate: u64, pause: u64) -> anyhow::Result<()> {
         stops.push(stopping.elapsed());
         settled(&store, 2).await?;
         let node = start_node("postgres", Some(&etcd), &prefix, &format!("node-{i}"), 10).await?;
-        let client = Client::connect(node.url()).await?;
+        let client = Client::new(node.transport().await?);
         nodes[i] = node;
         if let Ok(mut clients) = clients.lock() {
             clients[i] = Some(client);
@@ -965,7 +979,7 @@ async fn queries(count: u64) -> anyhow::Result<()> {
         done??;
     }
     let write_secs = written.elapsed().as_secs_f64();
-    let mut api = tidings_client::DeliveryServiceClient::connect(node.url()).await?;
+    let mut api = tidings_client::DeliveryServiceClient::new(node.transport().await?);
     println!(
         "queries (a cluster node on etcd + PostgreSQL, {count} deliveries over 64 partitions, {CONTACTS} contacts, {CAMPAIGNS} campaigns; ListDeliveries pages of 10 through the API)"
     );
@@ -1050,6 +1064,7 @@ async fn console_page(
         let asked = Instant::now();
         html = http
             .get(format!("{}/deliveries?{query}", node.url()))
+            .header("cookie", format!("tidings_token={}", node.token().unwrap_or_default()))
             .send()
             .await?
             .error_for_status()?
@@ -1098,7 +1113,7 @@ async fn bench_campaign(node: &NodeProcess, url: &str) -> anyhow::Result<()> {
         ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest,
         EventTrigger, Trigger, Webhook, trigger::Kind,
     };
-    let mut webhooks = tidings_client::WebhookServiceClient::connect(node.url()).await?;
+    let mut webhooks = tidings_client::WebhookServiceClient::new(node.transport().await?);
     let webhook = Webhook {
         url: url.to_string(),
         body: "{{ event.id }}".into(),
@@ -1108,7 +1123,7 @@ async fn bench_campaign(node: &NodeProcess, url: &str) -> anyhow::Result<()> {
     webhooks
         .create_webhook(CreateWebhookRequest { webhook_id: "bench".into(), webhook: Some(webhook) })
         .await?;
-    let mut campaigns = tidings_client::CampaignServiceClient::connect(node.url()).await?;
+    let mut campaigns = tidings_client::CampaignServiceClient::new(node.transport().await?);
     let campaign = Campaign {
         webhook_id: "bench".into(),
         trigger: Some(Trigger {
@@ -1142,9 +1157,9 @@ async fn deliver(kind: &str, count: u64, ceiling: Option<f64>) -> anyhow::Result
     let batch = 500u64;
     let mut tasks = tokio::task::JoinSet::new();
     for client in 0..4 {
-        let (url, next) = (node.url(), next.clone());
+        let (transport, next) = (node.transport().await?, next.clone());
         tasks.spawn(async move {
-            let mut api = tidings_client::EventServiceClient::connect(url).await?;
+            let mut api = tidings_client::EventServiceClient::new(transport);
             loop {
                 let start = next.fetch_add(batch, Ordering::Relaxed);
                 if start >= count {
@@ -1204,7 +1219,7 @@ async fn latency(kind: &str, rate: u64, seconds: u64) -> anyhow::Result<()> {
     let total = rate * seconds;
     let began = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    let api = tidings_client::EventServiceClient::connect(node.url()).await?;
+    let api = tidings_client::EventServiceClient::new(node.transport().await?);
     for i in 0..total {
         // Open loop: event i is sent at its scheduled time whatever the previous calls did.
         let at = began + Duration::from_secs_f64(i as f64 / rate as f64);
@@ -1286,7 +1301,7 @@ async fn sustained(rate: u64, seconds: u64, retention: u64) -> anyhow::Result<()
     );
     let published = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
-    let api = tidings_client::EventServiceClient::connect(node.url()).await?;
+    let api = tidings_client::EventServiceClient::new(node.transport().await?);
     let per_tick = rate / 10;
     let ticks = seconds * 10;
     let began = Instant::now();
@@ -1358,9 +1373,9 @@ async fn import_contacts(node: &NodeProcess, count: u64) -> anyhow::Result<f64> 
     let streams = 4u64;
     let mut tasks = tokio::task::JoinSet::new();
     for stream in 0..streams {
-        let url = node.url();
+        let transport = node.transport().await?;
         tasks.spawn(async move {
-            let mut api = tidings_client::ContactServiceClient::connect(url).await?;
+            let mut api = tidings_client::ContactServiceClient::new(transport);
             let ids: Vec<u64> = (stream..count).step_by(streams as usize).collect();
             let messages: Vec<BatchUpsertContactsRequest> = ids
                 .chunks(1000)
@@ -1417,7 +1432,7 @@ async fn run_campaign(
         ActivateCampaignRequest, Audience, Campaign, CreateCampaignRequest, GetRunRequest,
         OnDemandTrigger, RunCampaignRequest, Trigger, trigger::Kind,
     };
-    let mut campaigns = tidings_client::CampaignServiceClient::connect(node.url()).await?;
+    let mut campaigns = tidings_client::CampaignServiceClient::new(node.transport().await?);
     let campaign = Campaign {
         webhook_id: "fanout".into(),
         audience: Some(Audience { segment_id: String::new(), filter: filter.into() }),
@@ -1471,7 +1486,7 @@ async fn fanout(kind: &str, count: u64) -> anyhow::Result<()> {
     let (rss_imported, _) = memory(pid);
 
     let (url, arrivals) = crate::receiver::start().await?;
-    let mut webhooks = tidings_client::WebhookServiceClient::connect(node.url()).await?;
+    let mut webhooks = tidings_client::WebhookServiceClient::new(node.transport().await?);
     let webhook = Webhook {
         url,
         body: r#"{"contact": "{{ contact.id }}", "plan": "{{ contact.attributes.plan }}"}"#.into(),

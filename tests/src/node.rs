@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tempfile::TempDir;
-use tidings_client::tonic::transport::Channel;
+use tidings_client::Transport;
 use tidings_client::{ClusterServiceClient, WebhookServiceClient};
 
 use crate::{TEST_SECRETS_KEY, wait_until};
@@ -37,6 +37,10 @@ pub struct NodeOptions {
     /// Whether calls need a token (`auth.enabled`). Off unless asked for, so that tests of
     /// other features call without one; `env` may still set it.
     pub auth: bool,
+    /// The token the node's helper clients send. With `auth` and none given, the admin token
+    /// the node writes to its data directory (the first node of a cluster writes it; give it
+    /// to the others).
+    pub token: Option<String>,
 }
 
 /// A running node process, killed when dropped.
@@ -45,6 +49,7 @@ pub struct NodeProcess {
     addr: SocketAddr,
     log: PathBuf,
     data_dir: PathBuf,
+    token: Option<String>,
     _temp: Option<TempDir>,
 }
 
@@ -143,6 +148,7 @@ impl NodeProcess {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
             data_dir,
+            token: options.token.clone(),
             _temp: temp,
         };
         node.addr = wait_until("the node to listen", Duration::from_secs(30), || {
@@ -151,7 +157,26 @@ impl NodeProcess {
         })
         .await
         .with_context(|| format!("node logs:\n{}", node.logs()))?;
+        if options.auth && node.token.is_none() {
+            let file = node.data_dir.join("admin.token");
+            node.token = std::fs::read_to_string(&file).ok().map(|t| t.trim().to_string());
+        }
         Ok(node)
+    }
+
+    /// Returns the token the helper clients send, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Returns a connection to the node that sends its token, for any generated client
+    /// (`EventServiceClient::new(node.transport().await?)`).
+    pub async fn transport(&self) -> anyhow::Result<Transport> {
+        let mut builder = tidings_client::Client::builder().endpoint(self.url());
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        Ok(builder.connect().await?.transport())
     }
 
     fn listening_addr(&mut self) -> Option<SocketAddr> {
@@ -194,31 +219,35 @@ impl NodeProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Returns a client of the node, built with the crate's defaults.
+    /// Returns a client of the node, built with the crate's defaults and the node's token.
     pub async fn client(&self) -> anyhow::Result<tidings_client::Client> {
-        Ok(tidings_client::Client::builder().endpoint(self.url()).connect().await?)
+        let mut builder = tidings_client::Client::builder().endpoint(self.url());
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        Ok(builder.connect().await?)
     }
 
     /// Returns a connected WebhookService client.
-    pub async fn webhooks(&self) -> anyhow::Result<WebhookServiceClient<Channel>> {
-        Ok(WebhookServiceClient::connect(self.url()).await?)
+    pub async fn webhooks(&self) -> anyhow::Result<WebhookServiceClient<Transport>> {
+        Ok(WebhookServiceClient::new(self.transport().await?))
     }
 
     /// Returns a connected ClusterService client.
-    pub async fn cluster(&self) -> anyhow::Result<ClusterServiceClient<Channel>> {
-        Ok(ClusterServiceClient::connect(self.url()).await?)
+    pub async fn cluster(&self) -> anyhow::Result<ClusterServiceClient<Transport>> {
+        Ok(ClusterServiceClient::new(self.transport().await?))
     }
 
     /// Returns a connected EventService client.
-    pub async fn events(&self) -> anyhow::Result<tidings_client::EventServiceClient<Channel>> {
-        Ok(tidings_client::EventServiceClient::connect(self.url()).await?)
+    pub async fn events(&self) -> anyhow::Result<tidings_client::EventServiceClient<Transport>> {
+        Ok(tidings_client::EventServiceClient::new(self.transport().await?))
     }
 
     /// Returns a connected CampaignService client.
     pub async fn campaigns(
         &self,
-    ) -> anyhow::Result<tidings_client::CampaignServiceClient<Channel>> {
-        Ok(tidings_client::CampaignServiceClient::connect(self.url()).await?)
+    ) -> anyhow::Result<tidings_client::CampaignServiceClient<Transport>> {
+        Ok(tidings_client::CampaignServiceClient::new(self.transport().await?))
     }
 
     /// Waits until every partition's inbox is empty: everything sent to the node so far has

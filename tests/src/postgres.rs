@@ -23,6 +23,9 @@ pub struct Postgres {
     watched: bool,
     /// Flushes every commit (tests turn that off: they gain speed and lose nothing).
     durable: bool,
+    /// Writes every commit's WAL before answering it, so that a commit outlives a crash of
+    /// the server (not of the machine: nothing is flushed).
+    synchronous: bool,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -107,6 +110,15 @@ impl Postgres {
         Self::start_with(false, false).await
     }
 
+    /// Like [`Postgres::start`], but a commit it answered survives [`Postgres::kill`]: for
+    /// tests that count what a crash of the server loses.
+    pub async fn start_crash_safe() -> anyhow::Result<Self> {
+        let mut postgres = Self::start_with(false, false).await?;
+        postgres.synchronous = true;
+        postgres.restart().await?;
+        Ok(postgres)
+    }
+
     async fn start_with(watched: bool, durable: bool) -> anyhow::Result<Self> {
         let owner = run_as()?;
         let dir = tempfile::Builder::new().prefix("tidings-pg-").tempdir()?;
@@ -128,7 +140,15 @@ impl Postgres {
         if !output.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         }
-        let mut postgres = Self { child: None, dir, port: free_port()?, owner, watched, durable };
+        let mut postgres = Self {
+            child: None,
+            dir,
+            port: free_port()?,
+            owner,
+            watched,
+            durable,
+            synchronous: false,
+        };
         postgres.spawn()?;
         postgres.wait_ready().await?;
         Ok(postgres)
@@ -168,7 +188,8 @@ impl Postgres {
         if self.durable {
             command.args(["-c", "shared_buffers=1GB", "-c", "max_wal_size=4GB"]);
         } else {
-            command.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
+            let synchronous = if self.synchronous { "on" } else { "off" };
+            command.args(["-c", "fsync=off", "-c", &format!("synchronous_commit={synchronous}")]);
             command.args(["-c", "full_page_writes=off", "-c", "shared_buffers=64MB"]);
         }
         // More server settings, `-c name=value` each, for example to load pg_stat_statements

@@ -87,6 +87,30 @@ pub async fn records_and_pages(state: State) {
     assert!(state.contact(1, "c01").await.expect("read").is_none());
 }
 
+/// Writes made at once, as many API calls make them (a backend may commit them together):
+/// each is applied, a key written by several ends with one of their values, and a write the
+/// backend refuses fails alone.
+pub async fn concurrent_writes(state: State) {
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let state = state.clone();
+        calls.spawn(async move {
+            let mut writes =
+                vec![Write::contact(3, &format!("w{i:03}"), &contact(&format!("n{i}")))?];
+            writes.push(Write::contact(3, "shared", &contact(&format!("s{i}")))?);
+            state.write(writes).await.map(|_| ())
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.expect("task").expect("write");
+    }
+    let page = state.contacts_after(3, "", 1000).await.expect("page");
+    assert_eq!(page.contacts.len(), 201, "200 contacts and the shared one");
+    let shared = state.contact(3, "shared").await.expect("read").expect("present");
+    let name = shared.attributes["name"].as_str().expect("a name").to_string();
+    assert!(name.starts_with('s'), "{name}");
+}
+
 /// Conditional writes apply only when their condition holds, and say what is there instead.
 pub async fn conditional_writes(state: State) {
     let key = Key::Idempotency { key: "k1".into() };

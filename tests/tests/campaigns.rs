@@ -33,7 +33,7 @@ fn fields(status: &tidings_client::tonic::Status) -> Vec<String> {
 
 /// Waits until a run is completed and returns it; a completed run says when it ended.
 async fn completed(
-    campaigns: &tidings_client::CampaignServiceClient<tidings_client::tonic::transport::Channel>,
+    campaigns: &tidings_client::CampaignServiceClient<tidings_client::Transport>,
     campaign: &str,
     run: &str,
     within: Duration,

@@ -7,7 +7,6 @@ use std::time::Duration;
 use tidings_client::prost_types::{
     Duration as PbDuration, Struct, Value, value::Kind as ValueKind,
 };
-use tidings_client::tonic::transport::Channel;
 use tidings_client::v1::{
     ActivateCampaignRequest, Campaign, CreateCampaignRequest, CreateWebhookRequest, Delivery,
     DeliveryFilter, DeliveryStatus, ErrorClass, Event, EventTrigger, GetWebhookRequest, Header,
@@ -341,7 +340,8 @@ async fn internal_addresses_are_refused_unless_allow_listed() {
         ("v6-loopback", format!("http://[::1]:{port}/x")),
         ("by-name", format!("http://localhost:{port}/x")),
     ];
-    let mut webhooks: WebhookServiceClient<Channel> = guarded.webhooks().await.expect("client");
+    let mut webhooks: WebhookServiceClient<tidings_client::Transport> =
+        guarded.webhooks().await.expect("client");
     for (id, url) in &targets {
         webhooks
             .create_webhook(CreateWebhookRequest {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use tidings_client::WebhookServiceClient;
-use tidings_client::tonic::transport::Channel;
 use tidings_client::v1::{
     ClientCertificate, CreateWebhookRequest, ErrorClass, GetWebhookRequest,
     OAuth2ClientCredentials, SendTestRequest, Webhook,
@@ -64,7 +63,9 @@ async fn token_endpoint() -> (String, Arc<Mutex<Issued>>) {
     (url, issued)
 }
 
-async fn node(env: &[(&str, String)]) -> (NodeProcess, WebhookServiceClient<Channel>) {
+async fn node(
+    env: &[(&str, String)],
+) -> (NodeProcess, WebhookServiceClient<tidings_client::Transport>) {
     let mut all =
         vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".to_string(), r#"["127.0.0.1/32"]"#.to_string())];
     all.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
@@ -75,7 +76,7 @@ async fn node(env: &[(&str, String)]) -> (NodeProcess, WebhookServiceClient<Chan
 }
 
 async fn send(
-    webhooks: &mut WebhookServiceClient<Channel>,
+    webhooks: &mut WebhookServiceClient<tidings_client::Transport>,
     id: &str,
 ) -> tidings_client::v1::Attempt {
     webhooks

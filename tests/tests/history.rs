@@ -1,6 +1,7 @@
-//! A history checker: timers, interval occurrences and events under random kill -9 of nodes and
-//! an etcd restart. Every timer fires at least once and never early, every interval occurrence
-//! fires, every accepted event is consumed, and duplicates are counted.
+//! A history checker: timers, interval occurrences and events under kill -9 of nodes, an etcd
+//! restart and a PostgreSQL crash and restart. Every timer fires at least once and never early,
+//! every interval occurrence fires, every accepted event is consumed, and duplicates are
+//! counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use tidings_client::v1::{
     OnDemandTrigger, PublishBatchRequest, Run, RunCampaignRequest, RunState, Webhook,
     trigger::Kind,
 };
+use tidings_tests::postgres::Postgres;
 use tidings_tests::{Etcd, NodeOptions, NodeProcess, setup, unique_prefix, wait_until};
 
 fn now_ms() -> i64 {
@@ -27,6 +29,7 @@ fn ms(t: &Option<Timestamp>) -> i64 {
 struct Nodes {
     etcd: String,
     prefix: String,
+    postgres: String,
     dirs: Vec<tempfile::TempDir>,
     running: Vec<Option<NodeProcess>>,
     logs: String,
@@ -37,6 +40,7 @@ impl Nodes {
         NodeOptions {
             etcd: Some(self.etcd.clone()),
             prefix: Some(self.prefix.clone()),
+            postgres: Some(self.postgres.clone()),
             data_dir: Some(self.dirs[i].path().to_path_buf()),
             args: vec!["--node-id".into(), format!("node-{i}")],
             env: vec![("TIDINGS_CLUSTER__LEASE_TTL".into(), "2s".into())],
@@ -83,14 +87,18 @@ async fn runs(node: &NodeProcess, campaign: &str) -> Vec<Run> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timers_and_events_survive_kills_and_an_etcd_restart() {
+async fn timers_and_events_survive_kills_and_etcd_and_postgres_restarts() {
     let mut etcd = Etcd::start().await.expect("etcd");
     let prefix = unique_prefix();
     let store = etcd.store_at(&prefix).await.expect("store");
+    // A server of its own, to crash: what it answered as committed outlives the crash.
+    let mut postgres = Postgres::start_crash_safe().await.expect("postgres");
+    let url = postgres.database().await.expect("database");
     let dirs = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
     let mut nodes = Nodes {
         etcd: etcd.endpoint(),
         prefix,
+        postgres: url.clone(),
         dirs,
         running: vec![None, None, None],
         logs: String::new(),
@@ -148,6 +156,7 @@ async fn timers_and_events_survive_kills_and_an_etcd_restart() {
         (Duration::from_secs(2), "kill node-0"),
         (Duration::from_secs(5), "start node-0"),
         (Duration::from_secs(7), "restart etcd"),
+        (Duration::from_millis(8500), "crash and restart postgres"),
         (Duration::from_secs(10), "kill node-1"),
         (Duration::from_secs(12), "start node-1"),
     ];
@@ -163,6 +172,7 @@ async fn timers_and_events_survive_kills_and_an_etcd_restart() {
                 "start node-0" => nodes.start(0).await,
                 "kill node-1" => nodes.kill(1),
                 "start node-1" => nodes.start(1).await,
+                "crash and restart postgres" => postgres.restart().await.expect("postgres"),
                 _ => etcd.restart().await.expect("etcd restart"),
             }
         }
@@ -210,7 +220,12 @@ async fn timers_and_events_survive_kills_and_an_etcd_restart() {
 
     // Every accepted event was consumed: only its owner removes an inbox entry, once it has
     // applied it, and every partition's inbox in PostgreSQL ends empty.
-    let state = tidings_tests::cluster_state(&nodes.etcd, &nodes.prefix).await.expect("state");
+    let options = tidings_scheduler::state::postgres::PgOptions {
+        url: url.clone(),
+        pool_size: 4,
+        ..Default::default()
+    };
+    let state = tidings_scheduler::state::State::postgres(options).await.expect("state");
     wait_until("every inbox to drain", Duration::from_secs(30), || async {
         (inbox_total(&state).await == 0).then_some(())
     })

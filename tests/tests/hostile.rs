@@ -32,7 +32,7 @@ async fn healthy(node: &NodeProcess) {
 
 /// Creates a webhook; returns the error's code and message when refused.
 async fn create(
-    webhooks: &mut WebhookServiceClient<Channel>,
+    webhooks: &mut WebhookServiceClient<tidings_client::Transport>,
     id: &str,
     webhook: Webhook,
 ) -> Result<(), (Code, String)> {
@@ -52,7 +52,7 @@ fn refused(result: Result<(), (Code, String)>, field: &str, reason: &str) {
 
 /// Sends a test of `body` to the receiver; returns the attempt's error.
 async fn send_body(
-    webhooks: &mut WebhookServiceClient<Channel>,
+    webhooks: &mut WebhookServiceClient<tidings_client::Transport>,
     receiver: &Receiver,
     id: &str,
     body: &str,

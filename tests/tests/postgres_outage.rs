@@ -77,7 +77,10 @@ async fn calls_fail_fast_while_postgres_is_down_and_work_resumes_after() {
     // under its own webhook-id. (The tests' PostgreSQL runs without synchronous commit, so its
     // crash may take back the last commits of the partitions: attempts sent again then carry
     // the same webhook-id, as the delivery contract allows.)
-    receiver.wait_for(21, Duration::from_secs(30)).await.expect("delivered after");
+    receiver
+        .wait_for(21, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|error| panic!("delivered after: {error}\nnode logs:\n{}", node.logs()));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ids: std::collections::BTreeSet<String> = receiver
         .received()
@@ -85,4 +88,58 @@ async fn calls_fail_fast_while_postgres_is_down_and_work_resumes_after() {
         .filter_map(|r| r.header("webhook-id").map(str::to_string))
         .collect();
     assert_eq!(ids.len(), 21, "{ids:#?}");
+}
+
+/// PostgreSQL loses the record of a claim (a crash took back its last commits, or an operator
+/// restored a backup): the owner's next transaction is fenced off, and the partition is
+/// claimed again with a new epoch rather than left owned by no worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_the_database_lost_is_made_again() {
+    let etcd = Etcd::start().await.expect("etcd");
+    let postgres = Postgres::start().await.expect("postgres");
+    let url = postgres.database().await.expect("database");
+    let receiver = Receiver::start().await.expect("receiver");
+    let options = NodeOptions {
+        etcd: Some(etcd.endpoint()),
+        prefix: Some(unique_prefix()),
+        postgres: Some(url.clone()),
+        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
+        ..Default::default()
+    };
+    let node = NodeProcess::start(options).await.expect("node");
+    let webhook = Webhook { url: receiver.url("/hook"), ..Default::default() };
+    setup::webhook(&node, "hook", webhook).await;
+    let trigger = Trigger {
+        kind: Some(Kind::Event(EventTrigger { event_type: "go".into(), filter: String::new() })),
+    };
+    let campaign =
+        Campaign { webhook_id: "hook".into(), trigger: Some(trigger), ..Default::default() };
+    setup::active_campaign(&node, "c", campaign).await;
+    let cluster = node.cluster().await.expect("client");
+    tidings_tests::wait_until("every partition owned", Duration::from_secs(20), || {
+        let mut cluster = cluster.clone();
+        async move {
+            let request = tidings_client::v1::ListPartitionsRequest {};
+            let partitions = cluster.list_partitions(request).await.ok()?.into_inner().partitions;
+            (partitions.len() == 64 && partitions.iter().all(|p| !p.owner.is_empty())).then_some(())
+        }
+    })
+    .await
+    .expect("owned");
+
+    // Every partition's recorded epoch goes back by one, as if its claim had not committed.
+    let (client, connection) =
+        tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let changed =
+        client.execute("UPDATE partitions SET epoch = epoch - 1", &[]).await.expect("update");
+    assert_eq!(changed, 64);
+
+    let mut api = node.events().await.expect("client");
+    let events: Vec<Event> = (0..200).map(|i| event(&format!("c-{i}"))).collect();
+    api.publish_batch(PublishBatchRequest { events }).await.expect("published");
+    receiver
+        .wait_for(200, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|error| panic!("delivered: {error}\nnode logs:\n{}", node.logs()));
 }

@@ -150,13 +150,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     // The load: events at RATE per second, each through a running node; a call a stopping
     // node refuses goes to the next one, with the same idempotency key.
     let clients: Arc<
-        Mutex<
-            Vec<
-                Option<
-                    tidings_client::EventServiceClient<tidings_client::tonic::transport::Channel>,
-                >,
-            >,
-        >,
+        Mutex<Vec<Option<tidings_client::EventServiceClient<tidings_client::Transport>>>>,
     > = Arc::new(Mutex::new(Vec::new()));
     for node in nodes.running.iter().flatten() {
         let client = node.events().await.expect("client");

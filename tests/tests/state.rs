@@ -25,6 +25,7 @@ async fn the_embedded_backend_conforms() {
     let (_dir, state) = embedded();
     suite::records_and_pages(state.clone()).await;
     suite::conditional_writes(state.clone()).await;
+    suite::concurrent_writes(state.clone()).await;
     suite::fenced_commits(state.clone(), false).await;
     suite::timer_ranges(state.clone(), false).await;
     suite::inbox_feed(state.clone()).await;
@@ -37,6 +38,7 @@ async fn the_postgres_backend_conforms() {
     let server = Postgres::start().await.expect("postgres");
     suite::records_and_pages(postgres(&server).await).await;
     suite::conditional_writes(postgres(&server).await).await;
+    suite::concurrent_writes(postgres(&server).await).await;
     suite::fenced_commits(postgres(&server).await, true).await;
     suite::timer_ranges(postgres(&server).await, true).await;
     suite::inbox_feed(postgres(&server).await).await;
@@ -92,4 +94,34 @@ async fn a_late_committing_inbox_write_is_not_missed() {
         .expect("next");
     let ids: Vec<String> = batch.entries.iter().map(|(k, _)| k.to_string()).collect();
     assert!(ids.len() == 1 && ids[0].ends_with("early"), "{ids:?}");
+}
+
+/// Writes committed together fail together only when PostgreSQL fails: one that it refuses
+/// (an id with a NUL byte, which text cannot hold) fails alone, and the others are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_postgres_refuses_fails_alone() {
+    use tidings_scheduler::contact::Contact;
+    use tidings_scheduler::state::Write;
+    let server = Postgres::start().await.expect("postgres");
+    let state = postgres(&server).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let state = state.clone();
+        let id = if i == 50 { "bad\0id".to_string() } else { format!("ok{i:03}") };
+        calls.spawn(async move {
+            let write = Write::contact(4, &id, &Contact::default()).expect("encode");
+            (i, state.write(vec![write]).await)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        let (i, result) = done.expect("task");
+        if let Err(error) = result {
+            failed.push((i, error.to_string()));
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, 50, "{failed:?}");
+    let page = state.contacts_after(4, "", 1000).await.expect("page");
+    assert_eq!(page.contacts.len(), 99);
 }

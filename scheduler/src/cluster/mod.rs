@@ -551,13 +551,17 @@ impl Manager {
         match exit {
             Exit::Fenced => {
                 warn!(partition, epoch, "fenced off: another node owns the partition");
+                // Deleted only if still this epoch's: when the data store lost the record of
+                // this claim (a crash that took back its last commits), the partition is
+                // claimed again with a new epoch instead of staying owned by no worker.
+                self.release(partition, epoch).await;
                 ownership_changes("fenced", 1);
             }
             Exit::Cancelled => {
                 self.release(partition, epoch).await;
                 ownership_changes("released", 1);
             }
-            Exit::Refused => {
+            Exit::Refused { .. } => {
                 self.release(partition, epoch).await;
                 self.refused.insert(partition, Instant::now());
                 ownership_changes("refused", 1);

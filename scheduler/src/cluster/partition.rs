@@ -21,6 +21,8 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::store::StoreError;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -92,9 +94,10 @@ pub(crate) enum Exit {
     Cancelled,
     /// Its epoch no longer matches the owner key: another node owns the partition.
     Fenced,
-    /// The store refused one of its writes as invalid (too large, for example), which it
-    /// would refuse again: the partition is released for a while instead of kept idle.
-    Refused,
+    /// The store refused one of its writes, which it would refuse again: the partition is
+    /// released for a while instead of kept idle. `invalid` when the store said the request
+    /// itself is invalid (too large, a value it does not take), not that it failed.
+    Refused { invalid: bool },
 }
 
 /// What ends one step of the worker early.
@@ -363,8 +366,9 @@ impl Worker {
                 Err(error) => {
                     // A request the store refuses will not pass by retrying; releasing the
                     // partition lets another owner (maybe a newer version) pick it up.
-                    tracing::error!(partition = self.partition, %error, "partition write refused by the store; releasing the partition");
-                    return Err(Exit::Refused);
+                    tracing::error!(partition = self.partition, %error, "partition write refused by the store");
+                    let invalid = matches!(error, StoreError::InvalidRequest(_));
+                    return Err(Exit::Refused { invalid });
                 }
             }
         }
@@ -766,7 +770,9 @@ impl Worker {
         cancel: &CancellationToken,
         reply: &mpsc::UnboundedSender<Outcome>,
     ) -> Result<(), Halt> {
-        if !matches!(halt, Halt::Exit(Exit::Refused)) {
+        // Only a request the store calls invalid is split or set aside: a store that fails
+        // (a damaged page, an internal error) would fail any entry, and none is dropped for it.
+        if !matches!(halt, Halt::Exit(Exit::Refused { invalid: true })) {
             return Err(halt);
         }
         // What the engine kept of the refused batch was never written.

@@ -19,6 +19,11 @@
 //!   new, not the whole backlog.
 //! - **Batches**: the writes of a transaction go as one multi-row statement per table and
 //!   kind (`UNNEST` of arrays), pipelined on one connection.
+//! - **Group commit**: plain writes (what the API writes: events, interactions, contacts
+//!   without a version to match) queue for [`COMMITTERS`] tasks, each of which commits what
+//!   queued while the others were busy as one transaction. An idle node commits each write
+//!   at once; under load, a burst of single-event `Publish` calls costs a few transactions
+//!   instead of one each.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
@@ -47,6 +52,10 @@ const INBOX_POLL: Duration = Duration::from_secs(1);
 const INBOX_PAGE: i64 = 2_000;
 /// How often a delivery watch looks for changes.
 const WATCH_POLL: Duration = Duration::from_millis(200);
+/// Tasks committing plain writes, each one transaction at a time.
+const COMMITTERS: usize = 4;
+/// Most writes one group transaction takes.
+const GROUP_WRITES: usize = 2_000;
 /// The advisory lock that serialises schema migrations.
 const MIGRATION_LOCK: i64 = 0x7469_6469_6e67;
 
@@ -96,6 +105,11 @@ fn store_error(error: tokio_postgres::Error) -> StoreError {
     let class = &code.code()[..2];
     if class == "53" || *code == SqlState::PROGRAM_LIMIT_EXCEEDED {
         return StoreError::Exhausted(format!("postgres: {}", db.message()));
+    }
+    // A value the server does not take (a NUL in text, a number out of range): the same
+    // request fails again.
+    if class == "22" {
+        return StoreError::InvalidRequest(format!("postgres: {} ({})", db.message(), code.code()));
     }
     let transient =
         matches!(class, "08" | "40" | "57" | "55" | "58") || *code == SqlState::QUERY_CANCELED;
@@ -179,6 +193,14 @@ pub(crate) struct PgBackend {
     wake: Arc<Wakers>,
     /// Partitions whose inbox got entries, for the other nodes' owners.
     notices: tokio::sync::mpsc::UnboundedSender<i32>,
+    /// Plain writes waiting for a committer.
+    group: tokio::sync::mpsc::Sender<Pending>,
+}
+
+/// A plain write waiting to be committed, and where its result goes.
+struct Pending {
+    writes: Vec<Write>,
+    reply: tokio::sync::oneshot::Sender<Result<i64, StoreError>>,
 }
 
 #[derive(Default)]
@@ -295,21 +317,126 @@ impl PgBackend {
         let (notices, waiting) = tokio::sync::mpsc::unbounded_channel();
         // Ends when the backend, and with it the sender, is dropped.
         tokio::spawn(notify(pool.clone(), waiting, tag));
-        Ok(Self { pool, wake, notices })
+        // The committers end when the backend, and with it the group's sender, is dropped.
+        let (group, queue) = tokio::sync::mpsc::channel(4 * GROUP_WRITES);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..COMMITTERS {
+            let notifier = Notifier { wake: wake.clone(), notices: notices.clone() };
+            tokio::spawn(commit_groups(pool.clone(), queue.clone(), notifier));
+        }
+        Ok(Self { pool, wake, notices, group })
     }
 
     /// Wakes the owners of `partitions` after a commit that added to their inboxes: at once on
     /// this node, through a notification on the others.
     fn notify(&self, partitions: Vec<i32>) {
-        for partition in partitions {
-            self.wake.of(partition as PartitionId).notify_one();
-            let _ = self.notices.send(partition);
-        }
+        wake_owners(&self.wake, &self.notices, partitions);
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_error)
     }
+}
+
+/// Wakes the owners of `partitions` after a commit that added to their inboxes.
+fn wake_owners(
+    wake: &Wakers,
+    notices: &tokio::sync::mpsc::UnboundedSender<i32>,
+    partitions: Vec<i32>,
+) {
+    for partition in partitions {
+        wake.of(partition as PartitionId).notify_one();
+        let _ = notices.send(partition);
+    }
+}
+
+/// What a committer needs to wake owners.
+struct Notifier {
+    wake: Arc<Wakers>,
+    notices: tokio::sync::mpsc::UnboundedSender<i32>,
+}
+
+/// A committer: takes what queued (up to [`GROUP_WRITES`] writes), commits it as one
+/// transaction and answers each writer; until the queue's sender is dropped.
+async fn commit_groups(
+    pool: Pool,
+    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Pending>>>,
+    notifier: Notifier,
+) {
+    loop {
+        let mut group = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else { return };
+            let mut writes = first.writes.len();
+            group.push(first);
+            while writes < GROUP_WRITES {
+                match queue.try_recv() {
+                    Ok(next) => {
+                        writes += next.writes.len();
+                        group.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if group.len() == 1 {
+            let Pending { writes, reply } = group.remove(0);
+            let _ = reply.send(write_once(&pool, &notifier, writes).await);
+            continue;
+        }
+        let merged = last_of_each_key(group.iter().flat_map(|p| p.writes.iter().cloned()));
+        match write_once(&pool, &notifier, merged).await {
+            Ok(version) => {
+                for pending in group {
+                    let _ = pending.reply.send(Ok(version));
+                }
+            }
+            // Not committed: a write the server refuses fails alone, so each goes on its own;
+            // an outage fails them all.
+            Err(error) if !error.is_retryable() => {
+                for Pending { writes, reply } in group {
+                    let _ = reply.send(write_once(&pool, &notifier, writes).await);
+                }
+            }
+            Err(error) => {
+                for pending in group {
+                    let _ = pending.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Commits `writes` as one transaction and wakes the owners of the inboxes it adds to.
+async fn write_once(
+    pool: &Pool,
+    notifier: &Notifier,
+    writes: Vec<Write>,
+) -> Result<i64, StoreError> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(store_error)?;
+    let version = next_version(&tx).await?;
+    let notify = apply(&tx, writes, version).await?;
+    tx.commit().await.map_err(store_error)?;
+    wake_owners(&notifier.wake, &notifier.notices, notify);
+    Ok(version)
+}
+
+/// Keeps the last write to each key, in the order of those last writes: one statement may
+/// not change a row twice.
+fn last_of_each_key(writes: impl Iterator<Item = Write>) -> Vec<Write> {
+    let writes: Vec<Write> = writes.collect();
+    let mut last: HashMap<String, usize> = HashMap::with_capacity(writes.len());
+    for (i, write) in writes.iter().enumerate() {
+        last.insert(write.key().encode(), i);
+    }
+    writes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, w)| last[&w.key().encode()] == *i)
+        .map(|(_, w)| w)
+        .collect()
 }
 
 /// Listens for inbox notifications and wakes the partitions named, reconnecting when the
@@ -651,13 +778,6 @@ fn where_key(spec: &Spec, first: usize) -> String {
         .join(" AND ")
 }
 
-fn write_error(writes: &[Write], error: StoreError) -> StateError {
-    StateError::Write {
-        key: writes.first().map(|w| w.key().encode()).unwrap_or_default(),
-        source: error,
-    }
-}
-
 /// Applies `writes` in the open transaction `tx` at `version`, with the notifications their
 /// inbox entries need.
 async fn apply(
@@ -922,17 +1042,15 @@ impl Backend for PgBackend {
     }
 
     async fn write(&self, writes: Vec<Write>) -> StateResult<Revision> {
-        let result = async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(store_error)?;
-            let version = next_version(&tx).await?;
-            let notify = apply(&tx, writes.clone(), version).await?;
-            tx.commit().await.map_err(store_error)?;
-            self.notify(notify);
-            Ok(version)
-        }
-        .await;
-        result.map_err(|error| write_error(&writes, error))
+        let first = writes.first().map(|w| w.key().encode()).unwrap_or_default();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let result = match self.group.send(Pending { writes, reply }).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable("the node is shutting down".into()))
+            }),
+            Err(_) => Err(StoreError::Unavailable("the node is shutting down".into())),
+        };
+        result.map_err(|source| StateError::Write { key: first, source })
     }
 
     async fn write_if(

@@ -39,7 +39,7 @@ pub const MAX_TXN_OPS: usize = 128;
 pub const MAX_REQUEST_BYTES: usize = 1536 * 1024;
 
 /// Failures of store operations.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or did not answer in time; the operation may be retried.
     #[error("store unavailable: {0}")]

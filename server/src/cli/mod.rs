@@ -288,6 +288,9 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn run(config: Config, telemetry: &Telemetry) -> anyhow::Result<()> {
+    // Taken before the node announces that it listens: a SIGTERM sent as soon as it does
+    // stops it cleanly rather than killing it.
+    let signals = Signals::install();
     let metrics = config.metrics.address();
     let node = Node::start(config).await?;
     let token = node.shutdown_token();
@@ -297,29 +300,49 @@ async fn run(config: Config, telemetry: &Telemetry) -> anyhow::Result<()> {
         tracing::info!(address = %bound, "serving metrics at /metrics");
     }
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         token.cancel();
     });
     node.wait().await
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT, handled from when this is made.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(term), Ok(int)) => Some((term, int)),
+                _ => None,
+            };
+            Self { streams }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Returns when one of them arrives.
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            let Some((mut term, mut int)) = self.streams else {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
