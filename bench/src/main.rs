@@ -1,14 +1,15 @@
 //! `tidings-bench`: measures Tidings on this machine and prints how it was run.
 //!
 //! ```text
-//! cargo run --release -p tidings-bench -- timers  [--store embedded|etcd] [--count N]
-//! cargo run --release -p tidings-bench -- publish [--store embedded|etcd] [--seconds S]
-//! cargo run --release -p tidings-bench -- deliver [--store embedded|etcd] [--count N]
-//! cargo run --release -p tidings-bench -- latency [--store embedded|etcd] [--rate R] [--seconds S]
-//! cargo run --release -p tidings-bench -- fanout  [--store embedded|etcd] [--count N]
+//! cargo run --release -p tidings-bench -- timers  [--store embedded|postgres] [--count N]
+//! cargo run --release -p tidings-bench -- publish [--store embedded|postgres] [--seconds S]
+//! cargo run --release -p tidings-bench -- deliver [--store embedded|postgres] [--count N]
+//! cargo run --release -p tidings-bench -- latency [--store embedded|postgres] [--rate R] [--seconds S]
+//! cargo run --release -p tidings-bench -- fanout  [--store embedded|postgres] [--count N]
 //! cargo run --release -p tidings-bench -- ceiling [--seconds S]
 //! cargo run --release -p tidings-bench -- failover [--lease-ttl SECONDS]
 //! cargo run --release -p tidings-bench -- rolling [--rate R] [--seconds S]
+//! cargo run --release -p tidings-bench -- contacts [--count N]
 //! any scenario: [--telemetry on|off] (nodes export over OTLP and serve /metrics)
 //! cargo run --release -p tidings-bench -- all
 //! ```

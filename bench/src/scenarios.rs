@@ -148,6 +148,10 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
     if args.scenario == "rolling" {
         rolling(args.rate, if args.seconds == 10 { 5 } else { args.seconds }).await?;
     }
+    if args.scenario == "contacts" {
+        let count = if args.count == 1_000_000 { 10_000_000 } else { args.count };
+        contacts(count).await?;
+    }
     if args.scenario == "sustained" {
         let rate = if args.rate == 1000 { 3000 } else { args.rate };
         let seconds = if args.seconds == 10 { 300 } else { args.seconds };
@@ -165,11 +169,12 @@ pub async fn run(raw: &[String]) -> anyhow::Result<()> {
         "queries",
         "sustained",
         "rolling",
+        "contacts",
     ]
     .contains(&args.scenario.as_str())
     {
         bail!(
-            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, rolling, queries, sustained, ceiling, all",
+            "unknown scenario {}; one of deliver, latency, timers, fanout, publish, failover, rolling, queries, sustained, contacts, ceiling, all",
             args.scenario
         );
     }
@@ -1367,46 +1372,56 @@ async fn sustained(rate: u64, seconds: u64, retention: u64) -> anyhow::Result<()
 
 /// Imports `count` contacts through BatchUpsertContacts streams, 1,000 per message.
 async fn import_contacts(node: &NodeProcess, count: u64) -> anyhow::Result<f64> {
+    import_contacts_through(&[node], 4, count).await
+}
+
+/// Imports `count` contacts through `per_node` BatchUpsertContacts streams to each of `nodes`,
+/// 1,000 per message, built as they are sent. Contact `i` has `plan` pro or free (every other
+/// one) and `score` `i % 100`.
+async fn import_contacts_through(
+    nodes: &[&NodeProcess],
+    per_node: u64,
+    count: u64,
+) -> anyhow::Result<f64> {
     use tidings_client::prost_types::{Struct, Value, value::Kind as V};
     use tidings_client::v1::{BatchUpsertContactsRequest, Contact};
     let began = Instant::now();
-    let streams = 4u64;
+    let streams = per_node * nodes.len() as u64;
     let mut tasks = tokio::task::JoinSet::new();
     for stream in 0..streams {
-        let transport = node.transport().await?;
+        let transport = nodes[(stream % nodes.len() as u64) as usize].transport().await?;
         tasks.spawn(async move {
             let mut api = tidings_client::ContactServiceClient::new(transport);
-            let ids: Vec<u64> = (stream..count).step_by(streams as usize).collect();
-            let messages: Vec<BatchUpsertContactsRequest> = ids
-                .chunks(1000)
-                .map(|chunk| BatchUpsertContactsRequest {
-                    contacts: chunk
-                        .iter()
-                        .map(|i| Contact {
-                            id: format!("c{i:07}"),
-                            attributes: Some(Struct {
-                                fields: [
-                                    (
-                                        "plan".to_string(),
-                                        Value {
-                                            kind: Some(V::StringValue(
-                                                if i % 2 == 0 { "pro" } else { "free" }.into(),
-                                            )),
-                                        },
-                                    ),
-                                    (
-                                        "score".to_string(),
-                                        Value { kind: Some(V::NumberValue((i % 100) as f64)) },
-                                    ),
-                                ]
-                                .into(),
-                            }),
-                            timezone: "Europe/Paris".into(),
-                            ..Default::default()
-                        })
-                        .collect(),
-                })
-                .collect();
+            let mut ids = (stream..count).step_by(streams as usize);
+            let messages = std::iter::from_fn(move || {
+                let contacts: Vec<Contact> = ids
+                    .by_ref()
+                    .take(1000)
+                    .map(|i| Contact {
+                        id: format!("c{i:07}"),
+                        attributes: Some(Struct {
+                            fields: [
+                                (
+                                    "plan".to_string(),
+                                    Value {
+                                        kind: Some(V::StringValue(
+                                            if i % 2 == 0 { "pro" } else { "free" }.into(),
+                                        )),
+                                    },
+                                ),
+                                (
+                                    "score".to_string(),
+                                    Value { kind: Some(V::NumberValue((i % 100) as f64)) },
+                                ),
+                            ]
+                            .into(),
+                        }),
+                        timezone: "Europe/Paris".into(),
+                        ..Default::default()
+                    })
+                    .collect();
+                (!contacts.is_empty()).then_some(BatchUpsertContactsRequest { contacts })
+            });
             let done = api.batch_upsert_contacts(tokio_stream::iter(messages)).await?.into_inner();
             anyhow::ensure!(done.rejected_count == 0, "{} contacts rejected", done.rejected_count);
             Ok::<_, anyhow::Error>(())
@@ -1416,6 +1431,102 @@ async fn import_contacts(node: &NodeProcess, count: u64) -> anyhow::Result<f64> 
         done??;
     }
     Ok(began.elapsed().as_secs_f64())
+}
+
+/// Contacts at scale: `count` contacts imported through three nodes on etcd + PostgreSQL,
+/// then on-demand runs: one nobody matches (twice: the first loads each owner's cache, the
+/// second evaluates from it), and one whose audience is a tenth of the contacts, sent to a
+/// receiver that answers at once.
+async fn contacts(count: u64) -> anyhow::Result<()> {
+    use tidings_client::v1::{CreateWebhookRequest, Webhook};
+    let etcd = Etcd::start().await?;
+    let prefix = unique_prefix();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(start_node("postgres", Some(&etcd), &prefix, &format!("node-{i}"), 10).await?);
+    }
+    let cluster = nodes[0].cluster().await?;
+    wait_until("the partitions spread over the three nodes", Duration::from_secs(60), || {
+        let mut cluster = cluster.clone();
+        async move {
+            let list = cluster.list_partitions(ListPartitionsRequest {}).await.ok()?.into_inner();
+            let owners: std::collections::BTreeSet<String> =
+                list.partitions.iter().map(|p| p.owner.clone()).collect();
+            (owners.len() == 3 && !owners.contains("")).then_some(())
+        }
+    })
+    .await?;
+    let pids: Vec<u32> = nodes.iter().map(node_pid).collect::<anyhow::Result<_>>()?;
+    let rss = |pids: &[u32]| pids.iter().map(|pid| memory(*pid).0).collect::<Vec<u64>>();
+    let show = |sizes: &[u64]| sizes.iter().map(|s| mib(*s)).collect::<Vec<_>>().join(", ");
+    let rss_empty = rss(&pids);
+    let refs: Vec<&NodeProcess> = nodes.iter().collect();
+    let import_secs = import_contacts_through(&refs, 2, count).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_imported = rss(&pids);
+
+    let (url, arrivals) = crate::receiver::start().await?;
+    let mut webhooks = tidings_client::WebhookServiceClient::new(nodes[0].transport().await?);
+    let webhook = Webhook {
+        url,
+        body: r#"{"contact": "{{ contact.id }}", "plan": "{{ contact.attributes.plan }}"}"#.into(),
+        max_in_flight: 256,
+        ..Default::default()
+    };
+    webhooks
+        .create_webhook(CreateWebhookRequest {
+            webhook_id: "fanout".into(),
+            webhook: Some(webhook),
+        })
+        .await?;
+    let nobody = "contact.attributes.score > 1000.0";
+    let (load_secs, _, _) = run_campaign(&nodes[0], "warm", nobody, 0, &arrivals).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_cached = rss(&pids);
+    let (eval_secs, _, _) = run_campaign(&nodes[0], "nobody", nobody, 0, &arrivals).await?;
+    let tenth = count / 10;
+    let cpu_before: Vec<f64> = pids.iter().map(|pid| cpu_seconds(*pid)).collect();
+    let (evaluated, delivered, run) =
+        run_campaign(&nodes[0], "tenth", "contact.attributes.score < 10.0", tenth, &arrivals)
+            .await?;
+    let cpu: Vec<f64> =
+        pids.iter().zip(&cpu_before).map(|(pid, before)| cpu_seconds(*pid) - before).collect();
+    let peaks: Vec<u64> = pids.iter().map(|pid| memory(*pid).1).collect();
+    anyhow::ensure!(run.delivered == tenth, "delivered {} of {tenth}: {run:?}", run.delivered);
+
+    println!(
+        "contacts (three nodes on etcd + PostgreSQL, 64 partitions, {count} contacts, on-demand runs)"
+    );
+    println!(
+        "  import (BatchUpsert, 2 streams per node):{:>9.0} contacts/s ({import_secs:.1} s)",
+        count as f64 / import_secs
+    );
+    println!(
+        "  node RSS: {} empty; {} after the import; {} with the contacts cached",
+        show(&rss_empty),
+        show(&rss_imported),
+        show(&rss_cached)
+    );
+    println!(
+        "  first run, loading the caches:  {:>9.0} contacts/s ({load_secs:.1} s, nobody matches)",
+        count as f64 / load_secs
+    );
+    println!(
+        "  audience evaluation alone:      {:>9.0} contacts/s, {:.0} per node ({eval_secs:.1} s, nobody matches)",
+        count as f64 / eval_secs,
+        count as f64 / eval_secs / 3.0
+    );
+    println!(
+        "  run to a tenth ({tenth} contacts): {delivered:.1} s to deliver all ({evaluated:.1} s to evaluate and queue); {:.0} deliveries/s",
+        tenth as f64 / delivered
+    );
+    println!(
+        "  node CPU during that run: {} % of one core; peak memory {}",
+        cpu.iter().map(|c| format!("{:.0}", c / delivered * 100.0)).collect::<Vec<_>>().join(", "),
+        show(&peaks)
+    );
+    println!();
+    Ok(())
 }
 
 /// Creates an on-demand campaign over the contacts matching `filter`, runs it, and waits for
