@@ -448,3 +448,65 @@ async fn watch_streams_are_bounded_and_a_slow_watcher_is_dropped() {
     assert!(status.message().contains("fell behind"), "{}", status.message());
     healthy(&node).await;
 }
+
+/// WatchRun drops a caller that leaves its buffer full too, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_run_watcher_is_dropped() {
+    use futures::StreamExt;
+    use tidings_client::v1::{
+        Audience, BatchUpsertContactsRequest, Campaign, Contact, OnDemandTrigger,
+        RunCampaignRequest, Trigger, WatchRunRequest, trigger::Kind,
+    };
+    let receiver = Receiver::start().await.expect("receiver");
+    let node = NodeProcess::start(options(&[])).await.expect("node");
+    let mut contacts =
+        tidings_client::ContactServiceClient::connect(node.url()).await.expect("client");
+    let people: Vec<Contact> =
+        (0..400).map(|i| Contact { id: format!("u{i:03}"), ..Default::default() }).collect();
+    let request = BatchUpsertContactsRequest { contacts: people };
+    contacts.batch_upsert_contacts(tokio_stream::iter([request])).await.expect("contacts");
+    // Ten sends a second: the run's counters change at every look the watch takes.
+    let webhook = Webhook { url: receiver.url("/hook"), rate_limit: 10.0, ..Default::default() };
+    tidings_tests::setup::webhook(&node, "w", webhook).await;
+    let campaign = Campaign {
+        webhook_id: "w".into(),
+        audience: Some(Audience { segment_id: String::new(), filter: "true".into() }),
+        trigger: Some(Trigger { kind: Some(Kind::OnDemand(OnDemandTrigger {})) }),
+        ..Default::default()
+    };
+    tidings_tests::setup::active_campaign(&node, "c", campaign).await;
+    let mut campaigns = node.campaigns().await.expect("client");
+    let run = campaigns
+        .run_campaign(RunCampaignRequest { id: "c".into(), ..Default::default() })
+        .await
+        .expect("run")
+        .into_inner();
+
+    // A caller with a small HTTP/2 window that reads nothing.
+    let channel = tidings_client::tonic::transport::Endpoint::from_shared(node.url())
+        .expect("url")
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .expect("connect");
+    let mut slow = tidings_client::CampaignServiceClient::new(channel)
+        .watch_run(WatchRunRequest { campaign_id: "c".into(), run_id: run.id })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(item) = slow.next().await {
+            if let Err(status) = item {
+                return Some(status);
+            }
+        }
+        None
+    })
+    .await
+    .expect("the stream ends");
+    let status = ended.expect("with an error");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{}", status.message());
+    assert!(status.message().contains("fell behind"), "{}", status.message());
+    healthy(&node).await;
+}
