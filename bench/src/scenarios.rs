@@ -1434,9 +1434,9 @@ async fn import_contacts_through(
 }
 
 /// Contacts at scale: `count` contacts imported through three nodes on etcd + PostgreSQL,
-/// then on-demand runs: one nobody matches (twice: the first loads each owner's cache, the
-/// second evaluates from it), and one whose audience is a tenth of the contacts, sent to a
-/// receiver that answers at once.
+/// then on-demand runs: one nobody matches, twice (owners read their partitions' contacts from
+/// PostgreSQL page by page; the second run finds them in PostgreSQL's cache), and one whose
+/// audience is a tenth of the contacts, sent to a receiver that answers at once.
 async fn contacts(count: u64) -> anyhow::Result<()> {
     use tidings_client::v1::{CreateWebhookRequest, Webhook};
     let etcd = Etcd::start().await?;
@@ -1502,17 +1502,17 @@ async fn contacts(count: u64) -> anyhow::Result<()> {
         count as f64 / import_secs
     );
     println!(
-        "  node RSS: {} empty; {} after the import; {} with the contacts cached",
+        "  node RSS: {} empty; {} after the import; {} after the first run",
         show(&rss_empty),
         show(&rss_imported),
         show(&rss_cached)
     );
     println!(
-        "  first run, loading the caches:  {:>9.0} contacts/s ({load_secs:.1} s, nobody matches)",
+        "  first run (nobody matches):     {:>9.0} contacts/s ({load_secs:.1} s)",
         count as f64 / load_secs
     );
     println!(
-        "  audience evaluation alone:      {:>9.0} contacts/s, {:.0} per node ({eval_secs:.1} s, nobody matches)",
+        "  second run, audience evaluation: {:>9.0} contacts/s, {:.0} per node ({eval_secs:.1} s, nobody matches)",
         count as f64 / eval_secs,
         count as f64 / eval_secs / 3.0
     );

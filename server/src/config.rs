@@ -249,6 +249,7 @@ impl PostgresConfig {
             pool_size: self.pool_size,
             connect_timeout: self.connect_timeout,
             statement_timeout: self.statement_timeout,
+            ..Default::default()
         }
     }
 }

@@ -444,7 +444,12 @@ async fn open_state(config: &Config, coordination: &Coordination) -> anyhow::Res
         return Ok(coordination.embedded_state());
     }
     let deadline = tokio::time::Instant::now() + config.node.start_timeout;
-    until_reachable("PostgreSQL", deadline, || State::postgres(config.postgres.options()))
+    // Each session says which node it serves, in pg_stat_activity and to triggers.
+    let options = tidings_scheduler::state::postgres::PgOptions {
+        application_name: format!("tidings/{}", config.node.id),
+        ..config.postgres.options()
+    };
+    until_reachable("PostgreSQL", deadline, || State::postgres(options.clone()))
         .await
         .context("postgres.url: cannot open PostgreSQL")
 }

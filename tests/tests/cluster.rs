@@ -194,6 +194,7 @@ async fn a_node_frozen_past_its_lease_writes_nothing_after_losing_its_partitions
     let b = NodeProcess::start(options(&etcd, &prefix, "node-b")).await.expect("b");
     let c = NodeProcess::start(options(&etcd, &prefix, "node-c")).await.expect("c");
     settled(&store, &["node-a", "node-b", "node-c"], Duration::from_secs(20)).await;
+    let audit = FenceAudit::install(&etcd.endpoint(), &prefix).await;
     publish(&b, 0).await;
 
     // Events keep arriving in every partition while node-a is frozen, so that its workers have
@@ -232,6 +233,74 @@ async fn a_node_frozen_past_its_lease_writes_nothing_after_losing_its_partitions
     .expect("drained");
     assert_single_owner_history(&store, start_revision).await;
     assert_fences_recorded(&store, &etcd.endpoint(), &prefix).await;
+    audit.assert_every_write_by_its_owner().await;
+}
+
+/// PostgreSQL's own record of who wrote partition data: a trigger on the tables only owners
+/// write (deliveries, timers, standings, and the removal of inbox entries) records, for every
+/// row changed, the node whose session wrote it (its `application_name`) and the owner the
+/// partition's row named in that same transaction.
+struct FenceAudit {
+    client: tokio_postgres::Client,
+}
+
+impl FenceAudit {
+    async fn install(etcd: &str, prefix: &str) -> Self {
+        let url = tidings_tests::cluster_postgres_url(etcd, prefix).await.expect("url");
+        let (client, connection) =
+            tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        client
+            .batch_execute(
+                "CREATE TABLE fence_audit (
+                     seq bigserial PRIMARY KEY, tbl text NOT NULL, partition integer NOT NULL,
+                     writer text NOT NULL, owner text);
+                 CREATE FUNCTION fence_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+                 DECLARE p integer;
+                 BEGIN
+                     IF TG_OP = 'DELETE' THEN p := OLD.partition; ELSE p := NEW.partition; END IF;
+                     INSERT INTO fence_audit (tbl, partition, writer, owner)
+                     VALUES (TG_TABLE_NAME, p, current_setting('application_name'),
+                             (SELECT owner FROM partitions WHERE id = p));
+                     RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER fence_audit AFTER INSERT OR UPDATE OR DELETE ON deliveries
+                     FOR EACH ROW EXECUTE FUNCTION fence_audit();
+                 CREATE TRIGGER fence_audit AFTER INSERT OR UPDATE OR DELETE ON timers
+                     FOR EACH ROW EXECUTE FUNCTION fence_audit();
+                 CREATE TRIGGER fence_audit AFTER INSERT OR UPDATE OR DELETE ON standings
+                     FOR EACH ROW EXECUTE FUNCTION fence_audit();
+                 CREATE TRIGGER fence_audit AFTER DELETE ON inbox
+                     FOR EACH ROW EXECUTE FUNCTION fence_audit();",
+            )
+            .await
+            .expect("audit");
+        Self { client }
+    }
+
+    /// Every recorded write was made by the node the partition's row named as owner then.
+    async fn assert_every_write_by_its_owner(&self) {
+        let rows = self
+            .client
+            .query("SELECT tbl, partition, writer, owner FROM fence_audit ORDER BY seq", &[])
+            .await
+            .expect("audit rows");
+        assert!(rows.len() > 100, "the audit saw the owners' writes: {}", rows.len());
+        let mut writers = std::collections::BTreeSet::new();
+        for row in &rows {
+            let (table, partition, writer, owner): (String, i32, String, Option<String>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let node = writer.strip_prefix("tidings/").unwrap_or(&writer);
+            let owner = owner.unwrap_or_default();
+            assert!(
+                owner.starts_with(&format!("{node}/")),
+                "{writer} wrote {table} of partition {partition}, owned by {owner:?}"
+            );
+            writers.insert(node.to_string());
+        }
+        assert!(writers.contains("node-a"), "node-a's writes were recorded: {writers:?}");
+        println!("fence audit: {} writes, each by its partition's owner", rows.len());
+    }
 }
 
 /// Every partition's row in PostgreSQL carries the epoch of its owner in etcd: the record

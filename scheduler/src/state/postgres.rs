@@ -76,6 +76,9 @@ pub struct PgOptions {
     pub connect_timeout: Duration,
     /// How long one statement may run.
     pub statement_timeout: Duration,
+    /// The sessions' `application_name`, which `pg_stat_activity` shows: `tidings/{node id}`
+    /// on a node.
+    pub application_name: String,
 }
 
 impl Default for PgOptions {
@@ -85,6 +88,7 @@ impl Default for PgOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(5),
+            application_name: "tidings".into(),
         }
     }
 }
@@ -235,7 +239,7 @@ async fn open(
         IDLE_IN_TRANSACTION.as_millis(),
         options.statement_timeout.as_millis()
     ));
-    config.application_name("tidings");
+    config.application_name(&options.application_name);
     let tls = tls(rootcert.as_deref())?;
     let manager = Manager::from_config(
         config.clone(),
