@@ -1438,7 +1438,6 @@ async fn import_contacts_through(
 /// PostgreSQL page by page; the second run finds them in PostgreSQL's cache), and one whose
 /// audience is a tenth of the contacts, sent to a receiver that answers at once.
 async fn contacts(count: u64) -> anyhow::Result<()> {
-    use tidings_client::v1::{CreateWebhookRequest, Webhook};
     let etcd = Etcd::start().await?;
     let prefix = unique_prefix();
     let mut nodes = Vec::new();
@@ -1465,20 +1464,7 @@ async fn contacts(count: u64) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_imported = rss(&pids);
 
-    let (url, arrivals) = crate::receiver::start().await?;
-    let mut webhooks = tidings_client::WebhookServiceClient::new(nodes[0].transport().await?);
-    let webhook = Webhook {
-        url,
-        body: r#"{"contact": "{{ contact.id }}", "plan": "{{ contact.attributes.plan }}"}"#.into(),
-        max_in_flight: 256,
-        ..Default::default()
-    };
-    webhooks
-        .create_webhook(CreateWebhookRequest {
-            webhook_id: "fanout".into(),
-            webhook: Some(webhook),
-        })
-        .await?;
+    let arrivals = fanout_webhook(&nodes[0]).await?;
     let nobody = "contact.attributes.score > 1000.0";
     let (load_secs, _, _) = run_campaign(&nodes[0], "warm", nobody, 0, &arrivals).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1527,6 +1513,26 @@ async fn contacts(count: u64) -> anyhow::Result<()> {
     );
     println!();
     Ok(())
+}
+
+/// Starts a receiver and creates the `fanout` webhook that the runs of `run_campaign` send to.
+async fn fanout_webhook(node: &NodeProcess) -> anyhow::Result<Arc<crate::receiver::Arrivals>> {
+    use tidings_client::v1::{CreateWebhookRequest, Webhook};
+    let (url, arrivals) = crate::receiver::start().await?;
+    let mut webhooks = tidings_client::WebhookServiceClient::new(node.transport().await?);
+    let webhook = Webhook {
+        url,
+        body: r#"{"contact": "{{ contact.id }}", "plan": "{{ contact.attributes.plan }}"}"#.into(),
+        max_in_flight: 256,
+        ..Default::default()
+    };
+    webhooks
+        .create_webhook(CreateWebhookRequest {
+            webhook_id: "fanout".into(),
+            webhook: Some(webhook),
+        })
+        .await?;
+    Ok(arrivals)
 }
 
 /// Creates an on-demand campaign over the contacts matching `filter`, runs it, and waits for
@@ -1586,7 +1592,6 @@ async fn run_campaign(
 }
 
 async fn fanout(kind: &str, count: u64) -> anyhow::Result<()> {
-    use tidings_client::v1::{CreateWebhookRequest, Webhook};
     let etcd = if kind == "postgres" { Some(Etcd::start().await?) } else { None };
     let node = start_node(kind, etcd.as_ref(), &unique_prefix(), "bench", 10).await?;
     let pid = node_pid(&node)?;
@@ -1596,20 +1601,7 @@ async fn fanout(kind: &str, count: u64) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss_imported, _) = memory(pid);
 
-    let (url, arrivals) = crate::receiver::start().await?;
-    let mut webhooks = tidings_client::WebhookServiceClient::new(node.transport().await?);
-    let webhook = Webhook {
-        url,
-        body: r#"{"contact": "{{ contact.id }}", "plan": "{{ contact.attributes.plan }}"}"#.into(),
-        max_in_flight: 256,
-        ..Default::default()
-    };
-    webhooks
-        .create_webhook(CreateWebhookRequest {
-            webhook_id: "fanout".into(),
-            webhook: Some(webhook),
-        })
-        .await?;
+    let arrivals = fanout_webhook(&node).await?;
 
     // The first run loads each partition's contacts into its owner's cache (reading the store
     // while they load); the second evaluates from the cache alone. No contact is in either

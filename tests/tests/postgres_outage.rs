@@ -15,21 +15,18 @@ fn event(contact: &str) -> Event {
     Event { r#type: "go".into(), contact_id: contact.into(), ..Default::default() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_fail_fast_while_postgres_is_down_and_work_resumes_after() {
-    let etcd = Etcd::start().await.expect("etcd");
-    let mut postgres = Postgres::start().await.expect("postgres");
-    let url = postgres.database().await.expect("database");
+/// Starts a cluster node on `etcd` and the PostgreSQL database at `url`, with a campaign that
+/// sends every `go` event to the returned receiver.
+async fn sending_node(etcd: &Etcd, url: &str, env: &[(&str, &str)]) -> (NodeProcess, Receiver) {
     let receiver = Receiver::start().await.expect("receiver");
+    let mut all =
+        vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".to_string(), r#"["127.0.0.1/32"]"#.to_string())];
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let options = NodeOptions {
         etcd: Some(etcd.endpoint()),
         prefix: Some(unique_prefix()),
-        postgres: Some(url),
-        env: vec![
-            ("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into()),
-            ("TIDINGS_POSTGRES__CONNECT_TIMEOUT".into(), "1s".into()),
-            ("TIDINGS_POSTGRES__STATEMENT_TIMEOUT".into(), "1s".into()),
-        ],
+        postgres: Some(url.to_string()),
+        env: all,
         ..Default::default()
     };
     let node = NodeProcess::start(options).await.expect("node");
@@ -41,6 +38,19 @@ async fn calls_fail_fast_while_postgres_is_down_and_work_resumes_after() {
     let campaign =
         Campaign { webhook_id: "hook".into(), trigger: Some(trigger), ..Default::default() };
     setup::active_campaign(&node, "c", campaign).await;
+    (node, receiver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_fail_fast_while_postgres_is_down_and_work_resumes_after() {
+    let etcd = Etcd::start().await.expect("etcd");
+    let mut postgres = Postgres::start().await.expect("postgres");
+    let url = postgres.database().await.expect("database");
+    let timeouts = [
+        ("TIDINGS_POSTGRES__CONNECT_TIMEOUT", "1s"),
+        ("TIDINGS_POSTGRES__STATEMENT_TIMEOUT", "1s"),
+    ];
+    let (node, receiver) = sending_node(&etcd, &url, &timeouts).await;
     let mut api = node.events().await.expect("client");
     let before: Vec<Event> = (0..20).map(|i| event(&format!("before-{i}"))).collect();
     api.publish_batch(PublishBatchRequest { events: before }).await.expect("before");
@@ -98,23 +108,7 @@ async fn a_claim_the_database_lost_is_made_again() {
     let etcd = Etcd::start().await.expect("etcd");
     let postgres = Postgres::start().await.expect("postgres");
     let url = postgres.database().await.expect("database");
-    let receiver = Receiver::start().await.expect("receiver");
-    let options = NodeOptions {
-        etcd: Some(etcd.endpoint()),
-        prefix: Some(unique_prefix()),
-        postgres: Some(url.clone()),
-        env: vec![("TIDINGS_DELIVERY__ALLOW_NETWORKS".into(), r#"["127.0.0.1/32"]"#.into())],
-        ..Default::default()
-    };
-    let node = NodeProcess::start(options).await.expect("node");
-    let webhook = Webhook { url: receiver.url("/hook"), ..Default::default() };
-    setup::webhook(&node, "hook", webhook).await;
-    let trigger = Trigger {
-        kind: Some(Kind::Event(EventTrigger { event_type: "go".into(), filter: String::new() })),
-    };
-    let campaign =
-        Campaign { webhook_id: "hook".into(), trigger: Some(trigger), ..Default::default() };
-    setup::active_campaign(&node, "c", campaign).await;
+    let (node, receiver) = sending_node(&etcd, &url, &[]).await;
     let cluster = node.cluster().await.expect("client");
     tidings_tests::wait_until("every partition owned", Duration::from_secs(20), || {
         let mut cluster = cluster.clone();

@@ -56,8 +56,18 @@ fn count(receiver: &Receiver, path: &str, contact: &str) -> usize {
     hits(receiver, path).iter().filter(|c| *c == contact).count()
 }
 
-async fn start_node(store: Arc<dyn Store>, dir: &std::path::Path) -> Node {
-    start_node_with(store, dir, |_| {}).await
+/// Starts a node in this process on a [`FlakyStore`] around a new embedded store in `dir`;
+/// returns the store (to inject faults), the node and its URL.
+async fn flaky_node(
+    dir: &std::path::Path,
+    change: impl FnOnce(&mut Config),
+) -> (Arc<FlakyStore>, Node, String) {
+    let embedded: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.join("tidings.redb")).expect("store"));
+    let flaky = FlakyStore::new(embedded);
+    let node = start_node_with(flaky.clone(), dir, change).await;
+    let url = format!("http://{}", node.addr());
+    (flaky, node, url)
 }
 
 async fn start_node_with(
@@ -106,11 +116,7 @@ async fn create(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_reads_lose_reset_and_misdirect_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let embedded: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&dir.path().join("tidings.redb")).expect("store"));
-    let flaky = FlakyStore::new(embedded);
-    let node = start_node(flaky.clone(), dir.path()).await;
-    let url = format!("http://{}", node.addr());
+    let (flaky, node, url) = flaky_node(dir.path(), |_| {}).await;
     let receiver = Receiver::start().await.expect("receiver");
     let mut webhooks = WebhookServiceClient::connect(url.clone()).await.expect("client");
     let mut campaigns = CampaignServiceClient::connect(url.clone()).await.expect("client");
@@ -290,14 +296,10 @@ async fn partition_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_write_releases_the_partition_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let embedded: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&dir.path().join("tidings.redb")).expect("store"));
-    let flaky = FlakyStore::new(embedded);
-    let node = start_node_with(flaky.clone(), dir.path(), |config| {
+    let (flaky, _node, url) = flaky_node(dir.path(), |config| {
         config.cluster.lease_ttl = Duration::from_secs(2);
     })
     .await;
-    let url = format!("http://{}", node.addr());
     let receiver = Receiver::start().await.expect("receiver");
     let mut webhooks = WebhookServiceClient::connect(url.clone()).await.expect("client");
     let mut campaigns = CampaignServiceClient::connect(url.clone()).await.expect("client");
@@ -346,11 +348,7 @@ async fn a_refused_write_releases_the_partition_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_the_store_refuses_alone_is_set_aside_and_the_rest_goes_on() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let embedded: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&dir.path().join("tidings.redb")).expect("store"));
-    let flaky = FlakyStore::new(embedded);
-    let node = start_node(flaky.clone(), dir.path()).await;
-    let url = format!("http://{}", node.addr());
+    let (flaky, _node, url) = flaky_node(dir.path(), |_| {}).await;
     let receiver = Receiver::start().await.expect("receiver");
     let mut webhooks = WebhookServiceClient::connect(url.clone()).await.expect("client");
     let mut campaigns = CampaignServiceClient::connect(url.clone()).await.expect("client");
