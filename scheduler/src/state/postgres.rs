@@ -19,9 +19,10 @@
 //!   new, not the whole backlog.
 //! - **Batches**: the writes of a transaction go as one multi-row statement per table and
 //!   kind (`UNNEST` of arrays), pipelined on one connection.
-//! - **Group commit**: plain writes (what the API writes: events, interactions, contacts
-//!   without a version to match) queue for [`COMMITTERS`] tasks, each of which commits what
-//!   queued while the others were busy as one transaction. An idle node commits each write
+//! - **Group commit**: small plain writes (what the API writes for one call: an event, an
+//!   interaction, a contact without a version to match) queue for [`COMMITTERS`] tasks, each
+//!   of which commits what queued while the others were busy as one transaction; batches of
+//!   [`ALONE_WRITES`] writes or more commit on their own. An idle node commits each write
 //!   at once; under load, a burst of single-event `Publish` calls costs a few transactions
 //!   instead of one each.
 
@@ -56,6 +57,9 @@ const WATCH_POLL: Duration = Duration::from_millis(200);
 const COMMITTERS: usize = 4;
 /// Most writes one group transaction takes.
 const GROUP_WRITES: usize = 2_000;
+/// Writes from this many on are batched already (PublishBatch, BatchUpsertContacts): they
+/// commit on their own, as many at once as the pool allows.
+const ALONE_WRITES: usize = 64;
 /// The advisory lock that serialises schema migrations.
 const MIGRATION_LOCK: i64 = 0x7469_6469_6e67;
 
@@ -1047,6 +1051,12 @@ impl Backend for PgBackend {
 
     async fn write(&self, writes: Vec<Write>) -> StateResult<Revision> {
         let first = writes.first().map(|w| w.key().encode()).unwrap_or_default();
+        if writes.len() >= ALONE_WRITES {
+            let notifier = Notifier { wake: self.wake.clone(), notices: self.notices.clone() };
+            return write_once(&self.pool, &notifier, writes)
+                .await
+                .map_err(|source| StateError::Write { key: first, source });
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let result = match self.group.send(Pending { writes, reply }).await {
             Ok(()) => answer.await.unwrap_or_else(|_| {
