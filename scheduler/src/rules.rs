@@ -55,22 +55,14 @@ pub fn check_cost(source: &str) -> Result<Shape, String> {
     let mut shape = Shape::default();
     // For each open bracket: where a macro's arguments start, if it opened them.
     let mut open: Vec<Option<usize>> = Vec::new();
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
+    let mut strings = Strings::default();
     let bytes = source.as_bytes();
     for (i, c) in source.char_indices() {
-        if let Some(q) = quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == q {
-                quote = None;
-            }
+        if strings.inside(c) {
             continue;
         }
         match c {
-            '"' | '\'' => quote = Some(c),
+            '"' | '\'' => strings.open(c),
             '(' | '[' | '{' => {
                 if open.len() >= MAX_DEPTH {
                     return Err(format!("nests deeper than {MAX_DEPTH} levels (at byte {i})"));
@@ -107,24 +99,45 @@ pub fn check_cost(source: &str) -> Result<Shape, String> {
     Ok(shape)
 }
 
+/// Where a scan of an expression's text stands with its string literals.
+#[derive(Default)]
+struct Strings {
+    /// The quote of the literal the scan is in.
+    quote: Option<char>,
+    /// Whether the previous character was a backslash inside it.
+    escaped: bool,
+}
+
+impl Strings {
+    /// Starts a literal at the quote `c`.
+    fn open(&mut self, c: char) {
+        self.quote = Some(c);
+    }
+
+    /// Whether `c` belongs to the literal the scan is in (its closing quote included).
+    fn inside(&mut self, c: char) -> bool {
+        let Some(quote) = self.quote else { return false };
+        if self.escaped {
+            self.escaped = false;
+        } else if c == '\\' {
+            self.escaped = true;
+        } else if c == quote {
+            self.quote = None;
+        }
+        true
+    }
+}
+
 /// The names in `source` that refer to variables: not a field (`.name`), a function
 /// (`name(`), a keyword, a number or anything inside a string.
 fn free_names(source: &str) -> impl Iterator<Item = &str> {
     // (start, end, the character before the name)
     let mut words: Vec<(usize, usize, char)> = Vec::new();
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
+    let mut strings = Strings::default();
     let mut start: Option<(usize, char)> = None;
     let mut previous = ' ';
     for (i, c) in source.char_indices() {
-        if let Some(q) = quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == q {
-                quote = None;
-            }
+        if strings.inside(c) {
             previous = c;
             continue;
         }
@@ -138,7 +151,7 @@ fn free_names(source: &str) -> impl Iterator<Item = &str> {
             _ => {}
         }
         if c == '"' || c == '\'' {
-            quote = Some(c);
+            strings.open(c);
         }
         if !c.is_whitespace() {
             previous = c;

@@ -281,6 +281,17 @@ async fn failed_reads_lose_reset_and_misdirect_nothing() {
 }
 
 /// Returns one partition as ListPartitions shows it.
+/// Waits until the partition of `contact` is owned, and returns it.
+async fn owned_partition_of(cluster: &ClusterServiceClient<Channel>, contact: &str) -> u32 {
+    let partition = tidings_scheduler::state::partition_of(contact, 8);
+    wait_until("the partition to be owned", Duration::from_secs(20), || async {
+        partition_state(cluster, partition).await.filter(|p| !p.owner.is_empty())
+    })
+    .await
+    .expect("owned");
+    partition
+}
+
 async fn partition_state(
     cluster: &ClusterServiceClient<Channel>,
     partition: u32,
@@ -309,14 +320,9 @@ async fn a_refused_write_releases_the_partition_and_loses_nothing() {
     let campaign = Campaign { trigger: on_event, ..Default::default() };
     create(&mut webhooks, &mut campaigns, &receiver, "email", campaign).await;
 
-    let partition = tidings_scheduler::state::partition_of("c1", 8);
     let cluster = ClusterServiceClient::connect(url.clone()).await.expect("client");
+    let partition = owned_partition_of(&cluster, "c1").await;
     let state = || partition_state(&cluster, partition);
-    wait_until("the partition to be owned", Duration::from_secs(20), || async {
-        state().await.filter(|p| !p.owner.is_empty())
-    })
-    .await
-    .expect("owned");
     flaky.refuse_partition_writes(true);
     let event = Event { r#type: "e".into(), contact_id: "c1".into(), ..Default::default() };
     events.publish(PublishRequest { event: Some(event) }).await.expect("publish");
@@ -376,14 +382,9 @@ async fn an_entry_the_store_refuses_alone_is_set_aside_and_the_rest_goes_on() {
         .activate_campaign(ActivateCampaignRequest { id: "c".into() })
         .await
         .expect("activate");
-    let partition = tidings_scheduler::state::partition_of("c1", 8);
     let cluster = ClusterServiceClient::connect(url.clone()).await.expect("client");
+    let partition = owned_partition_of(&cluster, "c1").await;
     let state = || partition_state(&cluster, partition);
-    wait_until("the partition to be owned", Duration::from_secs(20), || async {
-        state().await.filter(|p| !p.owner.is_empty())
-    })
-    .await
-    .expect("owned");
 
     // Three events of one contact, so one partition's inbox holds them together; the second
     // carries 40 KiB, and its delivery record makes any batch with it too large.

@@ -197,10 +197,8 @@ fn tls(rootcert: Option<&str>) -> Result<tokio_postgres_rustls::MakeRustlsConnec
 /// The state layer on PostgreSQL.
 pub(crate) struct PgBackend {
     pool: Pool,
-    /// Wakes the owner of a partition when its inbox gets entries.
-    wake: Arc<Wakers>,
-    /// Partitions whose inbox got entries, for the other nodes' owners.
-    notices: tokio::sync::mpsc::UnboundedSender<i32>,
+    /// Wakes the owners of partitions whose inbox gets entries.
+    notifier: Notifier,
     /// Plain writes waiting for a committer.
     group: tokio::sync::mpsc::Sender<Pending>,
 }
@@ -328,17 +326,15 @@ impl PgBackend {
         // The committers end when the backend, and with it the group's sender, is dropped.
         let (group, queue) = tokio::sync::mpsc::channel(4 * GROUP_WRITES);
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let notifier = Notifier { wake, notices };
         for _ in 0..COMMITTERS {
-            let notifier = Notifier { wake: wake.clone(), notices: notices.clone() };
-            tokio::spawn(commit_groups(pool.clone(), queue.clone(), notifier));
+            tokio::spawn(commit_groups(pool.clone(), queue.clone(), notifier.clone()));
         }
-        Ok(Self { pool, wake, notices, group })
+        Ok(Self { pool, notifier, group })
     }
 
-    /// Wakes the owners of `partitions` after a commit that added to their inboxes: at once on
-    /// this node, through a notification on the others.
     fn notify(&self, partitions: Vec<i32>) {
-        wake_owners(&self.wake, &self.notices, partitions);
+        self.notifier.wake_owners(partitions);
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -346,22 +342,24 @@ impl PgBackend {
     }
 }
 
-/// Wakes the owners of `partitions` after a commit that added to their inboxes.
-fn wake_owners(
-    wake: &Wakers,
-    notices: &tokio::sync::mpsc::UnboundedSender<i32>,
-    partitions: Vec<i32>,
-) {
-    for partition in partitions {
-        wake.of(partition as PartitionId).notify_one();
-        let _ = notices.send(partition);
-    }
+/// Wakes the owners of partitions whose inbox got entries.
+#[derive(Clone)]
+struct Notifier {
+    /// This node's owners.
+    wake: Arc<Wakers>,
+    /// The partitions, for the other nodes' owners.
+    notices: tokio::sync::mpsc::UnboundedSender<i32>,
 }
 
-/// What a committer needs to wake owners.
-struct Notifier {
-    wake: Arc<Wakers>,
-    notices: tokio::sync::mpsc::UnboundedSender<i32>,
+impl Notifier {
+    /// Wakes the owners of `partitions` after a commit that added to their inboxes: at once on
+    /// this node, through a notification on the others.
+    fn wake_owners(&self, partitions: Vec<i32>) {
+        for partition in partitions {
+            self.wake.of(partition as PartitionId).notify_one();
+            let _ = self.notices.send(partition);
+        }
+    }
 }
 
 /// A committer: takes what queued (up to [`GROUP_WRITES`] writes), commits it as one
@@ -427,7 +425,7 @@ async fn write_once(
     let version = next_version(&tx).await?;
     let notify = apply(&tx, writes, version).await?;
     tx.commit().await.map_err(store_error)?;
-    wake_owners(&notifier.wake, &notifier.notices, notify);
+    notifier.wake_owners(notify);
     Ok(version)
 }
 
@@ -1052,8 +1050,7 @@ impl Backend for PgBackend {
     async fn write(&self, writes: Vec<Write>) -> StateResult<Revision> {
         let first = writes.first().map(|w| w.key().encode()).unwrap_or_default();
         if writes.len() >= ALONE_WRITES {
-            let notifier = Notifier { wake: self.wake.clone(), notices: self.notices.clone() };
-            return write_once(&self.pool, &notifier, writes)
+            return write_once(&self.pool, &self.notifier, writes)
                 .await
                 .map_err(|source| StateError::Write { key: first, source });
         }
@@ -1276,7 +1273,7 @@ impl Backend for PgBackend {
     }
 
     async fn inbox(&self, partition: PartitionId) -> StateResult<Box<dyn InboxFeed>> {
-        Ok(Box::new(PgInbox::new(self.pool.clone(), partition, self.wake.of(partition))))
+        Ok(Box::new(PgInbox::new(self.pool.clone(), partition, self.notifier.wake.of(partition))))
     }
 
     async fn watch_deliveries(&self) -> StateResult<DeliveryStream> {
