@@ -274,7 +274,7 @@ async fn a_campaign_is_built_run_and_repaired_from_the_console() {
         text(c, "dl.facts").await.contains("delivered").then_some(())
     })
     .await
-    .expect("redelivered");
+    .unwrap_or_else(|error| panic!("redelivered: {error}\nnode logs:\n{}", node.logs()));
     assert!(text(c, "ol.timeline").await.contains("HTTP 200"));
 
     // A second run, slower, paused, resumed and cancelled from its page.
